@@ -1,0 +1,253 @@
+"""Typed, frozen configuration: validated on construction, saved into every run directory and checkpoint.
+
+Every option a user can set lives in one of these dataclasses. ``__post_init__`` rejects impossible values with a
+:class:`UserError` naming the field, so a bad option fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UserError
+
+BetaSchedule = Literal["scaled_linear", "linear", "cosine"]
+PredictionType = Literal["v", "eps", "x0"]
+Spacing = Literal["trailing", "leading", "linspace"]
+DataSource = Literal["shapes", "fashion-mnist", "folder"]
+LossKind = Literal["mse", "self-perceptual"]
+FeatureLayer = Literal["mid", "down0", "down1", "down2", "down3", "all"]
+TPrime = Literal["uniform", "same-as-t"]
+Distance = Literal["mse", "l1"]
+PredictedNoise = Literal["predicted", "true"]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def _check_choice(obj: Any) -> None:
+    """Reject a string field whose value is not one of its ``Literal`` choices."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            value = getattr(obj, f.name)
+            choices = typing.get_args(hint)
+            _check(
+                value in choices,
+                f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}",
+            )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The discrete-time forward process and what the network predicts (PAPER.md, 'Diffusion setting')."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = True
+    prediction_type: PredictionType = "v"
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _check(self.num_train_timesteps >= 2, "num_train_timesteps must be at least 2")
+        _check(0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
+        _check(
+            not (self.zero_terminal_snr and self.prediction_type == "eps"),
+            "eps-prediction cannot reach zero terminal SNR (x0 is undefined at alpha=0): use --prediction-type v",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which U-Net to build: a named size preset plus the data's shape and number of classes (0: unconditional)."""
+
+    preset: str = "small"
+    image_size: int = 16
+    channels: int = 3
+    num_classes: int = 4
+
+    def __post_init__(self) -> None:
+        from .networks import PRESETS, min_image_multiple
+
+        _check(self.preset in PRESETS, f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(self.num_classes >= 0, "num_classes must be >= 0 (0 means unconditional)")
+        multiple = min_image_multiple(self.preset)
+        _check(
+            self.image_size >= multiple and self.image_size % multiple == 0,
+            f"image size {self.image_size} does not fit preset {self.preset!r}: it must be a multiple of {multiple} "
+            f"(the U-Net halves the resolution {multiple.bit_length() - 1} times); choose e.g. --image-size "
+            f"{max(multiple, round(self.image_size / multiple) * multiple)}",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from; all three sources need no download."""
+
+    source: DataSource = "shapes"
+    path: str | None = None
+    image_size: int = 16
+    grayscale: bool = False
+    on_bad_image: Literal["skip", "error"] = "skip"
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _check(self.image_size >= 4, "image size must be at least 4")
+        _check(self.source != "folder" or self.path is not None, "--data folder needs --data-path DIR")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training objective; the self-perceptual fields follow the paper's ablations, defaults its choices."""
+
+    kind: LossKind = "mse"
+    cond_dropout: float = 0.1
+    feature_layer: FeatureLayer = "mid"
+    t_prime: TPrime = "uniform"
+    distance: Distance = "mse"
+    predicted_noise: PredictedNoise = "predicted"
+    mse_weight: float = 0.0
+    teacher: str | None = None
+    teacher_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _check(0.0 <= self.cond_dropout < 1.0, f"condition dropout must be in [0, 1), got {self.cond_dropout}")
+        _check(self.mse_weight >= 0.0, f"--mse-weight must be >= 0, got {self.mse_weight}")
+        _check(
+            self.kind != "self-perceptual" or self.teacher is not None,
+            "--loss self-perceptual needs --teacher RUN_DIR_OR_WEIGHTS (an MSE-trained model)",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping; schedules are pure functions of images seen (EDM2)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_images: int = 4096
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_halflife_images: int = 8192
+    ema_rampup: float = 0.1
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    init_from: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(self.warmup_images >= 0, "--warmup-images must be >= 0")
+        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
+        _check(self.ema_halflife_images >= 0, "--ema-halflife-images must be >= 0")
+        _check(self.ema_rampup >= 0, "--ema-rampup must be >= 0")
+        for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """DDIM sampling (PAPER.md: trailing spacing, eta 0) and classifier-free guidance."""
+
+    steps: int = 50
+    spacing: Spacing = "trailing"
+    eta: float = 0.0
+    cfg_scale: float = 1.0
+    guidance_rescale: float = 0.0
+    clip_x0: bool = True  # clamp x0_hat to the data range [-1, 1] each step (diffusers' DDIM clip_sample)
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _check(self.steps >= 1, f"sampling steps must be >= 1, got {self.steps}")
+        _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+        _check(self.cfg_scale >= 0, f"CFG scale must be >= 0, got {self.cfg_scale}")
+        _check(0 <= self.guidance_rescale <= 1, f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run; written to ``config.json`` and into every checkpoint."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model.image_size == self.data.image_size,
+            f"model image size {self.model.image_size} differs from data image size {self.data.image_size}",
+        )
+        _check(
+            self.sample.steps <= self.schedule.num_train_timesteps,
+            f"sampling steps ({self.sample.steps}) cannot exceed training timesteps "
+            f"({self.schedule.num_train_timesteps})",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub = typing.get_type_hints(cls)[f.name]
+            known = {g.name for g in dataclasses.fields(sub)}
+            values = data.get(f.name, {})
+            unknown = set(values) - known
+            _check(not unknown, f"config section {f.name!r} has unknown fields {sorted(unknown)}")
+            parts[f.name] = sub(**values)
+        return cls(**parts)
+
+
+# Fields that may differ when a run directory is resumed: they change how long or how chattily a run goes, not what
+# it computes step by step.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "train.steps",
+        "train.log_every",
+        "train.sample_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.progress",
+        "train.device",
+    }
+)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """List ``section.field: old -> new`` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

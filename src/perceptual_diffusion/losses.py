@@ -1,0 +1,188 @@
+"""Training objectives with one signature, so both stages run in the same loop:
+
+    loss(model, x0, cond, generator) -> {"loss": Tensor[N], ...}   (per-sample values)
+
+``MSELoss`` is the ordinary v/eps/x0-prediction objective. ``SelfPerceptualLoss`` is Lin & Yang's objective
+(PAPER.md, 'The self-perceptual objective'); its math is the pure function :func:`self_perceptual_loss`, kept apart
+from the randomness so that tests can call it on fixed t, eps and t_prime.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import LossConfig
+from .networks import DiffusionUNet, unwrap
+
+
+def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """t ~ U{0, ..., T-1} (the paper's U{1..T}, zero-indexed)."""
+    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+
+
+def drop_condition(labels: Tensor | None, p: float, null_label: int, generator: torch.Generator) -> Tensor | None:
+    """Replace each label by the null label with probability p, so the same model also learns p(x) for CFG."""
+    if labels is None or p == 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def _per_sample_mean(x: Tensor) -> Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def mse_from_prediction(model: DiffusionUNet, pred: Tensor, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """Per-sample || pred - target ||^2 / D, target by the prediction type (v by default)."""
+    target = unwrap(model).schedule.target(x0, eps, t)
+    return _per_sample_mean((pred.float() - target.float()) ** 2)
+
+
+def mse_loss(model: DiffusionUNet, x0: Tensor, cond: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
+    """Per-sample MSE of f(x_t, t, c) against its target."""
+    x_t = unwrap(model).schedule.add_noise(x0, eps, t)
+    return mse_from_prediction(model, model(x_t, t, cond), x0, t, eps)
+
+
+class MSELoss:
+    """The plain diffusion objective: uniform t, Gaussian eps, mean squared error on the prediction target."""
+
+    def __init__(self, config: LossConfig) -> None:
+        self.config = config
+
+    def __call__(
+        self, model: DiffusionUNet, x0: Tensor, cond: Tensor | None, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        T = unwrap(model).schedule.num_train_timesteps
+        t = draw_timesteps(x0.shape[0], T, generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        mse = mse_loss(model, x0, cond, t, eps)
+        return {"loss": mse, "mse": mse.detach()}
+
+
+def feature_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
+    """Per-sample mean squared (or absolute) difference between two feature maps."""
+    diff = a.float() - b.float()
+    return _per_sample_mean(diff * diff if distance == "mse" else diff.abs())
+
+
+def self_perceptual_loss(
+    online: DiffusionUNet,
+    teacher: DiffusionUNet,
+    x0: Tensor,
+    cond: Tensor | None,
+    t: Tensor,
+    eps: Tensor,
+    t_prime: Tensor,
+    *,
+    feature_layer: str = "mid",
+    distance: str = "mse",
+    predicted_noise: str = "predicted",
+) -> Tensor:
+    """Per-sample self-perceptual loss (PAPER.md steps 2-4).
+
+    x_t = alpha_t x0 + sigma_t eps;  v_hat = online(x_t, t, c) -> (x0_hat, eps_hat);
+    x_t' = alpha_t' x0 + sigma_t' eps;  x_hat_t' = alpha_t' x0_hat + sigma_t' eps_hat;
+    loss = || teacher_mid(x_hat_t', t', c) - teacher_mid(x_t', t', c) ||^2 / D.
+    """
+    x_t = unwrap(online).schedule.add_noise(x0, eps, t)
+    pred = online(x_t, t, cond)
+    return perceptual_from_prediction(
+        teacher,
+        pred,
+        x_t,
+        x0,
+        cond,
+        t,
+        eps,
+        t_prime,
+        feature_layer=feature_layer,
+        distance=distance,
+        predicted_noise=predicted_noise,
+    )
+
+
+def perceptual_from_prediction(
+    teacher: DiffusionUNet,
+    pred: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    cond: Tensor | None,
+    t: Tensor,
+    eps: Tensor,
+    t_prime: Tensor,
+    *,
+    feature_layer: str = "mid",
+    distance: str = "mse",
+    predicted_noise: str = "predicted",
+) -> Tensor:
+    """Steps 3-4 of the objective, given the online model's prediction ``pred`` at (x_t, t)."""
+    schedule = teacher.schedule
+    x0_hat, eps_hat = schedule.to_x0_eps(pred, x_t, t)
+    noise_hat = eps_hat if predicted_noise == "predicted" else eps
+    x_real = schedule.add_noise(x0, eps, t_prime)
+    x_hat = schedule.add_noise(x0_hat, noise_hat, t_prime)
+
+    taps = teacher.taps if feature_layer == "all" else (feature_layer,)
+    # Why two calls and not one batched call: the real branch needs no graph at all, and under no_grad it also
+    # skips storing activations; batching both through one graph would make backward run over 2N samples.
+    with torch.no_grad():
+        f_real = teacher.features(x_real, t_prime, cond, taps)
+    # The predicted branch keeps its graph: gradients flow *through* the frozen teacher into x_hat, and so into
+    # the online model. The teacher's parameters have requires_grad False, so backward computes no weight grads.
+    f_hat = teacher.features(x_hat, t_prime, cond, taps)
+    return sum(feature_distance(f_hat[k], f_real[k], distance) for k in taps)
+
+
+class SelfPerceptualLoss:
+    """Draws t, eps and t_prime and applies :func:`self_perceptual_loss` with a frozen teacher.
+
+    The teacher is held here, not in the model: it is never given to the optimiser, never wrapped in DDP, and never
+    part of the student's state dict or checkpoints.
+    """
+
+    def __init__(self, config: LossConfig, teacher: DiffusionUNet) -> None:
+        if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
+            raise ValueError("the teacher must be frozen: call .eval().requires_grad_(False) (networks.frozen_copy)")
+        if config.feature_layer not in teacher.taps and config.feature_layer != "all":
+            raise ValueError(f"feature layer {config.feature_layer!r} does not exist; this network has {teacher.taps}")
+        self.config = config
+        self.teacher = teacher
+
+    def __call__(
+        self, model: DiffusionUNet, x0: Tensor, cond: Tensor | None, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        T = unwrap(model).schedule.num_train_timesteps
+        n = x0.shape[0]
+        t = draw_timesteps(n, T, generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        # t' must be drawn anew: with t' = t and predicted noise, x_hat_t' == x_t exactly and the loss vanishes.
+        t_prime = t if self.config.t_prime == "same-as-t" else draw_timesteps(n, T, generator, x0.device)
+        x_t = unwrap(model).schedule.add_noise(x0, eps, t)
+        pred = model(x_t, t, cond)
+        perceptual = perceptual_from_prediction(
+            self.teacher,
+            pred,
+            x_t,
+            x0,
+            cond,
+            t,
+            eps,
+            t_prime,
+            feature_layer=self.config.feature_layer,
+            distance=self.config.distance,
+            predicted_noise=self.config.predicted_noise,
+        )
+        mse = mse_from_prediction(model, pred, x0, t, eps)  # free: pred is already computed
+        loss = perceptual + self.config.mse_weight * mse if self.config.mse_weight > 0 else perceptual
+        return {"loss": loss, "perceptual": perceptual.detach(), "mse": mse.detach()}
+
+
+def build_loss(config: LossConfig, teacher: DiffusionUNet | None = None) -> MSELoss | SelfPerceptualLoss:
+    """The loss object a config names."""
+    if config.kind == "mse":
+        return MSELoss(config)
+    if teacher is None:
+        raise ValueError("the self-perceptual loss needs a teacher network")
+    return SelfPerceptualLoss(config, teacher)

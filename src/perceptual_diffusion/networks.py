@@ -1,0 +1,150 @@
+"""The pixel-space U-Net (diffusers ``UNet2DModel``), its size presets, and its explicit feature taps.
+
+``DiffusionUNet`` owns its noise schedule, because a trained network only means something together with the
+schedule and prediction type it was trained for. ``features`` runs only the encoder half (time embedding, input
+conv, down blocks, mid block): the self-perceptual loss never needs the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+from torch import Tensor, nn
+
+from .config import ModelConfig, ScheduleConfig
+from .schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class Preset:
+    """U-Net widths per resolution level; attention only where the level's flag is set."""
+
+    block_out_channels: tuple[int, ...]
+    attention: tuple[bool, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    note: str
+
+
+# Measured on 2 CPU cores (benchmarks/throughput.py, README): "small" is the CPU demo's model.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset((16, 32), (False, False), 1, 8, "tests only: 0.17 M parameters"),
+    "small": Preset((32, 64, 64), (False, False, False), 1, 8, "CPU demo: 1.07 M parameters"),
+    "medium": Preset((64, 128, 128), (False, False, True), 2, 16, "CPU full runs / small GPUs: 6.5 M parameters"),
+    "base": Preset((128, 256, 256), (False, True, True), 2, 32, "one GPU: 27 M parameters"),
+    "large": Preset((128, 256, 384, 512), (False, True, True, True), 2, 32, "GPUs, 32 px and up: 90 M parameters"),
+}
+
+
+def min_image_multiple(preset: str) -> int:
+    """Image sides must be a multiple of this: each level but the last halves the resolution."""
+    return 2 ** (len(PRESETS[preset].block_out_channels) - 1)
+
+
+def build_unet(model: ModelConfig) -> UNet2DModel:
+    """A diffusers UNet2DModel for a preset; class-conditional models get one extra, learned null class for CFG."""
+    p = PRESETS[model.preset]
+    return UNet2DModel(
+        sample_size=model.image_size,
+        in_channels=model.channels,
+        out_channels=model.channels,
+        block_out_channels=p.block_out_channels,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in p.attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(p.attention)),
+        layers_per_block=p.layers_per_block,
+        norm_num_groups=p.norm_num_groups,
+        attention_head_dim=32,
+        num_class_embeds=model.num_classes + 1 if model.num_classes > 0 else None,
+    )
+
+
+FEATURE_TAPS = ("down0", "down1", "down2", "down3", "mid")
+
+
+class DiffusionUNet(nn.Module):
+    """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss."""
+
+    def __init__(self, model_config: ModelConfig, schedule_config: ScheduleConfig) -> None:
+        super().__init__()
+        self.model_config = model_config
+        self.schedule_config = schedule_config
+        self.schedule = NoiseSchedule(schedule_config)
+        self.unet = build_unet(model_config)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model_config.num_classes
+
+    @property
+    def null_label(self) -> int:
+        """The label that means 'no condition' (used by condition dropout and CFG's unconditional branch)."""
+        return self.model_config.num_classes
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The feature taps this network has: one per down block, then the mid block."""
+        return tuple(f"down{i}" for i in range(len(self.unet.down_blocks))) + ("mid",)
+
+    def _labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if self.num_classes == 0:
+            return None
+        if cond is None:
+            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        return cond
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The network output (v, eps or x0 by the schedule's prediction type); cond None means unconditional."""
+        return self.unet(x_t, t, class_labels=self._labels(cond, x_t.shape[0], x_t.device)).sample
+
+    def features(
+        self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, taps: tuple[str, ...] = ("mid",)
+    ) -> dict[str, Tensor]:
+        """Hidden states at the named taps, running the encoder half only and stopping at the deepest tap needed.
+
+        Mirrors the first half of ``UNet2DModel.forward`` (diffusers 0.3x-0.4x); a test checks it against hooks on
+        a full forward pass so that a diffusers change cannot silently break it.
+        """
+        unknown = set(taps) - set(self.taps)
+        if unknown:
+            raise ValueError(f"unknown feature taps {sorted(unknown)}; this network has {self.taps}")
+        unet = self.unet
+        depth = max(self.taps.index(name) for name in taps)
+        t = t.to(x_t.device).expand(x_t.shape[0]) if t.ndim == 0 else t.to(x_t.device)
+        emb = unet.time_embedding(unet.time_proj(t).to(dtype=x_t.dtype))
+        labels = self._labels(cond, x_t.shape[0], x_t.device)
+        if labels is not None:
+            emb = emb + unet.class_embedding(labels).to(dtype=emb.dtype)
+        h = unet.conv_in(x_t)
+        out: dict[str, Tensor] = {}
+        for i, block in enumerate(unet.down_blocks):
+            h, _ = block(hidden_states=h, temb=emb)
+            if f"down{i}" in taps:
+                out[f"down{i}"] = h
+            if i == depth:
+                return out
+        out["mid"] = unet.mid_block(h, emb)
+        return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers: the one place."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def frozen_copy(model: DiffusionUNet) -> DiffusionUNet:
+    """A teacher: same weights, ``eval()``, ``requires_grad_(False)``; never given to an optimiser or to DDP."""
+    teacher = DiffusionUNet(model.model_config, model.schedule_config)
+    teacher.load_state_dict(unwrap(model).state_dict())
+    return teacher.eval().requires_grad_(False)
