@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,8 +31,39 @@ def _check(cond: bool, message: str) -> None:
         raise UserError(message)
 
 
+MAX_IMAGE_SIZE = 4096  # a pixel-space U-Net beyond this would not fit any GPU; larger values are typos
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_types(obj: Any) -> None:
+    """Reject a field of the wrong type (a config read back from JSON can hold anything) or a non-finite float."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint, value = hints[f.name], getattr(obj, f.name)
+        if typing.get_origin(hint) is Literal:
+            continue  # checked against its choices by _check_choice
+        optional = type(None) in typing.get_args(hint)
+        if optional and value is None:
+            continue
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+        if base is bool:
+            ok = isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, base)
+        kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(base, base)
+        _check(ok, f"{_flag(f.name)} must be {kind}, got {value!r}")
+
+
 def _check_choice(obj: Any) -> None:
-    """Reject a string field whose value is not one of its ``Literal`` choices."""
+    """Reject a string field whose value is not one of its ``Literal`` choices (and any field of the wrong type)."""
+    _check_types(obj)
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         hint = hints[f.name]
@@ -39,8 +71,8 @@ def _check_choice(obj: Any) -> None:
             value = getattr(obj, f.name)
             choices = typing.get_args(hint)
             _check(
-                value in choices,
-                f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}",
+                isinstance(value, str) and value in choices,
+                f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}",
             )
 
 
@@ -77,10 +109,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from .networks import PRESETS, min_image_multiple
 
+        _check_types(self)
         _check(self.preset in PRESETS, f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
         _check(self.num_classes >= 0, "num_classes must be >= 0 (0 means unconditional)")
         multiple = min_image_multiple(self.preset)
+        _check(self.image_size <= MAX_IMAGE_SIZE, f"image size {self.image_size} is above {MAX_IMAGE_SIZE} pixels")
         _check(
             self.image_size >= multiple and self.image_size % multiple == 0,
             f"image size {self.image_size} does not fit preset {self.preset!r}: it must be a multiple of {multiple} "
@@ -101,7 +135,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self)
-        _check(self.image_size >= 4, "image size must be at least 4")
+        _check(
+            4 <= self.image_size <= MAX_IMAGE_SIZE,
+            f"image size must be in [4, {MAX_IMAGE_SIZE}], got {self.image_size}",
+        )
         _check(self.source != "folder" or self.path is not None, "--data folder needs --data-path DIR")
 
 
@@ -156,13 +193,14 @@ class TrainConfig:
         _check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         _check(self.warmup_images >= 0, "--warmup-images must be >= 0")
         _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
         _check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
         _check(self.ema_halflife_images >= 0, "--ema-halflife-images must be >= 0")
         _check(self.ema_rampup >= 0, "--ema-rampup must be >= 0")
         for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
-            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+            _check(getattr(self, name) >= 1, f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -214,11 +252,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Rebuild a config from :meth:`to_dict` output; anything malformed is a :class:`UserError`."""
+        _check(isinstance(data, dict), f"a config must be a JSON object, got {type(data).__name__}")
         parts = {}
         for f in dataclasses.fields(cls):
             sub = typing.get_type_hints(cls)[f.name]
             known = {g.name for g in dataclasses.fields(sub)}
             values = data.get(f.name, {})
+            _check(isinstance(values, dict), f"config section {f.name!r} must be a JSON object")
             unknown = set(values) - known
             _check(not unknown, f"config section {f.name!r} has unknown fields {sorted(unknown)}")
             parts[f.name] = sub(**values)

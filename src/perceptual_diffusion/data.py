@@ -7,14 +7,16 @@ all three are small enough, and a resident tensor makes batch selection a pure f
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from .config import DataConfig
@@ -124,17 +126,22 @@ def shapes_valid_set(image_size: int = 16) -> Dataset:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) IDX file: magic 0x0000 08 ndim, big-endian int32 dims, then uint8 data."""
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise UserError(
+            f"cannot read {path} ({exc}); reinstall with: apt-get install --reinstall dataset-fashion-mnist"
+        ) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise UserError(
             f"{path} is not a uint8 IDX file; reinstall with: apt-get install --reinstall dataset-fashion-mnist"
         )
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} bytes); reinstall the package")
+    if data.size != math.prod(dims):
+        raise UserError(f"{path} is truncated ({data.size} of {math.prod(dims)} bytes); reinstall the package")
     return data.reshape(dims)
 
 
@@ -166,38 +173,65 @@ def load_fashion_mnist(path: str | None = None, split: str = "train", image_size
 # Any folder of images; class labels from sub-folders when there are any.
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Any mode -> L, RGB or RGBA with 8 bits per channel, scaling deep images by their type's range, not clipping."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grey: 65535 is white in a 16-bit file; 32-bit files holding 8-bit values keep them.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        # float grey: [0, 1] by convention, [0, 255] if any value is above 1.
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels have no colour of their own: composite over white, as a viewer shows them.
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img
+
+
 def load_image(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
-    """One image file -> uint8 (H, W, C), any mode (grey, 16-bit, palette, RGBA) handled, centre-cropped and resized."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit grey: scale to 8 bits by the type's range instead of clipping at 255.
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        img = img.convert("L" if grayscale else "RGB")
+    """One image file -> uint8 (H, W, C), any mode (grey, 16-bit, palette, RGBA) handled, centre-cropped and resized.
+
+    Raises :class:`UserError` for a file that is not a readable image (corrupt, truncated, empty, another format).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: the pixels are what matter
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not loaded
+            with Image.open(path) as img:
+                img.load()
+                img = _to_8bit(img).convert("L" if grayscale else "RGB")
         w, h = img.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.BICUBIC)
         arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001 - image decoders fed arbitrary bytes raise many exception types
+        reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+        raise UserError(f"cannot read image {path}: {reason}") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
 def load_folder(path: str, image_size: int, grayscale: bool = False, on_bad_image: str = "skip") -> Dataset:
-    """Images under ``path``; if it has sub-folders with images, each sub-folder is a class."""
+    """Images under ``path``; if it has sub-folders with images, each sub-folder is a class.
+
+    Unreadable files are skipped with one warning that counts them (``on_bad_image="skip"``) or stop the load
+    (``"error"``); a folder with no readable image at all is always an error.
+    """
     root = Path(path)
     if not root.exists():
         raise UserError(f"data folder {root} does not exist; check --data-path")
     if not root.is_dir():
         raise UserError(f"--data-path {root} is a file, not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as exc:
+        raise UserError(f"cannot list the data folder {root} ({exc.strerror or exc})") from None
     if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}; check --data-path")
     class_dirs = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     if class_dirs and any(p.parent == root for p in files):
         class_dirs = []  # images both at the top and in sub-folders: no consistent labelling, treat as unlabelled
@@ -205,18 +239,23 @@ def load_folder(path: str, image_size: int, grayscale: bool = False, on_bad_imag
     for p in files:
         try:
             arrays.append(load_image(p, image_size, grayscale))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except UserError as exc:
             if on_bad_image == "error":
-                raise UserError(
-                    f"cannot read image {p}: {exc}; fix or remove it, or pass --on-bad-image skip"
-                ) from None
+                raise UserError(f"{exc}; fix or remove it, or pass --on-bad-image skip") from None
             bad.append(p)
             continue
         labels.append(class_dirs.index(p.relative_to(root).parts[0]) if class_dirs else 0)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {root}, e.g. {bad[0]}", stacklevel=2)
     if not arrays:
-        raise UserError(f"none of the {len(files)} image files under {root} could be read")
+        raise UserError(
+            f"none of the {len(files)} image files under {root} could be read (e.g. {bad[0]}); check --data-path"
+        )
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} of {len(files)} image files under {root} that could not be read, e.g. {bad[0]} "
+            "(pass --on-bad-image error to stop instead)",
+            UserWarning,
+            stacklevel=2,
+        )
     names = tuple(class_dirs) if class_dirs else ("image",)
     return Dataset(_from_uint8(np.stack(arrays)), torch.tensor(labels, dtype=torch.long), names, root.name)
 
@@ -236,5 +275,7 @@ def data_shape(config: DataConfig) -> tuple[int, int]:
         return 3, len(SHAPE_CLASSES)
     if config.source == "fashion-mnist":
         return 1, len(FASHION_MNIST_CLASSES)
-    ds = load_dataset(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training loads the folder again and warns about skipped files once, there
+        ds = load_dataset(config)
     return ds.channels, (ds.num_classes if ds.num_classes > 1 else 0)

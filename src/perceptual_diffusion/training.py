@@ -9,8 +9,10 @@ pure functions of images seen, so rerunning the same command after a crash repla
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from .networks import DiffusionUNet, frozen_copy, unwrap
 from .sampling import sample
 
 GRID_SEEDS = 16  # fixed seeds of the periodic sample grids
+INIT_STREAM = 2**32 - 1  # the "rank" of the initial-weights seed stream: no real rank reaches it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,28 +103,49 @@ def _with_teacher_hash(config: RunConfig) -> RunConfig:
     return replace(config, train=train, **changes)
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a folder; choose another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run directory {run_dir} ({exc.strerror or exc})") from None
+
+
 def prepare_run_dir(config: RunConfig, run_dir: Path, override: bool = False) -> RunConfig:
     """Create the run directory or check that a resume uses the same configuration."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _make_run_dir(run_dir)
     config = _with_teacher_hash(config)
     saved = run_dir / ckpt.CONFIG_NAME
     if saved.is_file():
         try:
             old = json.loads(saved.read_text())
-        except json.JSONDecodeError:
+        except (ValueError, OSError):
             raise UserError(f"{saved} is not valid JSON; restore it or use a new --run-dir") from None
-        diffs = [d for d in config_diff(old, config.to_dict()) if d.split(":")[0] not in RESUMABLE_FIELDS]
-        if diffs and not override:
-            raise UserError(
-                f"{run_dir} was started with another configuration ({'; '.join(diffs)}); use a new --run-dir, "
-                "or pass --override-config to resume with the new values"
-            )
-    ckpt.atomic_write_text(saved, config.to_json())
+        if not isinstance(old, dict):
+            raise UserError(f"{saved} does not hold a configuration; restore it or use a new --run-dir")
+        _check_same_config(old, config, str(run_dir), override)
+    try:
+        ckpt.atomic_write_text(saved, config.to_json())
+    except OSError as exc:
+        raise UserError(f"cannot write {saved} ({exc.strerror or exc}); check the --run-dir") from None
     return config
+
+
+def _check_same_config(old: dict, config: RunConfig, where: str, override: bool) -> None:
+    """Refuse to resume with a configuration that changes what the steps compute, naming the fields that differ."""
+    diffs = [d for d in config_diff(old, config.to_dict()) if d.split(":")[0] not in RESUMABLE_FIELDS]
+    if diffs and not override:
+        raise UserError(
+            f"{where} was started with another configuration ({'; '.join(diffs)}); use a new --run-dir, "
+            "or pass --override-config to resume with the new values"
+        )
 
 
 def _check_fits(config: RunConfig, data: Dataset) -> None:
     mc = config.model
+    if len(data) == 0:
+        raise UserError(f"the data set {data.name} has no images")
     if data.channels != mc.channels:
         raise UserError(f"the data has {data.channels} channel(s) but the model was configured for {mc.channels}")
     classes = data.num_classes if data.num_classes > 1 else 0
@@ -133,55 +157,176 @@ def _build_teacher(config: RunConfig, device: torch.device) -> DiffusionUNet | N
     if config.loss.kind != "self-perceptual":
         return None
     teacher, tconfig, _ = load_model(config.loss.teacher, device)
-    if (tconfig.model, tconfig.schedule) != (config.model, config.schedule):
-        raise UserError(
-            f"teacher {config.loss.teacher} was trained with another model or schedule "
-            f"({'; '.join(config_diff(tconfig.to_dict(), config.to_dict())[:3])}); "
-            "fine-tune with the teacher's settings"
-        )
+    _check_same_network(tconfig, config, f"teacher {config.loss.teacher}", "fine-tune with the teacher's settings")
     return frozen_copy(teacher)
+
+
+def _check_same_network(other: RunConfig, config: RunConfig, source: str, advice: str) -> None:
+    """Weights from ``source`` must come from the same network (preset, image size, channels, classes, schedule)."""
+    if (other.model, other.schedule) != (config.model, config.schedule):
+        mine = {"model": config.to_dict()["model"], "schedule": config.to_dict()["schedule"]}
+        theirs = {"model": other.to_dict()["model"], "schedule": other.to_dict()["schedule"]}
+        raise UserError(
+            f"{source} was trained with another model or schedule ({'; '.join(config_diff(theirs, mine)[:3])}); "
+            + advice
+        )
+
+
+def init_seed(seed: int) -> int:
+    """The seed of the initial weights: its own stream, apart from every training step's (seed, rank, step)."""
+    return step_seed(seed, 0, rank=INIT_STREAM)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep only complete log records up to ``step``: the resumed run rewrites the later ones it replays."""
+    if not path.exists():
+        return
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise UserError(f"cannot read the log {path} ({exc.strerror or exc}); move it away to resume") from None
+    kept = []
+    for line in text.splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue  # a line cut short by SIGKILL
+        complete = line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int)
+        if complete and record["step"] <= step:
+            kept.append(line)
+    if "".join(kept) != text:
+        ckpt.atomic_write_text(path, "".join(kept))
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold a lock on the run directory so that two processes never train into it at once (freed on any exit)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    try:
+        fh = open(run_dir / ".lock", "a")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise UserError(f"cannot write into the run directory {run_dir} ({exc.strerror or exc})") from None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another process is training in {run_dir}; wait for it to finish or stop it") from None
+        yield
+
+
+def _data_fingerprint(data: Dataset) -> str:
+    """A short hash of the training images and labels: a resume must draw its batches from the same data."""
+    h = hashlib.sha256()
+    h.update(memoryview(data.images.contiguous().numpy()).cast("B"))
+    h.update(memoryview(data.labels.contiguous().numpy()).cast("B"))
+    return f"{len(data)}:{h.hexdigest()[:16]}"
+
+
+def _all_finite(*modules: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values() if t.is_floating_point())
+
+
+def _grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Total gradient norm, clipping to ``max_norm`` when it is > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not params:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
 def train(config: RunConfig, run_dir: str | Path, override_config: bool = False) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; returns when ``config.train.steps`` steps are done."""
     run_dir = Path(run_dir)
-    tc = config.train
-    device = resolve_device(tc.device)
+    device = resolve_device(config.train.device)
     data = load_dataset(config.data)
     _check_fits(config, data)
-    config = prepare_run_dir(config, run_dir, override_config)
+    _make_run_dir(run_dir)
+    with _exclusive(run_dir):  # before config.json is touched: a second process must not rewrite it
+        config = prepare_run_dir(config, run_dir, override_config)
+        return _train_locked(config, run_dir, data, device, override_config)
 
-    model = DiffusionUNet(config.model, config.schedule).to(device)
+
+def _train_locked(
+    config: RunConfig, run_dir: Path, data: Dataset, device: torch.device, override_config: bool
+) -> TrainResult:
+    tc = config.train
+    ckpt.remove_stale_temporaries(run_dir)  # left by a run killed mid-write
+
+    with torch.random.fork_rng(devices=[]):  # seeded, so a run killed before its first checkpoint restarts the same
+        torch.manual_seed(init_seed(tc.seed))
+        model = DiffusionUNet(config.model, config.schedule).to(device)
     teacher = _build_teacher(config, device)
     if tc.init_from is not None:
-        init_state, _, _ = ckpt.read_weights(tc.init_from)
+        init_state, init_config, _ = ckpt.read_weights(tc.init_from)
+        _check_same_network(init_config, config, f"--init-from {tc.init_from}", "train with its settings")
         ckpt.load_state_dict_checked(model, init_state, tc.init_from)
     ema = frozen_copy(model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     loss_fn = build_loss(config.loss, teacher)
+    fingerprint = _data_fingerprint(data)
 
     step = 0
     state = ckpt.latest_state(run_dir)
     if state is not None:
-        ckpt.load_state_dict_checked(model, state["model"], f"{run_dir} checkpoint")
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        where = f"{run_dir} checkpoint at step {state['step']}"
+        try:
+            saved_config = json.loads(state.get("config") or "null")
+        except (ValueError, TypeError, RecursionError):
+            saved_config = None
+        if isinstance(saved_config, dict):  # guards a resume whose config.json was deleted or replaced
+            _check_same_config(saved_config, config, where, override_config)
+        if state.get("data") not in (None, fingerprint) and not override_config:
+            raise UserError(
+                f"the training data changed since {run_dir} was started ({state['data']} -> {fingerprint}, as "
+                "images:hash); restore it, use a new --run-dir, or pass --override-config"
+            )
+        ckpt.load_state_dict_checked(model, state["model"], where)
+        ckpt.load_state_dict_checked(ema, state["ema"], where)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:  # noqa: BLE001 - the file's contents are data from disk: any malformation
+            raise UserError(f"{where} has an optimiser state that does not fit this model ({exc})") from None
         step = int(state["step"])
+    _trim_log(run_dir / "log.jsonl", step)
 
     images = data.images.to(device)
     labels = data.labels.to(device) if config.model.num_classes > 0 else None
     use_bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    weights_path = run_dir / ckpt.WEIGHTS_NAME
+
+    def last_good() -> str:
+        kept = ckpt.list_states(run_dir)
+        return str(kept[-1]) if kept else "none"
+
+    def save_snapshot(at_step: int) -> None:
+        ckpt.save_weights(weights_path, ema.state_dict(), config, at_step)
 
     def checkpoint(at_step: int) -> None:
+        # Never write non-finite weights: the last good checkpoint stays the newest one.
+        if not _all_finite(model, ema):
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {at_step}; stopped without saving, last good checkpoint: "
+                f"{last_good()}; lower --lr or raise --warmup-images"
+            )
         payload = {
             "step": at_step,
             "model": unwrap(model).state_dict(),
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "config": config.to_json(),
+            "data": fingerprint,
         }
+        # State first, then the inference snapshot: a kill between the two leaves a stale snapshot, which the
+        # resume below refreshes from the state.
         ckpt.save_state(run_dir, at_step, payload, tc.keep_checkpoints)
-        ckpt.save_weights(run_dir / ckpt.WEIGHTS_NAME, ema.state_dict(), config, at_step)
+        save_snapshot(at_step)
 
     def sample_grid(at_step: int) -> None:
         n_cls = config.model.num_classes
@@ -189,7 +334,23 @@ def train(config: RunConfig, run_dir: str | Path, override_config: bool = False)
         images_ = sample(ema, list(range(GRID_SEEDS)), grid_labels, config.sample, device=device)
         save_grid(images_, run_dir / "samples" / f"step-{at_step:08d}.png", nrow=n_cls if n_cls > 0 else None)
 
-    log_file = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 - closed in finally
+    def write_log(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    def bookkeeping(write: Callable[[], None], what: str, at_step: int) -> None:
+        """Turn a failed write (a full disk, a read-only folder) into one line; the last checkpoint stays intact."""
+        try:
+            write()
+        except OSError as exc:
+            raise UserError(
+                f"could not write the {what} at step {at_step} ({exc.strerror or exc}); the last good checkpoint "
+                f"{last_good()} is intact: free space and rerun the same command to resume"
+            ) from None
+
+    if state is not None and ckpt.weights_step(weights_path) != step:  # killed between state and snapshot writes
+        bookkeeping(lambda: save_snapshot(step), "inference snapshot", step)
+
     bar = tqdm(
         total=tc.steps,
         initial=step,
@@ -198,10 +359,17 @@ def train(config: RunConfig, run_dir: str | Path, override_config: bool = False)
         disable=not tc.progress,
         dynamic_ncols=True,
     )
-    t_start, images_done, last_loss = time.perf_counter(), 0, float("nan")
+    try:
+        log_file = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 - closed in the finally below
+    except OSError as exc:
+        bar.close()
+        raise UserError(f"cannot write the log in {run_dir} ({exc.strerror or exc})") from None
+    # Speed counts optimiser steps only: sampling grids and checkpoint writes are excluded.
+    train_seconds, images_done, last_loss = 0.0, 0, float("nan")
     model.train()
     try:
         while step < tc.steps:
+            t_step = time.perf_counter()
             images_seen = step * tc.batch_size
             gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
             idx = torch.randint(0, images.shape[0], (tc.batch_size,), generator=gen, device=device)
@@ -215,46 +383,47 @@ def train(config: RunConfig, run_dir: str | Path, override_config: bool = False)
             with autocast:
                 terms = loss_fn(model, x0, cond, gen)
             loss = terms["loss"].mean()
-            if not torch.isfinite(loss):
-                kept = ckpt.list_states(run_dir)
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step}; stopped without saving, last good checkpoint: "
-                    f"{kept[-1] if kept else 'none'}; lower --lr or raise --warmup-images"
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            grad_norm = _grad_norm(model, tc.grad_clip)
+            # One host sync per step; a non-finite loss or gradient stops before the optimiser can spread it.
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "gradients became non-finite"
+                raise TrainingDiverged(
+                    f"{what} at step {step + 1}; stopped without saving, last good checkpoint: {last_good()}; "
+                    "lower --lr or raise --warmup-images"
+                )
             optimizer.step()
             step += 1
             ema_update(ema, model, ema_beta(step * tc.batch_size, tc.batch_size, tc.ema_halflife_images, tc.ema_rampup))
-            images_done += tc.batch_size
             last_loss = loss.item()
+            train_seconds += time.perf_counter() - t_step
+            images_done += tc.batch_size
             bar.update(1)
+            # Order matters for resuming after SIGKILL: log and grid first, checkpoint last, so that whatever a kill
+            # interrupts is redone (identically) by the replay from the previous checkpoint.
             if step % tc.log_every == 0 or step == tc.steps:
-                speed = images_done / (time.perf_counter() - t_start)
+                speed = images_done / max(train_seconds, 1e-9)
                 record = {"step": step, "images_seen": step * tc.batch_size, "lr": lr, "images_per_second": speed}
                 record.update({k: float(v.detach().float().mean()) for k, v in terms.items()})
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                bookkeeping(lambda r=record: write_log(r), "log", step)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.0f}")
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoint(step)
             if step % tc.sample_every == 0 or step == tc.steps:
-                sample_grid(step)
+                bookkeeping(lambda s=step: sample_grid(s), "sample grid", step)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                bookkeeping(lambda s=step: checkpoint(s), "checkpoint", step)
     finally:
         bar.close()
         log_file.close()
-    if not (run_dir / ckpt.WEIGHTS_NAME).is_file():  # resumed a finished run whose snapshot was removed
-        checkpoint(step)
-    seconds = time.perf_counter() - t_start
-    speed = images_done / seconds if images_done else float("nan")
-    return TrainResult(run_dir, step, speed, last_loss, seconds)
+    if ckpt.weights_step(weights_path) is None:  # resumed a finished run whose snapshot was removed
+        bookkeeping(lambda: save_snapshot(step), "inference snapshot", step)
+    speed = images_done / train_seconds if images_done else float("nan")
+    return TrainResult(run_dir, step, speed, last_loss, train_seconds)
 
 
 def is_finished(run_dir: str | Path, steps: int) -> bool:
-    """True if ``run_dir`` holds a checkpoint at or past ``steps`` (used to skip finished stages)."""
+    """True if ``run_dir`` holds a checkpoint at or past ``steps`` and the inference snapshot of that checkpoint."""
     states = ckpt.list_states(Path(run_dir))
-    return (
-        bool(states) and int(states[-1].stem.split("-")[1]) >= steps and (Path(run_dir) / ckpt.WEIGHTS_NAME).is_file()
-    )
+    if not states or ckpt.state_step(states[-1]) < steps:
+        return False
+    return ckpt.weights_step(Path(run_dir) / ckpt.WEIGHTS_NAME) == ckpt.state_step(states[-1])
