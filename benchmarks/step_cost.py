@@ -1,0 +1,251 @@
+"""What a self-perceptual training step costs against an MSE step (issue 3), on the CPU demo's model.
+
+    python benchmarks/step_cost.py                # timings, saved-activation memory and peak-RSS memory
+    python benchmarks/step_cost.py --profile      # plus a torch.profiler table of the self-perceptual step
+
+Setting: ``small`` preset, 16x16 shapes, batch 64, class-conditional, one full training step each (forward, backward,
+AdamW step). Four steps are compared:
+
+1. ``mse``: ``losses.MSELoss``.
+2. ``self-perceptual``: ``losses.SelfPerceptualLoss`` (encoder-only teacher, real branch under no_grad, teacher
+   parameters frozen).
+2b. ``batched-teacher``: the same loss, but the two teacher passes run as one ``features`` call over 2N images (the
+   real half detached): one launch instead of two, at the price of a graph (and backward) over 2N.
+3. ``naive``: two FULL teacher forwards (decoder included) with the mid-block output captured by a forward hook,
+   teacher parameters with requires_grad=True, and no no_grad on the real branch.
+
+Timing: the methods are interleaved round-robin (order shuffled each round), so machine noise hits all of them alike;
+each figure is the median over ``--repeats`` rounds. Memory, two ways:
+- saved activations: bytes of the distinct tensor storages that autograd saves for backward during one step's forward
+  (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded. This is exact and deterministic, and it is
+  what grows with the batch.
+- peak RSS: each method runs alone in a fresh subprocess with the same set-up; we report its ``VmHWM`` (the
+  process's resident high-water mark, /proc/self/status) and the difference to the MSE process. Not ``ru_maxrss``:
+  Linux carries that over fork and exec from the parent, so every child would report the parent's peak. Coarser
+  than the saved-activation count (allocator slack, temporaries, the backward's own peak) but it is what the
+  machine has to hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from perceptual_diffusion.config import LossConfig, ModelConfig, ScheduleConfig
+from perceptual_diffusion.data import shapes_valid_set
+from perceptual_diffusion.losses import MSELoss, SelfPerceptualLoss, draw_timesteps, feature_distance
+from perceptual_diffusion.networks import DiffusionUNet, frozen_copy, unwrap
+
+METHODS = ("mse", "self-perceptual", "batched-teacher", "naive")
+Step = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+
+
+def _draws(x0: Tensor, gen: torch.Generator, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """t, eps, t' in the order SelfPerceptualLoss draws them."""
+    n = x0.shape[0]
+    t = draw_timesteps(n, T, gen, x0.device)
+    eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+    return t, eps, draw_timesteps(n, T, gen, x0.device)
+
+
+def batched_teacher_loss(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tensor, cond: Tensor, gen) -> Tensor:
+    """Variant 2b: both teacher passes in one ``features`` call of 2N images, the real half detached."""
+    schedule = unwrap(model).schedule
+    t, eps, t_prime = _draws(x0, gen, schedule.num_train_timesteps)
+    x_t = schedule.add_noise(x0, eps, t)
+    x0_hat, eps_hat = schedule.to_x0_eps(model(x_t, t, cond), x_t, t)
+    x_hat = schedule.add_noise(x0_hat, eps_hat, t_prime)
+    x_real = schedule.add_noise(x0, eps, t_prime)
+    both = teacher.features(torch.cat([x_hat, x_real]), torch.cat([t_prime, t_prime]), torch.cat([cond, cond]))
+    f_hat, f_real = both["mid"].chunk(2)
+    return feature_distance(f_hat, f_real.detach(), "mse")
+
+
+def naive_loss(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tensor, cond: Tensor, gen) -> Tensor:
+    """Variant 3: full teacher forwards with a mid-block hook, parameter gradients on, both branches in the graph."""
+    schedule = unwrap(model).schedule
+    t, eps, t_prime = _draws(x0, gen, schedule.num_train_timesteps)
+    x_t = schedule.add_noise(x0, eps, t)
+    x0_hat, eps_hat = schedule.to_x0_eps(model(x_t, t, cond), x_t, t)
+    captured: list[Tensor] = []
+    handle = teacher.unet.mid_block.register_forward_hook(lambda m, a, out: captured.append(out))
+    try:
+        teacher(schedule.add_noise(x0, eps, t_prime), t_prime, cond)
+        teacher(schedule.add_noise(x0_hat, eps_hat, t_prime), t_prime, cond)
+    finally:
+        handle.remove()
+    f_real, f_hat = captured
+    return feature_distance(f_hat, f_real, "mse")
+
+
+class Bench:
+    """The demo model, its teachers, the data, and one training-step closure per method."""
+
+    def __init__(self, batch_size: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        data = shapes_valid_set(16)
+        self.images, self.labels, self.batch_size = data.images, data.labels, batch_size
+        self.model = DiffusionUNet(ModelConfig(preset="small", image_size=16, num_classes=4), ScheduleConfig()).train()
+        self.teacher = frozen_copy(self.model)
+        self.naive_teacher = copy.deepcopy(self.model).eval().requires_grad_(True)  # the naive version's mistake
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
+        sp = LossConfig(kind="self-perceptual", teacher="benchmark", cond_dropout=0.0)
+        mse_fn, sp_fn = MSELoss(LossConfig()), SelfPerceptualLoss(sp, self.teacher)
+        self.losses: dict[str, Callable[[Tensor, Tensor, torch.Generator], Tensor]] = {
+            "mse": lambda x0, c, g: mse_fn(self.model, x0, c, g)["loss"],
+            "self-perceptual": lambda x0, c, g: sp_fn(self.model, x0, c, g)["loss"],
+            "batched-teacher": lambda x0, c, g: batched_teacher_loss(self.model, self.teacher, x0, c, g),
+            "naive": lambda x0, c, g: naive_loss(self.model, self.naive_teacher, x0, c, g),
+        }
+        self.param_storages = {
+            p.untyped_storage().data_ptr()
+            for m in (self.model, self.teacher, self.naive_teacher)
+            for p in m.parameters()
+        }
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, torch.Generator]:
+        gen = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, self.images.shape[0], (self.batch_size,), generator=gen)
+        return self.images[idx], self.labels[idx], gen
+
+    def step(self, method: str, step: int, saved: dict[int, int] | None = None) -> None:
+        """One full training step; with ``saved``, record the storages autograd keeps for backward."""
+        x0, cond, gen = self.batch(step)
+        if saved is None:
+            loss = self.losses[method](x0, cond, gen).mean()
+        else:
+
+            def pack(tensor: Tensor) -> Tensor:
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self.param_storages:
+                    saved[storage.data_ptr()] = storage.nbytes()
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = self.losses[method](x0, cond, gen).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.naive_teacher.zero_grad(set_to_none=True)  # its gradients are computed, and thrown away
+        loss.backward()
+        self.optimizer.step()
+
+
+def saved_activation_mib(bench: Bench, method: str) -> float:
+    saved: dict[int, int] = {}
+    bench.step(method, 0, saved)
+    return sum(saved.values()) / 2**20
+
+
+def peak_rss_mib(method: str, batch_size: int, steps: int) -> float:
+    """Peak RSS of a fresh process that sets up and runs ``steps`` steps of one method."""
+    threads = ["--threads", str(torch.get_num_threads())]
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", method, "--batch-size", str(batch_size), "--rss-steps", str(steps)]
+        + threads,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def rss_child(method: str, batch_size: int, steps: int) -> None:
+    bench = Bench(batch_size)
+    for step in range(steps):
+        bench.step(method, step)
+    print(_vm_hwm_kib() / 1024)
+
+
+def _vm_hwm_kib() -> float:
+    """This process's peak resident set size in KiB (Linux; elsewhere ru_maxrss, which may include the parent's)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def profile(bench: Bench, method: str, steps: int = 5) -> None:
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(steps):
+            with record_function(f"## {method} step"):
+                bench.step(method, step)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds over all methods (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default %(default)s)")
+    parser.add_argument("--rss-steps", type=int, default=3, help="steps per peak-RSS subprocess (default %(default)s)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--profile", action="store_true", help="print a profiler table of the self-perceptual step")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--rss-child", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args.batch_size, args.rss_steps)
+        return
+
+    bench = Bench(args.batch_size)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    order = list(METHODS)
+    shuffle = random.Random(0)
+    for rnd in range(args.warmup + args.repeats):
+        shuffle.shuffle(order)
+        for method in order:
+            start = time.perf_counter()
+            bench.step(method, rnd)
+            if rnd >= args.warmup:
+                times[method].append(time.perf_counter() - start)
+    median = {m: statistics.median(v) for m, v in times.items()}
+    saved = {m: saved_activation_mib(bench, m) for m in METHODS}
+    rss = {m: float("nan") if args.no_rss else peak_rss_mib(m, args.batch_size, args.rss_steps) for m in METHODS}
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"# step cost, {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+        f"(load {load:.1f}), torch {torch.__version__} ({torch.get_num_threads()} threads); small preset, shapes "
+        f"16x16, batch {args.batch_size}, class-conditional; median of {args.repeats} interleaved rounds\n"
+    )
+    labels = {"mse": "(1)", "self-perceptual": "(2)", "batched-teacher": "(2b)", "naive": "(3)"}
+    print("| step | median ms | / MSE | IQR ms | saved activations MiB | / MSE | peak RSS MiB | - MSE's |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for m in METHODS:
+        q = statistics.quantiles(times[m], n=4)
+        print(
+            f"| {labels[m]} {m} | {median[m] * 1e3:.1f} | {median[m] / median['mse']:.2f} | {(q[2] - q[0]) * 1e3:.1f} "
+            f"| {saved[m]:.1f} | {saved[m] / saved['mse']:.2f} | {rss[m]:.0f} | {rss[m] - rss['mse']:+.0f} |"
+        )
+    ratio = median["self-perceptual"] / median["mse"]
+    print(
+        f"\n(2)/(1) = {ratio:.2f} (target <= 1.3: {'met' if ratio <= 1.3 else 'MISSED'}); "
+        f"(2b)/(1) = {median['batched-teacher'] / median['mse']:.2f}; (3)/(1) = {median['naive'] / median['mse']:.2f}"
+    )
+    if args.profile:
+        profile(bench, "self-perceptual")
+
+
+if __name__ == "__main__":
+    main()
