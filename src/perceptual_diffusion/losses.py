@@ -2,6 +2,10 @@
 
     loss(model, x0, cond, generator) -> {"loss": Tensor[N], ...}   (per-sample values)
 
+Each loss also has ``draw(shape, T, generator)``, the batch's randomness (t, eps, ...) with one row per sample, which
+``loss(..., noise=rows)`` accepts instead of drawing: the training loop draws a global batch once and splits it
+between processes and gradient-accumulation micro-batches.
+
 ``MSELoss`` is the ordinary v/eps/x0-prediction objective. ``SelfPerceptualLoss`` is Lin & Yang's objective
 (PAPER.md, 'The self-perceptual objective'); its math is the pure function :func:`self_perceptual_loss`, kept apart
 from the randomness so that tests can call it on fixed t, eps and t_prime.
@@ -51,13 +55,28 @@ class MSELoss:
     def __init__(self, config: LossConfig) -> None:
         self.config = config
 
-    def __call__(
-        self, model: DiffusionUNet, x0: Tensor, cond: Tensor | None, generator: torch.Generator
+    def draw(
+        self,
+        shape: torch.Size,
+        num_train_timesteps: int,
+        generator: torch.Generator,
+        dtype: torch.dtype = torch.float32,
     ) -> dict[str, Tensor]:
-        T = unwrap(model).schedule.num_train_timesteps
-        t = draw_timesteps(x0.shape[0], T, generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        mse = mse_loss(model, x0, cond, t, eps)
+        """The randomness of a batch of ``shape`` (t, eps), one row per sample: a batch can be drawn whole and split."""
+        t = draw_timesteps(shape[0], num_train_timesteps, generator, generator.device)
+        return {"t": t, "eps": torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)}
+
+    def __call__(
+        self,
+        model: DiffusionUNet,
+        x0: Tensor,
+        cond: Tensor | None,
+        generator: torch.Generator,
+        noise: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        if noise is None:
+            noise = self.draw(x0.shape, unwrap(model).schedule.num_train_timesteps, generator, x0.dtype)
+        mse = mse_loss(model, x0, cond, noise["t"], noise["eps"].to(x0.dtype))
         return {"loss": mse, "mse": mse.detach()}
 
 
@@ -150,15 +169,34 @@ class SelfPerceptualLoss:
         self.config = config
         self.teacher = teacher
 
-    def __call__(
-        self, model: DiffusionUNet, x0: Tensor, cond: Tensor | None, generator: torch.Generator
+    def draw(
+        self,
+        shape: torch.Size,
+        num_train_timesteps: int,
+        generator: torch.Generator,
+        dtype: torch.dtype = torch.float32,
     ) -> dict[str, Tensor]:
-        T = unwrap(model).schedule.num_train_timesteps
-        n = x0.shape[0]
-        t = draw_timesteps(n, T, generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        """The randomness of a batch of ``shape`` (t, eps, t'), one row per sample: a batch can be drawn whole and
+        split (for gradient accumulation and DDP) without changing what any sample sees."""
+        n, device = shape[0], generator.device
+        t = draw_timesteps(n, num_train_timesteps, generator, device)
+        eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         # t' must be drawn anew: with t' = t and predicted noise, x_hat_t' == x_t exactly and the loss vanishes.
-        t_prime = t if self.config.t_prime == "same-as-t" else draw_timesteps(n, T, generator, x0.device)
+        same = self.config.t_prime == "same-as-t"
+        t_prime = t if same else draw_timesteps(n, num_train_timesteps, generator, device)
+        return {"t": t, "eps": eps, "t_prime": t_prime}
+
+    def __call__(
+        self,
+        model: DiffusionUNet,
+        x0: Tensor,
+        cond: Tensor | None,
+        generator: torch.Generator,
+        noise: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        if noise is None:
+            noise = self.draw(x0.shape, unwrap(model).schedule.num_train_timesteps, generator, x0.dtype)
+        t, eps, t_prime = noise["t"], noise["eps"].to(x0.dtype), noise["t_prime"]
         x_t = unwrap(model).schedule.add_noise(x0, eps, t)
         pred = model(x_t, t, cond)
         perceptual = perceptual_from_prediction(

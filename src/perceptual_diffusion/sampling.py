@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import SampleConfig
 from .networks import DiffusionUNet
 from .schedule import NoiseSchedule, sampling_timesteps
@@ -154,6 +155,22 @@ def sample(
     """All samples for ``seeds`` as one tensor (N, C, H, W) in [-1, 1]; use :func:`sample_batches` to stream."""
     batches = sample_batches(model, seeds, labels, config, batch_size, device, guide, progress)
     return torch.cat(list(batches))
+
+
+def sample_sharded(
+    model: DiffusionUNet,
+    seeds: Sequence[int],
+    labels: Tensor | None,
+    config: SampleConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    guide: DiffusionUNet | None = None,
+) -> Tensor | None:
+    """Under torchrun, each process samples seeds[rank::world] and rank 0 gets all samples in seed order (the
+    others None); in a single process, the same as :func:`sample`. Per-image seeds make the split exact."""
+    local_labels = None if labels is None else labels[distributed.rank() :: distributed.world_size()]
+    local = sample(model, distributed.seed_shard(seeds), local_labels, config, batch_size, device, guide)
+    return distributed.gather_seed_order(local)
 
 
 def labels_for_seeds(seeds: Sequence[int], class_probs: Tensor) -> Tensor:

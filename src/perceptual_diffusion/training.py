@@ -4,6 +4,9 @@ self-perceptual fine-tuning.
 Read top to bottom: set up the run directory (or resume it), build data, model, teacher, EMA and optimiser, then
 step. All randomness of step s comes from a generator seeded by (seed, s), and the learning rate and EMA decay are
 pure functions of images seen, so rerunning the same command after a crash replays the same steps exactly.
+
+Under ``torchrun`` every process runs this same loop on its slice of each global batch (``distributed.py``): DDP
+averages the gradients, and rank 0 alone keeps the EMA and writes the log, grids and checkpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -21,11 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import RESUMABLE_FIELDS, RunConfig, config_diff
+from . import distributed
+from .config import RESUMABLE_FIELDS, RunConfig, TrainConfig, config_diff
 from .data import Dataset, load_dataset
 from .errors import TrainingDiverged, UserError
 from .grid import save_grid
-from .losses import build_loss, drop_condition
+from .losses import build_loss
 from .networks import DiffusionUNet, frozen_copy, unwrap
 from .sampling import sample
 
@@ -34,16 +39,16 @@ INIT_STREAM = 2**32 - 1  # the "rank" of the initial-weights seed stream: no rea
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
+    """'auto' -> CUDA when available, else CPU; under torchrun, CUDA means the GPU of this process's local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return device
+    return distributed.rank_device(device)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -241,38 +246,62 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def train(config: RunConfig, run_dir: str | Path, override_config: bool = False) -> TrainResult:
-    """Train (or resume) a run in ``run_dir``; returns when ``config.train.steps`` steps are done."""
+    """Train (or resume) a run in ``run_dir``; returns when ``config.train.steps`` steps are done.
+
+    Under ``torchrun`` every process calls this with the same arguments: they train one model with DDP on equal
+    slices of each global batch, and rank 0 alone writes the run directory.
+    """
     run_dir = Path(run_dir)
     device = resolve_device(config.train.device)
+    distributed.check_batch_split(config.train, distributed.launched_world_size())
     data = load_dataset(config.data)
     _check_fits(config, data)
-    _make_run_dir(run_dir)
-    with _exclusive(run_dir):  # before config.json is touched: a second process must not rewrite it
-        config = prepare_run_dir(config, run_dir, override_config)
-        return _train_locked(config, run_dir, data, device, override_config)
+    with distributed.process_group(device):
+        if not distributed.is_main():
+            # The others resolve the same teacher path and hash; the resume point comes from rank 0 (below).
+            return _train_locked(_with_teacher_hash(config), run_dir, data, device, override_config)
+        _make_run_dir(run_dir)
+        with _exclusive(run_dir):  # before config.json is touched: a second process must not rewrite it
+            config = prepare_run_dir(config, run_dir, override_config)
+            return _train_locked(config, run_dir, data, device, override_config)
+
+
+def apply_speed_options(model: DiffusionUNet, teacher: DiffusionUNet | None, tc: TrainConfig) -> None:
+    """channels_last memory format and gradient checkpointing, on the online model and the teacher alike (the
+    teacher's features are differentiated through, so its activations cost memory too)."""
+    for net in (model, teacher):
+        if net is None:
+            continue
+        if tc.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if tc.grad_checkpointing:
+            net.unet.enable_gradient_checkpointing()
 
 
 def _train_locked(
     config: RunConfig, run_dir: Path, data: Dataset, device: torch.device, override_config: bool
 ) -> TrainResult:
     tc = config.train
-    ckpt.remove_stale_temporaries(run_dir)  # left by a run killed mid-write
+    world, is_main = distributed.world_size(), distributed.is_main()
+    if is_main:
+        ckpt.remove_stale_temporaries(run_dir)  # left by a run killed mid-write
 
     with torch.random.fork_rng(devices=[]):  # seeded, so a run killed before its first checkpoint restarts the same
         torch.manual_seed(init_seed(tc.seed))
         model = DiffusionUNet(config.model, config.schedule).to(device)
-    teacher = _build_teacher(config, device)
+    teacher = _build_teacher(config, device)  # every rank holds its own frozen copy; never wrapped in DDP
     if tc.init_from is not None:
         init_state, init_config, _ = ckpt.read_weights(tc.init_from)
         _check_same_network(init_config, config, f"--init-from {tc.init_from}", "train with its settings")
         ckpt.load_state_dict_checked(model, init_state, tc.init_from)
-    ema = frozen_copy(model).to(device)
+    ema = frozen_copy(model).to(device) if is_main else None  # rank 0 alone keeps (and saves) the EMA
+    apply_speed_options(model, teacher, tc)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     loss_fn = build_loss(config.loss, teacher)
-    fingerprint = _data_fingerprint(data)
+    fingerprint = _data_fingerprint(data) if is_main else ""
 
     step = 0
-    state = ckpt.latest_state(run_dir)
+    state = ckpt.latest_state(run_dir) if is_main else None
     if state is not None:
         where = f"{run_dir} checkpoint at step {state['step']}"
         try:
@@ -293,7 +322,15 @@ def _train_locked(
         except Exception as exc:  # noqa: BLE001 - the file's contents are data from disk: any malformation
             raise UserError(f"{where} has an optimiser state that does not fit this model ({exc})") from None
         step = int(state["step"])
-    _trim_log(run_dir / "log.jsonl", step)
+    if world > 1:
+        # Synchronisation point: rank 0 alone reads the run directory, the others take the resume step and the
+        # optimiser state from it (and its weights in DDP's constructor), so every rank continues the same run.
+        step, opt_state = distributed.broadcast_object((step, optimizer.state_dict()))
+        if not is_main:
+            optimizer.load_state_dict(opt_state)
+    if is_main:
+        _trim_log(run_dir / "log.jsonl", step)
+    train_model = distributed.wrap_for_training(model, tc.compile, device)
 
     images = data.images.to(device)
     labels = data.labels.to(device) if config.model.num_classes > 0 else None
@@ -317,7 +354,7 @@ def _train_locked(
             )
         payload = {
             "step": at_step,
-            "model": unwrap(model).state_dict(),
+            "model": model.state_dict(),
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "config": config.to_json(),
@@ -356,56 +393,60 @@ def _train_locked(
         initial=step,
         desc=f"train {config.loss.kind}",
         unit="step",
-        disable=not tc.progress,
+        disable=not (tc.progress and is_main),
         dynamic_ncols=True,
     )
-    try:
-        log_file = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 - closed in the finally below
-    except OSError as exc:
-        bar.close()
-        raise UserError(f"cannot write the log in {run_dir} ({exc.strerror or exc})") from None
+    log_file = None
+    if is_main:
+        try:
+            log_file = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 - closed in the finally below
+        except OSError as exc:
+            bar.close()
+            raise UserError(f"cannot write the log in {run_dir} ({exc.strerror or exc})") from None
     # Speed counts optimiser steps only: sampling grids and checkpoint writes are excluded.
     train_seconds, images_done, last_loss = 0.0, 0, float("nan")
-    model.train()
+    train_model.train()
     try:
         while step < tc.steps:
             t_step = time.perf_counter()
             images_seen = step * tc.batch_size
+            # Every rank draws the whole global batch from the (seed, step) stream and keeps its slice.
             gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
-            idx = torch.randint(0, images.shape[0], (tc.batch_size,), generator=gen, device=device)
-            x0 = images[idx]
-            cond = drop_condition(
-                None if labels is None else labels[idx], config.loss.cond_dropout, config.model.num_classes, gen
-            )
+            batch = distributed.draw_global_batch(config, images, labels, loss_fn, gen)
             lr = learning_rate(images_seen, tc.lr, tc.warmup_images)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                terms = loss_fn(model, x0, cond, gen)
-            loss = terms["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = _grad_norm(model, tc.grad_clip)
-            # One host sync per step; a non-finite loss or gradient stops before the optimiser can spread it.
-            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "gradients became non-finite"
+            names, term_means = distributed.accumulate_gradients(train_model, loss_fn, images, batch, tc, autocast)
+            grad_norm = _grad_norm(model, tc.grad_clip)  # gradients are already averaged: equal on every rank
+            # One host sync per step; a non-finite loss or gradient stops before the optimiser can spread it. Every
+            # rank sees the same averaged values, so every rank stops at the same step.
+            *values, norm = torch.cat([term_means, grad_norm.detach().float().reshape(1).to(term_means)]).tolist()
+            logged = dict(zip(names, values))
+            last_loss = logged["loss"]
+            if not (math.isfinite(last_loss) and math.isfinite(norm)):
+                what = f"loss became {last_loss}" if not math.isfinite(last_loss) else "gradients became non-finite"
                 raise TrainingDiverged(
                     f"{what} at step {step + 1}; stopped without saving, last good checkpoint: {last_good()}; "
                     "lower --lr or raise --warmup-images"
                 )
             optimizer.step()
             step += 1
-            ema_update(ema, model, ema_beta(step * tc.batch_size, tc.batch_size, tc.ema_halflife_images, tc.ema_rampup))
-            last_loss = loss.item()
+            if ema is not None:
+                ema_update(
+                    ema, model, ema_beta(step * tc.batch_size, tc.batch_size, tc.ema_halflife_images, tc.ema_rampup)
+                )
             train_seconds += time.perf_counter() - t_step
             images_done += tc.batch_size
             bar.update(1)
+            if not is_main:
+                continue  # the next step's all-reduce waits for rank 0's bookkeeping: no barrier needed here
             # Order matters for resuming after SIGKILL: log and grid first, checkpoint last, so that whatever a kill
             # interrupts is redone (identically) by the replay from the previous checkpoint.
             if step % tc.log_every == 0 or step == tc.steps:
                 speed = images_done / max(train_seconds, 1e-9)
                 record = {"step": step, "images_seen": step * tc.batch_size, "lr": lr, "images_per_second": speed}
-                record.update({k: float(v.detach().float().mean()) for k, v in terms.items()})
+                record.update(logged)
                 bookkeeping(lambda r=record: write_log(r), "log", step)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.0f}")
             if step % tc.sample_every == 0 or step == tc.steps:
@@ -414,9 +455,11 @@ def _train_locked(
                 bookkeeping(lambda s=step: checkpoint(s), "checkpoint", step)
     finally:
         bar.close()
-        log_file.close()
-    if ckpt.weights_step(weights_path) is None:  # resumed a finished run whose snapshot was removed
+        if log_file is not None:
+            log_file.close()
+    if is_main and ckpt.weights_step(weights_path) is None:  # resumed a finished run whose snapshot was removed
         bookkeeping(lambda: save_snapshot(step), "inference snapshot", step)
+    distributed.barrier()  # every rank returns once the final checkpoint and snapshot exist
     speed = images_done / train_seconds if images_done else float("nan")
     return TrainResult(run_dir, step, speed, last_loss, train_seconds)
 
