@@ -24,7 +24,7 @@ from .training import load_model
 # Metrics shown in the table, in order, with the direction that is better.
 TABLE_METRICS = (
     ("fid", "FID", "lower"),
-    ("kid", "KID x1e3", "lower"),
+    ("kid", "KID", "lower"),
     ("is", "IS", "higher"),
     ("precision", "precision", "higher"),
     ("recall", "recall", "higher"),
@@ -131,12 +131,16 @@ def _aggregate(row: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _number(x: float) -> str:
+    """Three decimals for metrics in [0, 10]; four significant digits for unbounded ones (FID, KID in raw units)."""
+    return f"{x:.3f}" if abs(x) < 10 else f"{x:.4g}"
+
+
 def _fmt(row: dict[str, Any], key: str) -> str:
     if key not in row:
         return "-"
-    scale = 1e3 if key == "kid" else 1.0
-    mean, std = row[key] * scale, row.get(f"{key}_std", float("nan")) * scale
-    return f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f}"
+    mean, std = row[key], row.get(f"{key}_std", float("nan"))
+    return f"{_number(mean)} ± {_number(std)}" if not math.isnan(std) else _number(mean)
 
 
 def markdown_table(
@@ -244,6 +248,16 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         markdown_table(rows),
         "",
     ]
+    realism = next((r["runs"][0].get("realism") for r in rows if r.get("runs") and r["runs"][0].get("realism")), None)
+    if realism:
+        lines += [
+            f"Exact metrics (procedural shapes, {realism['valid_images']} valid images): *exact precision* is the "
+            f"fraction of samples within RMS {realism['threshold_rms']:.4f} of a valid image; *exact recall* the "
+            f"fraction of valid images hit; with {budget['eval_samples']} samples a perfect sampler's exact recall "
+            f"would be {realism['ideal_recall']:.3f}. *Class match*: conditional samples whose nearest valid image has "
+            "the requested class. FID, KID, IS, precision/recall/density/coverage use the extractor above.",
+            "",
+        ]
     for plot in plots:
         if plot is not None:
             lines += [f"![{plot.stem}]({plot.name})", ""]
