@@ -194,7 +194,7 @@ class GlobalBatch(NamedTuple):
     generator: torch.Generator
     indices: Tensor
     cond: Tensor | None
-    noise: dict[str, Tensor]
+    noise: dict[str, Tensor] | None  # None: a plain loss callable that draws its own noise
 
 
 def draw_global_batch(
@@ -214,6 +214,11 @@ def draw_global_batch(
     cond = drop_condition(
         None if labels is None else labels[idx], config.loss.cond_dropout, config.model.num_classes, generator
     )
+    if not hasattr(loss_fn, "draw"):
+        # Any callable with the loss signature works in one process; splitting a batch needs its noise up front.
+        if tc.grad_accum > 1 or world_size() > 1:
+            raise ValueError("a loss without draw() cannot be split over processes or --grad-accum micro-batches")
+        return GlobalBatch(generator, idx, cond, None)
     noise = loss_fn.draw((tc.batch_size, *images.shape[1:]), config.schedule.num_train_timesteps, generator)
     return GlobalBatch(generator, idx, cond, noise)
 
@@ -238,13 +243,17 @@ def accumulate_gradients(
         if tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         cond = None if batch.cond is None else batch.cond[rows]
-        noise = {k: v[rows] for k, v in batch.noise.items()}
+        noise = None if batch.noise is None else {k: v[rows] for k, v in batch.noise.items()}
         # DDP all-reduces gradients during backward; no_sync skips that for all but the last micro-batch, so
         # accumulation costs one all-reduce per step.
         last = micro == tc.grad_accum - 1
         with contextlib.nullcontext() if last or world == 1 else train_model.no_sync():
             with autocast:
-                terms = loss_fn(train_model, x0, cond, batch.generator, noise)
+                terms = (
+                    loss_fn(train_model, x0, cond, batch.generator)
+                    if noise is None
+                    else loss_fn(train_model, x0, cond, batch.generator, noise)
+                )
             (terms["loss"].mean() / tc.grad_accum).backward()
         means = torch.stack([v.detach().float().mean() for v in terms.values()])
         term_sums = means if term_sums is None else term_sums + means
