@@ -1,0 +1,334 @@
+"""Command-line options shared by several subcommands, and how they become the typed configs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from .config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
+from .errors import UserError
+from .networks import PRESETS
+
+if TYPE_CHECKING:
+    from .experiment import Budget
+
+# ---------------------------------------------------------------------------------------------------------------
+# Option groups shared by several subcommands.
+
+
+def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
+    g = p.add_argument_group("sampling (DDIM, classifier-free guidance)")
+    g.add_argument(
+        steps_flag,
+        dest="sample_steps",
+        type=int,
+        default=SampleConfig.steps,
+        help="DDIM steps (default %(default)s, the paper's)",
+    )
+    g.add_argument(
+        "--spacing",
+        choices=["trailing", "leading", "linspace"],
+        default=SampleConfig.spacing,
+        help="timestep spacing; trailing starts at t=T-1, pure noise under zero terminal SNR (default)",
+    )
+    g.add_argument(
+        "--eta", type=float, default=SampleConfig.eta, help="DDIM eta: 0 deterministic (default), 1 DDPM-like"
+    )
+    g.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=SampleConfig.cfg_scale,
+        help="classifier-free guidance scale w; 1 means no guidance and costs one forward per step",
+    )
+    g.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=SampleConfig.guidance_rescale,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2023; the paper's CFG baseline uses 0.7)",
+    )
+    g.add_argument(
+        "--no-clip-x0",
+        dest="clip_x0",
+        action="store_false",
+        help="do not clamp the predicted x0 to [-1, 1] at each step",
+    )
+
+
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    return SampleConfig(
+        steps=args.sample_steps,
+        spacing=args.spacing,
+        eta=args.eta,
+        cfg_scale=args.cfg_scale,
+        guidance_rescale=args.guidance_rescale,
+        clip_x0=args.clip_x0,
+    )
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (no download needed)")
+    g.add_argument(
+        "--data",
+        choices=["shapes", "fashion-mnist", "folder"],
+        default="shapes",
+        help="shapes: built-in procedural shapes (default); fashion-mnist: Debian's dataset-fashion-mnist "
+        "package; folder: any folder of images, sub-folders as classes",
+    )
+    g.add_argument(
+        "--data-path",
+        default=None,
+        help="folder of images (--data folder) or of the Fashion-MNIST IDX files "
+        "(default /usr/share/datasets/fashion-mnist)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side in pixels (default: 16 for shapes, 28 for fashion-mnist, 32 for folders)",
+    )
+    g.add_argument("--grayscale", action="store_true", help="read folder images as one-channel grey")
+    g.add_argument(
+        "--on-bad-image",
+        choices=["skip", "error"],
+        default="skip",
+        help="unreadable files in a folder: skip with a warning (default) or stop",
+    )
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    default_size = {"shapes": 16, "fashion-mnist": 28, "folder": 32}[args.data]
+    return DataConfig(
+        source=args.data,
+        path=args.data_path,
+        image_size=args.image_size or default_size,
+        grayscale=args.grayscale,
+        on_bad_image=args.on_bad_image,
+    )
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    add_data_options(p)
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="small",
+        help="U-Net size: " + "; ".join(f"{k}: {v.note}" for k, v in PRESETS.items()),
+    )
+    g.add_argument("--unconditional", action="store_true", help="ignore class labels (no CFG possible)")
+    g.add_argument("--prediction-type", choices=["v", "eps", "x0"], default="v", help="network target (default v)")
+    g.add_argument(
+        "--beta-schedule",
+        choices=["scaled_linear", "linear", "cosine"],
+        default="scaled_linear",
+        help="beta schedule (default scaled_linear 0.00085-0.012, Stable Diffusion's)",
+    )
+    g.add_argument(
+        "--no-zero-snr",
+        dest="zero_snr",
+        action="store_false",
+        help="do not rescale the schedule to zero terminal SNR (the paper does)",
+    )
+    g = p.add_argument_group("objective")
+    g.add_argument("--loss", choices=["mse", "self-perceptual"], default="mse", help="training objective")
+    g.add_argument(
+        "--teacher",
+        default=None,
+        help="self-perceptual: the frozen perceptual network, an MSE run directory or weights file "
+        "(its EMA weights); the online model starts from it unless --init-from says otherwise",
+    )
+    g.add_argument(
+        "--cond-dropout",
+        type=float,
+        default=LossConfig.cond_dropout,
+        help="probability of replacing the label by the null label, for CFG (default %(default)s)",
+    )
+    g.add_argument(
+        "--feature-layer",
+        choices=["mid", "down0", "down1", "down2", "down3", "all"],
+        default="mid",
+        help="self-perceptual feature tap of the teacher: mid block (paper), a down block, or the sum of all",
+    )
+    g.add_argument(
+        "--t-prime",
+        choices=["uniform", "same-as-t"],
+        default="uniform",
+        help="distribution of t' (uniform: the paper; same-as-t is degenerate: zero loss)",
+    )
+    g.add_argument("--distance", choices=["mse", "l1"], default="mse", help="feature distance (default mse)")
+    g.add_argument(
+        "--predicted-noise",
+        choices=["predicted", "true"],
+        default="predicted",
+        help="noise re-used in the predicted branch: eps_hat (paper) or the true eps",
+    )
+    g.add_argument(
+        "--mse-weight",
+        type=float,
+        default=0.0,
+        help="lambda: add lambda x the plain MSE loss to the self-perceptual loss (default 0, the paper)",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimiser steps (default %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=TrainConfig.batch_size,
+        help="images per optimiser step over all processes (torchrun) and micro-batches",
+    )
+    g.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (default %(default)s)")
+    g.add_argument("--warmup-images", type=int, default=TrainConfig.warmup_images, help="linear LR warm-up length")
+    g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip, help="max gradient norm; 0 disables")
+    g.add_argument(
+        "--ema-halflife-images",
+        type=int,
+        default=TrainConfig.ema_halflife_images,
+        help="EMA half-life in images (ramped up over the first images; 0 disables EMA)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="training seed; step s uses randomness seeded by (seed, s)")
+    g.add_argument("--init-from", default=None, help="start from these weights (a run directory or weights file)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--mixed-precision",
+        choices=["auto", "bf16", "no"],
+        default="auto",
+        help="bf16 autocast; auto uses it on CUDA only",
+    )
+    g = p.add_argument_group("speed (results change only by float rounding; see docs/gpu.md)")
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=TrainConfig.grad_accum,
+        help="micro-batches per optimiser step; --batch-size stays the global batch (default 1)",
+    )
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of start-up on a CPU)")
+    g.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower steps"
+    )
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="steps between log lines")
+    g.add_argument("--sample-every", type=int, default=TrainConfig.sample_every, help="steps between sample grids")
+    g.add_argument(
+        "--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, help="steps between checkpoints"
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=TrainConfig.keep_checkpoints,
+        help="how many full training states to keep",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Build the RunConfig from parsed ``train`` options; the data decides channels and classes."""
+    from .data import data_shape
+
+    data = data_config(args)
+    channels, num_classes = data_shape(data)
+    return RunConfig(
+        schedule=ScheduleConfig(
+            beta_schedule=args.beta_schedule, zero_terminal_snr=args.zero_snr, prediction_type=args.prediction_type
+        ),
+        model=ModelConfig(
+            preset=args.preset,
+            image_size=data.image_size,
+            channels=channels,
+            num_classes=0 if args.unconditional else num_classes,
+        ),
+        data=data,
+        loss=LossConfig(
+            kind=args.loss,
+            cond_dropout=0.0 if args.unconditional else args.cond_dropout,
+            feature_layer=args.feature_layer,
+            t_prime=args.t_prime,
+            distance=args.distance,
+            predicted_noise=args.predicted_noise,
+            mse_weight=args.mse_weight,
+            teacher=args.teacher,
+        ),
+        train=TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_images=args.warmup_images,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            ema_halflife_images=args.ema_halflife_images,
+            seed=args.seed,
+            log_every=args.log_every,
+            sample_every=args.sample_every,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            device=args.device,
+            mixed_precision=args.mixed_precision,
+            init_from=args.init_from,
+            progress=args.progress,
+            grad_accum=args.grad_accum,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            grad_checkpointing=args.grad_checkpointing,
+        ),
+        sample=sample_config(args),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands.
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    """The named budget with the command line's overrides applied."""
+    from dataclasses import replace
+
+    from .experiment import BUDGETS
+
+    overrides = {
+        k: v
+        for k, v in (
+            ("stage1_steps", args.steps),
+            ("finetune_steps", args.finetune_steps),
+            ("eval_samples", args.eval_samples),
+            ("eval_repeats", args.eval_repeats),
+            ("training_seeds", args.training_seeds),
+        )
+        if v is not None
+    }
+    for name, value in overrides.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.extras is not None:
+        overrides["extras"] = args.extras
+    budget = replace(BUDGETS[args.budget], **overrides)
+    if args.data is not None:
+        budget = replace(budget, data=data_config(args))
+    return budget
+
+
+def add_budget_options(p: argparse.ArgumentParser) -> None:
+    """Options of the experiment commands: output folder, budget preset and its overrides, data."""
+    p.add_argument("--out", required=True, help="output folder; rerunning resumes it")
+    p.add_argument(
+        "--budget",
+        choices=["cpu-demo", "cpu-full", "gpu"],
+        default="cpu-demo",
+        help="cpu-demo: under 10 min on 2 cores (the demo); cpu-full: about an hour on 2 cores; "
+        "gpu: Fashion-MNIST with the base U-Net on one GPU",
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the budget's stage-1 steps")
+    p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's stage-2 steps")
+    p.add_argument("--eval-samples", type=int, default=None, help="override the samples per evaluation")
+    p.add_argument("--eval-repeats", type=int, default=None, help="override the number of sampling-seed repeats")
+    p.add_argument("--training-seeds", type=int, default=None, help="override the number of training seeds")
+    p.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also evaluate beyond the paper: self-perceptual + CFG, and autoguidance by the stage-1 model "
+        "(default: the budget's setting)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_data_options(p)
+    p.set_defaults(data=None)
