@@ -127,3 +127,10 @@ def test_compare_cli_accepts_budget_overrides(tmp_path, capsys):
     assert results["budget"]["stage1_steps"] == 2 and results["budget"]["eval_samples"] == 12
     assert main(["compare", "--out", str(tmp_path / "d"), "--eval-samples", "0"]) == 2
     assert "--eval-samples must be >= 1" in capsys.readouterr().err
+
+
+def test_ablate_cli_refuses_unknown_variants_and_seeds(tmp_path, capsys):
+    assert main(["ablate", "--out", str(tmp_path), "--variants", "self-perceptual,nope"]) == 2
+    assert "unknown --variants ['nope']" in capsys.readouterr().err
+    assert main(["ablate", "--out", str(tmp_path), "--seeds", "0,x"]) == 2
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err

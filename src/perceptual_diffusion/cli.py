@@ -118,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from .ablation import run_ablation
+    from .ablation import default_variants, run_ablation
 
     seeds = None
     if args.seeds:
@@ -126,8 +126,15 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    variants = default_variants()
+    if args.variants:
+        names = args.variants.split(",")
+        unknown = sorted(set(names) - {v.name for v in variants})
+        if unknown:
+            raise UserError(f"unknown --variants {unknown}; choose from {', '.join(v.name for v in variants)}")
+        variants = [v for v in variants if v.name in names]
     result_dir = Path(args.out)
-    run_ablation(result_dir, budget_from_args(args), device=args.device, seeds=seeds)
+    run_ablation(result_dir, budget_from_args(args), variants, device=args.device, seeds=seeds)
     print(f"report: {result_dir / 'ablation.md'}")
 
 
@@ -294,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_options(p)
     p.add_argument("--seeds", default=None, help="only these training seeds, e.g. 0 or 0,1 (to run seeds in parallel)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of the variants (default all): mse-continued, self-perceptual, sp-lr/10, "
+        "sp-lr*5, sp-down0, sp-all, sp+mse, sp-true-eps, mse-continued/early, sp/early, mse-continued-4x-steps, "
+        "sp-4x-steps",
+    )
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser(
         "evaluate",
