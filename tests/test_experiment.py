@@ -99,6 +99,9 @@ def test_ablation_reports_each_variant_against_its_baseline(tmp_path):
     assert training.load_model(tmp_path / "abl" / "seed0" / "stage1-mse-early")[2] == 1
     text = (tmp_path / "abl" / "ablation.md").read_text()
     assert "sp/early" in text and "exact precision" in text
+    # Each self-perceptual variant is paired with the MSE run from the same teacher for the same steps.
+    assert "| sp+mse - mse-continued |" in text and "| sp/early - mse-continued/early |" in text
+    assert ablation.baseline_of(ablation.Variant("x", ablation.SP, steps_factor=4.0)) == "mse-continued-4x-steps"
 
 
 @pytest.mark.slow

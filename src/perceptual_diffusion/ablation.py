@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import atomic_write_text
 from .config import LossConfig, SampleConfig
 from .experiment import Budget, _run_config
@@ -140,7 +142,7 @@ def run_ablation(
             }
         )
         result.rows.append(row)
-    _write(out, budget, result, n, time.perf_counter() - t0)
+    _write(out, budget, result, n, time.perf_counter() - t0, {v.name: v for v in variants})
     return result
 
 
@@ -171,7 +173,60 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _write(out: Path, budget: Budget, result: AblationResult, n: int, seconds: float) -> None:
+def baseline_of(variant: Variant) -> str | None:
+    """The MSE run a self-perceptual variant is compared with: same teacher, same number of steps."""
+    if variant.loss.kind == "mse":
+        return None
+    if variant.teacher == "early":
+        return "mse-continued/early"
+    if variant.steps_factor != 1.0:
+        return f"mse-continued-{variant.steps_factor:g}x-steps"
+    return "mse-continued"
+
+
+PAIRED_METRICS = (
+    ("exact_precision", "exact precision"),
+    ("exact_recall", "exact recall"),
+    ("fid", "FID"),
+    ("precision", "precision"),
+    ("coverage", "coverage"),
+)
+
+
+def _paired_section(rows: list[dict[str, Any]], variants: dict[str, Variant]) -> list[str]:
+    """Per training seed, variant minus its MSE baseline: the teacher's seed-to-seed spread cancels in the pair."""
+    by_name = {r["model"]: r for r in rows}
+    head = "| variant - baseline | " + " | ".join(f"Δ {label}" for _, label in PAIRED_METRICS) + " |"
+    out = [
+        "## Paired differences against the MSE baseline",
+        "",
+        "Each self-perceptual variant minus the MSE run from the same teacher for the same steps, per training "
+        "seed (same sampling seeds too), then mean ± std over seeds, with the per-seed values in brackets. "
+        "Positive is better for all but FID.",
+        "",
+        head,
+        "|---|" + "---|" * len(PAIRED_METRICS),
+    ]
+    for name, row in by_name.items():
+        base = baseline_of(variants[name]) if name in variants else None
+        if base is None or base not in by_name:
+            continue
+        cells = []
+        for key, _ in PAIRED_METRICS:
+            pairs = [(a["metrics"].get(key), b["metrics"].get(key)) for a, b in zip(row["runs"], by_name[base]["runs"])]
+            diffs = np.array([a - b for a, b in pairs if a is not None and b is not None], dtype=float)
+            if len(diffs) == 0:
+                cells.append("-")
+                continue
+            spread = f" ± {diffs.std(ddof=1):.3f}" if len(diffs) > 1 else ""
+            cells.append(f"{diffs.mean():+.3f}{spread} [{', '.join(f'{d:+.3f}' for d in diffs)}]")
+        out.append(f"| {name} - {base} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _write(
+    out: Path, budget: Budget, result: AblationResult, n: int, seconds: float, variants_by_name: dict[str, Variant]
+) -> None:
     lines = [
         f"# Ablation: what decides the self-perceptual outcome ({budget.name} budget, {budget.data.source})",
         "",
@@ -198,6 +253,7 @@ def _write(out: Path, budget: Budget, result: AblationResult, n: int, seconds: f
         markdown_table(result.rows, by_name, "variant"),
         "",
     ]
+    lines += _paired_section(result.rows, variants_by_name)
     lines += ["| variant | what changes |", "|---|---|"] + [f"| {r['model']} | {r['note']} |" for r in result.rows]
     lines += ["", f"Wall time: {seconds / 60:.1f} minutes."]
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
