@@ -88,6 +88,7 @@ def test_ablation_reports_each_variant_against_its_baseline(tmp_path):
         ablation.Variant("mse-continued", LossConfig(kind="mse")),
         ablation.Variant("self-perceptual", ablation.SP),
         ablation.Variant("sp+mse", replace(ablation.SP, mse_weight=1.0)),
+        ablation.Variant("mse-continued/early", LossConfig(kind="mse"), teacher="early"),
         ablation.Variant("sp/early", ablation.SP, teacher="early"),
     ]
     result = ablation.run_ablation(tmp_path / "abl", TINY, variants, device="cpu")
