@@ -55,7 +55,7 @@ SHAPES = DataConfig(source="shapes", image_size=16)
 FASHION = DataConfig(source="fashion-mnist", image_size=28)
 
 BUDGETS: dict[str, Budget] = {
-    # ~8 minutes on 2 CPU cores (measured: README).
+    # Under 10 minutes on 2 CPU cores: the demo (timed in the README).
     "cpu-demo": Budget(
         "cpu-demo",
         SHAPES,
@@ -65,17 +65,33 @@ BUDGETS: dict[str, Budget] = {
         2e-3,
         250,
         2e-4,
-        25,
-        500,
+        25,  # DDIM steps: half the paper's 50, for the CPU budget
+        400,
         2,
         cfg_scales=(1.5, 3.0, 7.5),
         guidance_rescales=(0.0,),
         extras=False,
     ),
-    # ~1 hour on 2 CPU cores.
-    "cpu-full": Budget("cpu-full", SHAPES, "small", 64, 4000, 2e-3, 1000, 2e-4, 50, 2000, 3, training_seeds=2),
-    # One GPU: Fashion-MNIST with the base U-Net.
-    "gpu": Budget("gpu", FASHION, "base", 256, 6000, 5e-4, 1500, 5e-5, 50, 10000, 3, training_seeds=2),
+    # About an hour on 2 idle CPU cores, estimated from benchmarks/throughput.py (not yet timed end to end):
+    # 2 x (2000 + 2 x 500) training steps, then 17 rows x 2 repeats x 2 seeds x 1,000 samples of 25 DDIM steps.
+    "cpu-full": Budget(
+        "cpu-full",
+        SHAPES,
+        "small",
+        64,
+        2000,
+        2e-3,
+        500,
+        2e-4,
+        25,
+        1000,
+        2,
+        training_seeds=2,
+        cfg_scales=(1.5, 3.0, 7.5),
+    ),
+    # One GPU: Fashion-MNIST with the base U-Net, the paper's 50 DDIM steps. Sized by estimate for ~10 minutes on
+    # an H100; not yet run (no GPU was available to this project so far).
+    "gpu": Budget("gpu", FASHION, "base", 256, 4000, 5e-4, 1000, 5e-5, 50, 2000, 2, training_seeds=1),
 }
 
 
