@@ -25,6 +25,14 @@ def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator,
     return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
 
 
+def draw_t_eps(
+    shape: torch.Size, num_train_timesteps: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """t ~ U{0..T-1} and eps ~ N(0, I) for a batch of ``shape``, in this order (resume and DDP rely on it)."""
+    t = draw_timesteps(shape[0], num_train_timesteps, generator, generator.device)
+    return {"t": t, "eps": torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)}
+
+
 def drop_condition(labels: Tensor | None, p: float, null_label: int, generator: torch.Generator) -> Tensor | None:
     """Replace each label by the null label with probability p, so the same model also learns p(x) for CFG."""
     if labels is None or p == 0:
@@ -63,8 +71,7 @@ class MSELoss:
         dtype: torch.dtype = torch.float32,
     ) -> dict[str, Tensor]:
         """The randomness of a batch of ``shape`` (t, eps), one row per sample: a batch can be drawn whole and split."""
-        t = draw_timesteps(shape[0], num_train_timesteps, generator, generator.device)
-        return {"t": t, "eps": torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)}
+        return draw_t_eps(shape, num_train_timesteps, generator, dtype)
 
     def __call__(
         self,
@@ -178,13 +185,11 @@ class SelfPerceptualLoss:
     ) -> dict[str, Tensor]:
         """The randomness of a batch of ``shape`` (t, eps, t'), one row per sample: a batch can be drawn whole and
         split (for gradient accumulation and DDP) without changing what any sample sees."""
-        n, device = shape[0], generator.device
-        t = draw_timesteps(n, num_train_timesteps, generator, device)
-        eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        noise = draw_t_eps(shape, num_train_timesteps, generator, dtype)
         # t' must be drawn anew: with t' = t and predicted noise, x_hat_t' == x_t exactly and the loss vanishes.
         same = self.config.t_prime == "same-as-t"
-        t_prime = t if same else draw_timesteps(n, num_train_timesteps, generator, device)
-        return {"t": t, "eps": eps, "t_prime": t_prime}
+        t_prime = noise["t"] if same else draw_timesteps(shape[0], num_train_timesteps, generator, generator.device)
+        return {**noise, "t_prime": t_prime}
 
     def __call__(
         self,
