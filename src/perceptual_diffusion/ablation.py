@@ -255,6 +255,10 @@ def _write(
     ]
     lines += _paired_section(result.rows, variants_by_name)
     lines += ["| variant | what changes |", "|---|---|"] + [f"| {r['model']} | {r['note']} |" for r in result.rows]
-    lines += ["", f"Wall time: {seconds / 60:.1f} minutes."]
+    lines += [
+        "",
+        f"Wall time of the call that wrote this file: {seconds / 60:.1f} minutes (finished runs and cached "
+        "evaluations are not redone).",
+    ]
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "ablation.json", json.dumps(asdict(result), indent=2, default=str))

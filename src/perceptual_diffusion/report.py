@@ -265,7 +265,10 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         lines += ["## Samples under the same seeds (rows: classes)", ""]
         lines += [f"**{Path(g).stem}**\n\n![{Path(g).stem}]({g})\n" for g in results["grids"]]
     if "seconds" in results:
-        lines += [f"Total wall time: {results['seconds'] / 60:.1f} minutes."]
+        lines += [
+            f"Wall time of the call that wrote this report: {results['seconds'] / 60:.1f} minutes (finished stages "
+            "and cached evaluations are not redone)."
+        ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     return out / "report.md"
