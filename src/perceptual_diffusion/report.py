@@ -182,8 +182,13 @@ def plot_fid_vs_cfg(rows: list[dict[str, Any]], path: Path, metric: str = "fid")
             ax.axhline(r[metric], color="C3", label="self-perceptual, no guidance")
             ax.axhspan(r[metric] - std, r[metric] + std, color="C3", alpha=0.15)
     ax.set_xlabel("CFG scale w (1 = no guidance)")
-    ax.set_ylabel(metric.upper() if metric == "fid" else metric)
+    ax.set_ylabel(metric.upper() if metric == "fid" else metric.replace("_", " "))
     ax.set_xscale("log")
+    import matplotlib.ticker
+
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(sorted({1.0} | {float(v) for v in x}))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -232,6 +237,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     extractor = next((r["runs"][0]["extractor"]["description"] for r in rows if r.get("runs")), "unknown")
     plots = [
         plot_fid_vs_cfg(rows, out / "fid_vs_cfg.png"),
+        plot_fid_vs_cfg(rows, out / "exact_precision_vs_cfg.png", metric="exact_precision"),
         plot_precision_recall(rows, out / "precision_recall.png"),
         plot_precision_recall(rows, out / "exact_precision_recall.png", prefix="exact_"),
     ]
