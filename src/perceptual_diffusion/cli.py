@@ -20,7 +20,6 @@ from .cli_options import (
     run_config,
     sample_config,
 )
-from .config import SampleConfig
 from .errors import TrainingDiverged, UserError
 
 
@@ -166,14 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     rows = []
     with process_group(device):  # under torchrun: each process samples its share of the seeds
         for scale in args.cfg_scale:
-            cfg = SampleConfig(
-                steps=args.sample_steps,
-                spacing=args.spacing,
-                eta=args.eta,
-                cfg_scale=scale,
-                guidance_rescale=args.guidance_rescale,
-                clip_x0=args.clip_x0,
-            )
+            cfg = sample_config(args, cfg_scale=scale)
             if cfg.steps > config.schedule.num_train_timesteps:
                 raise UserError(
                     f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps"
@@ -364,21 +356,7 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (does not change results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g = p.add_argument_group("sampling (DDIM, classifier-free guidance)")
-    g.add_argument("--steps", dest="sample_steps", type=int, default=SampleConfig.steps, help="DDIM steps")
-    g.add_argument(
-        "--spacing", choices=["trailing", "leading", "linspace"], default=SampleConfig.spacing, help="timestep spacing"
-    )
-    g.add_argument("--eta", type=float, default=SampleConfig.eta, help="DDIM eta (default 0)")
-    g.add_argument(
-        "--cfg-scale",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        help="one or more CFG scales, one table row each (1: no guidance)",
-    )
-    g.add_argument("--guidance-rescale", type=float, default=SampleConfig.guidance_rescale, help="rescale phi")
-    g.add_argument("--no-clip-x0", dest="clip_x0", action="store_false", help="do not clamp x0_hat each step")
+    add_sample_options(p, several_scales=True)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 # Option groups shared by several subcommands.
 
 
-def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
+def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps", several_scales: bool = False) -> None:
+    """DDIM and guidance options; ``several_scales``: --cfg-scale takes one or more values (evaluate: a row each)."""
     g = p.add_argument_group("sampling (DDIM, classifier-free guidance)")
     g.add_argument(
         steps_flag,
@@ -37,8 +38,10 @@ def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps") 
     g.add_argument(
         "--cfg-scale",
         type=float,
-        default=SampleConfig.cfg_scale,
-        help="classifier-free guidance scale w; 1 means no guidance and costs one forward per step",
+        nargs="+" if several_scales else None,
+        default=[SampleConfig.cfg_scale] if several_scales else SampleConfig.cfg_scale,
+        help="classifier-free guidance scale w; 1 means no guidance and costs one forward per step"
+        + ("; several values give one table row each" if several_scales else ""),
     )
     g.add_argument(
         "--guidance-rescale",
@@ -54,12 +57,13 @@ def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps") 
     )
 
 
-def sample_config(args: argparse.Namespace) -> SampleConfig:
+def sample_config(args: argparse.Namespace, cfg_scale: float | None = None) -> SampleConfig:
+    """The SampleConfig of parsed sampling options (``cfg_scale`` overrides the option, for several scales)."""
     return SampleConfig(
         steps=args.sample_steps,
         spacing=args.spacing,
         eta=args.eta,
-        cfg_scale=args.cfg_scale,
+        cfg_scale=args.cfg_scale if cfg_scale is None else cfg_scale,
         guidance_rescale=args.guidance_rescale,
         clip_x0=args.clip_x0,
     )
