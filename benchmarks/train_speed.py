@@ -48,7 +48,8 @@ class Variant:
     """One speed setting: its own model, optimiser and loss, stepping through the same seeded batches."""
 
     def __init__(self, config: RunConfig, bf16: bool, device: torch.device, images: torch.Tensor, labels) -> None:
-        self.config, self.device, self.images, self.labels = config, device, images, labels
+        self.config, self.device = config, device
+        self.source = distributed.TensorSource(images, labels, config.model.num_classes)
         torch.manual_seed(0)
         self.model = DiffusionUNet(config.model, config.schedule).to(device)
         apply_speed_options(self.model, None, config.train)
@@ -64,10 +65,10 @@ class Variant:
         start = time.perf_counter()
         for _ in range(steps):
             gen = torch.Generator(self.device).manual_seed(self.step)
-            batch = distributed.draw_global_batch(self.config, self.images, self.labels, self.loss_fn, gen)
+            batch = distributed.draw_global_batch(self.config, self.source, self.loss_fn, gen)
             self.optimizer.zero_grad(set_to_none=True)
             _, means = distributed.accumulate_gradients(
-                self.train_model, self.loss_fn, self.images, batch, self.config.train, self.autocast
+                self.train_model, self.loss_fn, self.source, batch, self.config.train, self.autocast
             )
             _grad_norm(self.model, self.config.train.grad_clip)
             self.optimizer.step()

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import RunConfig
+from .config import LatentRunConfig, RunConfig
 from .errors import UserError
 
 FORMAT = "perceptual-diffusion/1"
@@ -133,11 +133,17 @@ def sha256_file(path: Path) -> str:
 # Inference weights: safetensors with the run config in the metadata.
 
 
-def save_weights(path: Path, state_dict: dict[str, torch.Tensor], config: RunConfig, step: int) -> None:
+def save_weights(
+    path: Path, state_dict: dict[str, torch.Tensor], config: RunConfig | LatentRunConfig, step: int
+) -> None:
     """EMA (or any) weights as safetensors; the metadata carries the config, so the file alone rebuilds the model."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    meta = {"format": FORMAT, "config": config.to_json(), "step": str(step)}
+    meta = {"format": FORMAT, "config": config.to_json(), "step": str(step), "kind": _kind(config)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _kind(config: RunConfig | LatentRunConfig) -> str:
+    return "latent" if isinstance(config, LatentRunConfig) else "pixel"
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -168,21 +174,31 @@ def _weights_metadata(p: Path) -> dict[str, str]:
         ) from None
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, int]:
+def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch.Tensor], Any, int]:
     """Read (state_dict, config, step) from a run directory or a weights file written by :func:`save_weights`.
 
-    Only safetensors is read here, never a pickle, so a weights file cannot run code however it was made.
+    ``kind`` is the model family the caller can use ("pixel": ``RunConfig``, "latent": ``LatentRunConfig``); weights
+    of the other family are refused with a message. Only safetensors is read here, never a pickle, so a weights file
+    cannot run code however it was made.
     """
     p = resolve_weights(path)
     if p.is_dir():  # a diffusers folder (resolve_weights returns no other folder)
+        if kind == "latent":
+            raise UserError(f"{p} is a diffusers folder: latent models read it with latent.read_unet_weights")
         from .export import read_diffusers
 
         return read_diffusers(p)
     meta = _weights_metadata(p)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError(f"{p} is a safetensors file but not perceptual-diffusion weights (no config in its metadata)")
+    theirs = meta.get("kind", "pixel")
+    if theirs != kind:
+        what = {"pixel": "a pixel-space model", "latent": "a latent text-to-image model"}.get(theirs, repr(theirs))
+        use = "the `latent` commands" if theirs == "latent" else "the pixel commands (train, sample, evaluate)"
+        raise UserError(f"{p} holds {what}; use it with {use}")
+    config_cls = LatentRunConfig if kind == "latent" else RunConfig
     try:
-        config = RunConfig.from_dict(json.loads(meta["config"]))
+        config = config_cls.from_dict(json.loads(meta["config"]))
         step = int(meta.get("step", "0"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise UserError(f"{p} has an unreadable config in its metadata ({exc})") from None

@@ -237,8 +237,40 @@ class SampleConfig:
         _check(0 <= self.guidance_rescale <= 1, f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
 
 
+class _Sections:
+    """JSON round trip for a config made of section dataclasses (``RunConfig``, ``LatentRunConfig``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Rebuild a config from :meth:`to_dict` output; anything malformed is a :class:`UserError`."""
+        _check(isinstance(data, dict), f"a config must be a JSON object, got {type(data).__name__}")
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub = typing.get_type_hints(cls)[f.name]
+            known = {g.name for g in dataclasses.fields(sub)}
+            values = data.get(f.name, {})
+            _check(isinstance(values, dict), f"config section {f.name!r} must be a JSON object")
+            unknown = set(values) - known
+            _check(not unknown, f"config section {f.name!r} has unknown fields {sorted(unknown)}")
+            parts[f.name] = sub(**values)
+        return cls(**parts)
+
+
+def _check_sample_steps(sample: SampleConfig, schedule: ScheduleConfig) -> None:
+    _check(
+        sample.steps <= schedule.num_train_timesteps,
+        f"sampling steps ({sample.steps}) cannot exceed training timesteps ({schedule.num_train_timesteps})",
+    )
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Sections):
     """Everything that defines a training run; written to ``config.json`` and into every checkpoint."""
 
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -253,32 +285,69 @@ class RunConfig:
             self.model.image_size == self.data.image_size,
             f"model image size {self.model.image_size} differs from data image size {self.data.image_size}",
         )
+        _check_sample_steps(self.sample, self.schedule)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent, text-conditioned models (the paper's own setting: Stable Diffusion's U-Net, VAE and CLIP text encoder).
+
+
+@dataclass(frozen=True)
+class LatentModelConfig:
+    """A Stable-Diffusion-style model from a local diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/``): the U-Net is trained, the VAE and text encoder stay frozen. ``resolution`` is in pixels."""
+
+    pretrained: str = ""
+    resolution: int = 512
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self.pretrained != "", "a latent model needs --pretrained DIFFUSERS_FOLDER (unet, vae, text_encoder)")
         _check(
-            self.sample.steps <= self.schedule.num_train_timesteps,
-            f"sampling steps ({self.sample.steps}) cannot exceed training timesteps "
-            f"({self.schedule.num_train_timesteps})",
+            8 <= self.resolution <= MAX_IMAGE_SIZE,
+            f"--resolution must be in [8, {MAX_IMAGE_SIZE}] pixels, got {self.resolution}",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+CaptionFormat = Literal["auto", "folder", "jsonl", "webdataset"]
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Rebuild a config from :meth:`to_dict` output; anything malformed is a :class:`UserError`."""
-        _check(isinstance(data, dict), f"a config must be a JSON object, got {type(data).__name__}")
-        parts = {}
-        for f in dataclasses.fields(cls):
-            sub = typing.get_type_hints(cls)[f.name]
-            known = {g.name for g in dataclasses.fields(sub)}
-            values = data.get(f.name, {})
-            _check(isinstance(values, dict), f"config section {f.name!r} must be a JSON object")
-            unknown = set(values) - known
-            _check(not unknown, f"config section {f.name!r} has unknown fields {sorted(unknown)}")
-            parts[f.name] = sub(**values)
-        return cls(**parts)
+
+@dataclass(frozen=True)
+class CaptionDataConfig:
+    """Image-caption pairs: a folder with ``.txt`` captions, a JSONL file, or WebDataset ``.tar`` shards.
+
+    ``cache_latents`` encodes every image with the VAE once (rank 0, before training) into a safetensors cache
+    keyed by the data, the VAE and the resolution; otherwise each micro-batch is loaded and encoded on the fly.
+    """
+
+    path: str = ""
+    format: CaptionFormat = "auto"
+    cache_latents: bool = True
+    cache_dir: str | None = None
+    on_bad_image: Literal["skip", "error"] = "skip"
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _check(self.path != "", "latent training needs --data-path (a captioned image folder, JSONL or .tar shards)")
+
+
+@dataclass(frozen=True)
+class LatentRunConfig(_Sections):
+    """Everything that defines a latent text-to-image run; the loss, train and sample sections are the pixel ones."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: LatentModelConfig = field(default_factory=LatentModelConfig)
+    data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(clip_x0=False))
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.sample.clip_x0,
+            "clipping x0 to [-1, 1] is for pixels; latents are not bounded: sample latent models without --clip-x0",
+        )
+        _check_sample_steps(self.sample, self.schedule)
 
 
 # Fields that may differ when a run directory is resumed: they change how long or how chattily a run goes, or (like

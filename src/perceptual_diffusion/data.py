@@ -79,7 +79,8 @@ def _from_uint8(array: np.ndarray) -> Tensor:
 
 SHAPE_CLASSES = ("square", "disc", "triangle", "cross")
 SHAPE_SIZE = 7  # each shape fits a 7x7 stencil
-PALETTE = ((230, 60, 60), (60, 200, 90), (70, 110, 240), (240, 210, 50))  # red, green, blue, yellow
+PALETTE = ((230, 60, 60), (60, 200, 90), (70, 110, 240), (240, 210, 50))
+PALETTE_NAMES = ("red", "green", "blue", "yellow")
 BACKGROUND = (20, 20, 20)
 
 

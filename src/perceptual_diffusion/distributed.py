@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import RunConfig, TrainConfig
+from .config import LatentRunConfig, RunConfig, TrainConfig
 from .errors import UserError
 from .losses import MSELoss, SelfPerceptualLoss, drop_condition
 
@@ -187,8 +188,45 @@ def wrap_for_training(model: nn.Module, compile_: bool, device: torch.device) ->
     return wrapped
 
 
+class BatchSource(Protocol):
+    """What the training loop draws batches from: ``num_items`` items, each an x0 of ``x0_shape`` with a condition
+    id (a class label, or a caption's index); ``null_id`` is the id that means 'no condition' (condition dropout).
+    ``micro_batch`` turns item indices and (possibly dropped) condition ids into the loss's ``x0`` and ``cond``."""
+
+    num_items: int
+    x0_shape: tuple[int, ...]
+    cond_ids: Tensor | None
+    null_id: int
+
+    def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor | None]: ...
+
+
+@dataclass
+class TensorSource:
+    """Resident images and labels (the pixel data sets): a micro-batch is two index operations."""
+
+    images: Tensor
+    labels: Tensor | None
+    null_id: int
+
+    @property
+    def num_items(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def x0_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def cond_ids(self) -> Tensor | None:
+        return self.labels
+
+    def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.images[indices], cond_ids
+
+
 class GlobalBatch(NamedTuple):
-    """The randomness of one optimiser step, for the whole global batch: image indices, conditions after dropout,
+    """The randomness of one optimiser step, for the whole global batch: item indices, condition ids after dropout,
     and the loss's per-sample noise (t, eps, t'); the generator is passed on to the loss."""
 
     generator: torch.Generator
@@ -198,9 +236,8 @@ class GlobalBatch(NamedTuple):
 
 
 def draw_global_batch(
-    config: RunConfig,
-    images: Tensor,
-    labels: Tensor | None,
+    config: RunConfig | LatentRunConfig,
+    source: BatchSource,
     loss_fn: MSELoss | SelfPerceptualLoss,
     generator: torch.Generator,
 ) -> GlobalBatch:
@@ -210,23 +247,22 @@ def draw_global_batch(
     processes or micro-batches, and a resume needs no sampler state: the position in the data is the step.
     """
     tc, device = config.train, generator.device
-    idx = torch.randint(0, images.shape[0], (tc.batch_size,), generator=generator, device=device)
-    cond = drop_condition(
-        None if labels is None else labels[idx], config.loss.cond_dropout, config.model.num_classes, generator
-    )
+    idx = torch.randint(0, source.num_items, (tc.batch_size,), generator=generator, device=device)
+    ids = source.cond_ids
+    cond = drop_condition(None if ids is None else ids[idx], config.loss.cond_dropout, source.null_id, generator)
     if not hasattr(loss_fn, "draw"):
         # Any callable with the loss signature works in one process; splitting a batch needs its noise up front.
         if tc.grad_accum > 1 or world_size() > 1:
             raise ValueError("a loss without draw() cannot be split over processes or --grad-accum micro-batches")
         return GlobalBatch(generator, idx, cond, None)
-    noise = loss_fn.draw((tc.batch_size, *images.shape[1:]), config.schedule.num_train_timesteps, generator)
+    noise = loss_fn.draw((tc.batch_size, *source.x0_shape), config.schedule.num_train_timesteps, generator)
     return GlobalBatch(generator, idx, cond, noise)
 
 
 def accumulate_gradients(
     train_model: nn.Module,
     loss_fn: MSELoss | SelfPerceptualLoss,
-    images: Tensor,
+    source: BatchSource,
     batch: GlobalBatch,
     tc: TrainConfig,
     autocast: contextlib.AbstractContextManager,
@@ -239,10 +275,9 @@ def accumulate_gradients(
     for micro in range(tc.grad_accum):
         start = (me * tc.grad_accum + micro) * micro_size
         rows = slice(start, start + micro_size)
-        x0 = images[batch.indices[rows]]
+        x0, cond = source.micro_batch(batch.indices[rows], None if batch.cond is None else batch.cond[rows])
         if tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        cond = None if batch.cond is None else batch.cond[rows]
         noise = None if batch.noise is None else {k: v[rows] for k, v in batch.noise.items()}
         # DDP all-reduces gradients during backward; no_sync skips that for all but the last micro-batch, so
         # accumulation costs one all-reduce per step.

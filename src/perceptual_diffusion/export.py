@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -209,10 +210,7 @@ def export_diffusers(
 ) -> Path:
     """Write a trained model as a DDIMPipeline folder, atomically; ``sample_config`` defaults to the run's own."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; give a folder to export into")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
+    check_export_target(out_dir, force)  # before any work: a refused target costs nothing
     state_dict, config, step = ckpt.read_weights(weights_or_run_dir)
     config = replace(config, sample=sample_config or config.sample)
     model = DiffusionUNet(config.model, config.schedule)
@@ -241,15 +239,34 @@ def export_diffusers(
         else "",
     )
 
-    tmp = old = None
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _sibling(out_dir, "new")
+    def write(tmp: Path) -> None:
         DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         if conditional:
             _unet_copy(model).save_pretrained(tmp / CONDITIONAL_UNET_DIR, safe_serialization=True)
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(readme)
+
+    return publish_folder(out_dir, write, force, checked=True)
+
+
+def check_export_target(out_dir: Path, force: bool) -> None:
+    """Refuse to export onto a file or, without --force, into a folder that holds anything."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; give a folder to export into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
+
+
+def publish_folder(out_dir: Path, write: Callable[[Path], None], force: bool = False, checked: bool = False) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a hidden sibling, which is fsynced and renamed over
+    ``out_dir``; an old folder (``force``) is moved aside first and deleted only after the rename."""
+    if not checked:
+        check_export_target(out_dir, force)
+    tmp = old = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(out_dir, "new")
+        write(tmp)
         _fsync_tree(tmp)
         if out_dir.is_dir() and any(out_dir.iterdir()):  # --force: move the old folder aside, delete it after
             old = _sibling(out_dir, "old")

@@ -7,7 +7,9 @@ conv, down blocks, mid block): the self-perceptual loss never needs the decoder.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from diffusers import UNet2DModel
@@ -60,6 +62,8 @@ def build_unet(model: ModelConfig) -> UNet2DModel:
     )
 
 
+M = TypeVar("M", bound=nn.Module)
+
 FEATURE_TAPS = ("down0", "down1", "down2", "down3", "mid")
 
 
@@ -86,6 +90,10 @@ class DiffusionUNet(nn.Module):
     def taps(self) -> tuple[str, ...]:
         """The feature taps this network has: one per down block, then the mid block."""
         return tuple(f"down{i}" for i in range(len(self.unet.down_blocks))) + ("mid",)
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """The 'no condition' input matching a batch of conditions (CFG's unconditional branch)."""
+        return torch.full_like(cond, self.null_label)
 
     def _labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
         if self.num_classes == 0:
@@ -143,8 +151,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def frozen_copy(model: DiffusionUNet) -> DiffusionUNet:
-    """A teacher: same weights, ``eval()``, ``requires_grad_(False)``; never given to an optimiser or to DDP."""
-    teacher = DiffusionUNet(model.model_config, model.schedule_config)
-    teacher.load_state_dict(unwrap(model).state_dict())
-    return teacher.eval().requires_grad_(False)
+def frozen_copy(model: M) -> M:
+    """A teacher (or EMA): same weights, ``eval()``, ``requires_grad_(False)``; never given to an optimiser or DDP."""
+    return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)

@@ -72,7 +72,7 @@ def guided_denoiser(
             return model(x_t, t, cond)
         if guide is None:
             # One batched forward over [conditional; unconditional]: the same work, half the launches.
-            null = torch.full_like(cond, model.null_label)
+            null = model.null_condition(cond)
             both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
             cond_pred, guide_pred = both.chunk(2)
         else:
@@ -100,8 +100,10 @@ def ddim_sample(
     cond: Tensor | None,
     config: SampleConfig,
     device: torch.device | str = "cpu",
+    clamp: bool = True,
 ) -> Tensor:
-    """Sample one batch: one image per seed, shape (C, H, W) each; returns x0 in [-1, 1] (clamped) on the CPU."""
+    """Sample one batch: one image per seed, shape (C, H, W) each; returns x0 on the CPU, clamped to [-1, 1] unless
+    ``clamp`` is False (latents are not bounded)."""
     gens = _generators(seeds)
     x = _randn_each(gens, shape).to(device)
     cond = None if cond is None else cond.to(device)
@@ -112,7 +114,7 @@ def ddim_sample(
         pred = denoiser(x, tt, cond).float()
         noise = _randn_each(gens, shape).to(device) if config.eta > 0 else None
         x, _ = ddim_step(schedule, pred, x.float(), t, t_prev, config.eta, noise, config.clip_x0)
-    return x.clamp(-1, 1).cpu()
+    return (x.clamp(-1, 1) if clamp else x).cpu()
 
 
 def sample_batches(

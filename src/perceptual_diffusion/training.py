@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RESUMABLE_FIELDS, RunConfig, TrainConfig, config_diff
+from .config import RESUMABLE_FIELDS, LatentRunConfig, RunConfig, TrainConfig, config_diff
 from .data import Dataset, load_dataset
 from .errors import TrainingDiverged, UserError
 from .grid import save_grid
@@ -94,12 +94,20 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Di
     return model.to(device).eval(), config, step
 
 
-def _with_teacher_hash(config: RunConfig) -> RunConfig:
+def _weights_sha256(path: Path) -> str:
+    """sha256 of a weights file or folder; of a Stable Diffusion folder, of its ``unet/`` only: the teacher is the
+    U-Net, and hashing the VAE and text encoder too would read gigabytes at every start."""
+    if path.is_dir() and (path / "unet").is_dir() and (path / "text_encoder").is_dir():
+        return ckpt.sha256_file(path / "unet")
+    return ckpt.sha256_file(path)
+
+
+def _with_teacher_hash(config: RunConfig | LatentRunConfig) -> RunConfig | LatentRunConfig:
     """Resolve the teacher (and init) path to the weights file and record the teacher's sha256 in the config."""
     changes = {}
     if config.loss.teacher is not None:
         path = ckpt.resolve_weights(config.loss.teacher).resolve()
-        changes["loss"] = replace(config.loss, teacher=str(path), teacher_sha256=ckpt.sha256_file(path))
+        changes["loss"] = replace(config.loss, teacher=str(path), teacher_sha256=_weights_sha256(path))
     train = config.train
     if train.init_from is None and config.loss.kind == "self-perceptual":
         train = replace(train, init_from=changes["loss"].teacher)  # the paper: online model starts as the teacher
@@ -117,7 +125,9 @@ def _make_run_dir(run_dir: Path) -> None:
         raise UserError(f"cannot create the run directory {run_dir} ({exc.strerror or exc})") from None
 
 
-def prepare_run_dir(config: RunConfig, run_dir: Path, override: bool = False) -> RunConfig:
+def prepare_run_dir(
+    config: RunConfig | LatentRunConfig, run_dir: Path, override: bool = False
+) -> RunConfig | LatentRunConfig:
     """Create the run directory or check that a resume uses the same configuration."""
     _make_run_dir(run_dir)
     config = _with_teacher_hash(config)
@@ -137,7 +147,7 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, override: bool = False) ->
     return config
 
 
-def _check_same_config(old: dict, config: RunConfig, where: str, override: bool) -> None:
+def _check_same_config(old: dict, config: RunConfig | LatentRunConfig, where: str, override: bool) -> None:
     """Refuse to resume with a configuration that changes what the steps compute, naming the fields that differ."""
     diffs = [d for d in config_diff(old, config.to_dict()) if d.split(":")[0] not in RESUMABLE_FIELDS]
     if diffs and not override:
@@ -245,28 +255,79 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
+class PixelTask:
+    """The pixel-space models (shapes, Fashion-MNIST, image folders): resident data and a ``DiffusionUNet``.
+
+    A task is what the one training loop needs to know about a model family: its data as a
+    :class:`distributed.BatchSource`, how to build the online model and the teacher, and how to draw a grid.
+    ``latent.LatentTask`` is the other one.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.data: Dataset | None = None
+
+    def load(self) -> None:
+        """Read the data and check it fits the model (before any process group or run directory exists)."""
+        self.data = load_dataset(self.config.data)
+        _check_fits(self.config, self.data)
+
+    def fingerprint(self) -> str:
+        return _data_fingerprint(self.data)
+
+    def source(self, device: torch.device) -> distributed.TensorSource:
+        labels = self.data.labels.to(device) if self.config.model.num_classes > 0 else None
+        return distributed.TensorSource(self.data.images.to(device), labels, self.config.model.num_classes)
+
+    def build_model(self, config: RunConfig, device: torch.device) -> DiffusionUNet:
+        """Seeded initial weights, or those of ``--init-from``."""
+        with torch.random.fork_rng(devices=[]):  # seeded: a run killed before its first checkpoint restarts the same
+            torch.manual_seed(init_seed(config.train.seed))
+            model = DiffusionUNet(config.model, config.schedule).to(device)
+        if config.train.init_from is not None:
+            init_state, init_config, _ = ckpt.read_weights(config.train.init_from)
+            where = f"--init-from {config.train.init_from}"
+            _check_same_network(init_config, config, where, "train with its settings")
+            ckpt.load_state_dict_checked(model, init_state, config.train.init_from)
+        return model
+
+    def build_teacher(self, config: RunConfig, device: torch.device) -> DiffusionUNet | None:
+        return _build_teacher(config, device)
+
+    def sample_grid(self, ema: DiffusionUNet, config: RunConfig, path: Path, device: torch.device) -> None:
+        n_cls = config.model.num_classes
+        grid_labels = torch.arange(GRID_SEEDS) % n_cls if n_cls > 0 else None
+        images_ = sample(ema, list(range(GRID_SEEDS)), grid_labels, config.sample, device=device)
+        save_grid(images_, path, nrow=n_cls if n_cls > 0 else None)
+
+
 def train(config: RunConfig, run_dir: str | Path, override_config: bool = False) -> TrainResult:
-    """Train (or resume) a run in ``run_dir``; returns when ``config.train.steps`` steps are done.
+    """Train (or resume) a pixel-space run in ``run_dir``; returns when ``config.train.steps`` steps are done.
 
     Under ``torchrun`` every process calls this with the same arguments: they train one model with DDP on equal
     slices of each global batch, and rank 0 alone writes the run directory.
     """
+    return run_task(PixelTask(config), run_dir, override_config)
+
+
+def run_task(task: PixelTask, run_dir: str | Path, override_config: bool = False) -> TrainResult:
+    """The training loop for any task (``PixelTask``, ``latent.LatentTask``): set up, resume, step."""
     run_dir = Path(run_dir)
+    config = task.config
     device = resolve_device(config.train.device)
     distributed.check_batch_split(config.train, distributed.launched_world_size())
-    data = load_dataset(config.data)
-    _check_fits(config, data)
+    task.load()
     with distributed.process_group(device):
         if not distributed.is_main():
             # The others resolve the same teacher path and hash; the resume point comes from rank 0 (below).
-            return _train_locked(_with_teacher_hash(config), run_dir, data, device, override_config)
+            return _train_locked(task, _with_teacher_hash(config), run_dir, device, override_config)
         _make_run_dir(run_dir)
         with _exclusive(run_dir):  # before config.json is touched: a second process must not rewrite it
             config = prepare_run_dir(config, run_dir, override_config)
-            return _train_locked(config, run_dir, data, device, override_config)
+            return _train_locked(task, config, run_dir, device, override_config)
 
 
-def apply_speed_options(model: DiffusionUNet, teacher: DiffusionUNet | None, tc: TrainConfig) -> None:
+def apply_speed_options(model: torch.nn.Module, teacher: torch.nn.Module | None, tc: TrainConfig) -> None:
     """channels_last memory format and gradient checkpointing, on the online model and the teacher alike (the
     teacher's features are differentiated through, so its activations cost memory too)."""
     for net in (model, teacher):
@@ -279,26 +340,20 @@ def apply_speed_options(model: DiffusionUNet, teacher: DiffusionUNet | None, tc:
 
 
 def _train_locked(
-    config: RunConfig, run_dir: Path, data: Dataset, device: torch.device, override_config: bool
+    task: PixelTask, config: RunConfig | LatentRunConfig, run_dir: Path, device: torch.device, override_config: bool
 ) -> TrainResult:
     tc = config.train
     world, is_main = distributed.world_size(), distributed.is_main()
     if is_main:
         ckpt.remove_stale_temporaries(run_dir)  # left by a run killed mid-write
 
-    with torch.random.fork_rng(devices=[]):  # seeded, so a run killed before its first checkpoint restarts the same
-        torch.manual_seed(init_seed(tc.seed))
-        model = DiffusionUNet(config.model, config.schedule).to(device)
-    teacher = _build_teacher(config, device)  # every rank holds its own frozen copy; never wrapped in DDP
-    if tc.init_from is not None:
-        init_state, init_config, _ = ckpt.read_weights(tc.init_from)
-        _check_same_network(init_config, config, f"--init-from {tc.init_from}", "train with its settings")
-        ckpt.load_state_dict_checked(model, init_state, tc.init_from)
+    model = task.build_model(config, device)
+    teacher = task.build_teacher(config, device)  # every rank holds its own frozen copy; never wrapped in DDP
     ema = frozen_copy(model).to(device) if is_main else None  # rank 0 alone keeps (and saves) the EMA
     apply_speed_options(model, teacher, tc)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     loss_fn = build_loss(config.loss, teacher)
-    fingerprint = _data_fingerprint(data) if is_main else ""
+    fingerprint = task.fingerprint() if is_main else ""
 
     step = 0
     state = ckpt.latest_state(run_dir) if is_main else None
@@ -332,8 +387,7 @@ def _train_locked(
         _trim_log(run_dir / "log.jsonl", step)
     train_model = distributed.wrap_for_training(model, tc.compile, device)
 
-    images = data.images.to(device)
-    labels = data.labels.to(device) if config.model.num_classes > 0 else None
+    source = task.source(device)  # after the resume checks: a latent task may fill its cache here (rank 0 first)
     use_bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     weights_path = run_dir / ckpt.WEIGHTS_NAME
@@ -366,10 +420,7 @@ def _train_locked(
         save_snapshot(at_step)
 
     def sample_grid(at_step: int) -> None:
-        n_cls = config.model.num_classes
-        grid_labels = torch.arange(GRID_SEEDS) % n_cls if n_cls > 0 else None
-        images_ = sample(ema, list(range(GRID_SEEDS)), grid_labels, config.sample, device=device)
-        save_grid(images_, run_dir / "samples" / f"step-{at_step:08d}.png", nrow=n_cls if n_cls > 0 else None)
+        task.sample_grid(ema, config, run_dir / "samples" / f"step-{at_step:08d}.png", device)
 
     def write_log(record: dict) -> None:
         log_file.write(json.dumps(record) + "\n")
@@ -412,12 +463,12 @@ def _train_locked(
             images_seen = step * tc.batch_size
             # Every rank draws the whole global batch from the (seed, step) stream and keeps its slice.
             gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
-            batch = distributed.draw_global_batch(config, images, labels, loss_fn, gen)
+            batch = distributed.draw_global_batch(config, source, loss_fn, gen)
             lr = learning_rate(images_seen, tc.lr, tc.warmup_images)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            names, term_means = distributed.accumulate_gradients(train_model, loss_fn, images, batch, tc, autocast)
+            names, term_means = distributed.accumulate_gradients(train_model, loss_fn, source, batch, tc, autocast)
             grad_norm = _grad_norm(model, tc.grad_clip)  # gradients are already averaged: equal on every rank
             # One host sync per step; a non-finite loss or gradient stops before the optimiser can spread it. Every
             # rank sees the same averaged values, so every rank stops at the same step.

@@ -1,0 +1,623 @@
+"""Latent, text-conditioned diffusion: the paper's own setting (Stable Diffusion's U-Net, VAE and CLIP text encoder).
+
+A *pretrained folder* is a local diffusers folder in ``StableDiffusionPipeline`` layout (``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``), for example ByteDance's published SD 2.1-base zero-SNR checkpoints. The U-Net is
+trained; the VAE and the text encoder stay frozen and are never saved in a run (the run records the folder).
+
+The pieces here plug into the same training loop, losses and sampler as the pixel models:
+- :class:`TextConditionedUNet` has the pixel network's interface: ``model(x_t, t, cond)`` with ``cond`` the text
+  encoder's hidden states (None: the empty prompt), ``features(x_t, t, cond, taps)`` running only the encoder half
+  (the self-perceptual loss taps the mid-block), ``schedule`` and ``null_condition``;
+- :class:`LatentTask` is the loop's task: caption data as a batch source whose condition ids are caption indices
+  (-1: the empty prompt, so condition dropout is the pixel code's), latents optionally cached once by rank 0;
+- :func:`sample_latent` is our DDIM and CFG with guidance rescale, in latent space, then the VAE decoder; a test
+  checks it against diffusers' ``StableDiffusionPipeline``;
+- :func:`export_latent` writes a ``StableDiffusionPipeline`` folder that diffusers loads as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import distributed
+from .captions import CaptionData, load_captions
+from .config import LatentRunConfig, SampleConfig, ScheduleConfig
+from .errors import UserError
+from .grid import save_grid
+from .networks import frozen_copy
+from .sampling import ddim_sample, guided_denoiser
+from .schedule import NoiseSchedule
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+GRID_PROMPTS = 8  # captions (the data's first ones) in the periodic sample grids; two seeds each
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pretrained folder.
+
+
+def check_pretrained(folder: str | Path) -> Path:
+    """The folder, if it has the four parts a latent model needs; else one line saying what is missing."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"--pretrained {path} is not a folder; give a local diffusers Stable Diffusion folder")
+    missing = [p for p in PARTS if not (path / p).is_dir()]
+    if missing:
+        raise UserError(
+            f"--pretrained {path} has no {', '.join(f'{m}/' for m in missing)}; give a diffusers folder in "
+            "StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/)"
+        )
+    return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); the pretrained folder is damaged") from None
+
+
+def unet_config(folder: str | Path) -> dict[str, Any]:
+    """The U-Net's diffusers config (architecture only: the keys diffusers itself adds are dropped)."""
+    config = _read_config(check_pretrained(folder) / "unet" / "config.json")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers and transformers at error verbosity without their progress bars (loading a few local files prints
+    several bars and advice about optional packages otherwise); restored afterwards."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        for module, enabled in zip((dlog, tlog), bars):
+            (module.enable_progress_bar if enabled else module.disable_progress_bar)()
+
+
+def _from_pretrained(cls: Any, folder: Path, subfolder: str) -> Any:
+    try:
+        with quiet_libraries():
+            return cls.from_pretrained(str(folder), subfolder=subfolder)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load {folder / subfolder} ({first}); the pretrained folder is damaged") from None
+
+
+class TextConditionedUNet(nn.Module):
+    """A diffusers ``UNet2DConditionModel`` with its noise schedule and the empty prompt's embedding.
+
+    ``null_embedding`` is a non-persistent buffer: it comes from the frozen text encoder, not from training, so it
+    is not in the state dict, the EMA or the checkpoints.
+    """
+
+    def __init__(self, unet: nn.Module, schedule_config: ScheduleConfig, null_embedding: Tensor) -> None:
+        super().__init__()
+        self.schedule_config = schedule_config
+        self.schedule = NoiseSchedule(schedule_config)
+        self.unet = unet
+        self.register_buffer("null_embedding", null_embedding.detach().clone(), persistent=False)
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        return tuple(f"down{i}" for i in range(len(self.unet.down_blocks))) + ("mid",)
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        return self.null_embedding.to(cond.dtype).expand(cond.shape[0], -1, -1)
+
+    def _cond(self, cond: Tensor | None, batch: int) -> Tensor:
+        return self.null_embedding.expand(batch, -1, -1) if cond is None else cond
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=self._cond(cond, x_t.shape[0])).sample
+
+    def features(
+        self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, taps: tuple[str, ...] = ("mid",)
+    ) -> dict[str, Tensor]:
+        """Hidden states at the named taps, running the encoder half only (down blocks with cross-attention, then
+        the mid-block). Mirrors the first half of ``UNet2DConditionModel.forward`` for Stable Diffusion's U-Net (no
+        class, addition or ControlNet inputs); a test checks it against hooks on a full forward pass."""
+        unknown = set(taps) - set(self.taps)
+        if unknown:
+            raise ValueError(f"unknown feature taps {sorted(unknown)}; this network has {self.taps}")
+        unet = self.unet
+        if unet.config.class_embed_type is not None or unet.config.addition_embed_type is not None:
+            raise ValueError("feature taps support Stable Diffusion U-Nets (no class or addition embeddings)")
+        depth = max(self.taps.index(name) for name in taps)
+        t = t.to(x_t.device).expand(x_t.shape[0]) if t.ndim == 0 else t.to(x_t.device)
+        emb = unet.time_embedding(unet.get_time_embed(sample=x_t, timestep=t))
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        context = unet.process_encoder_hidden_states(self._cond(cond, x_t.shape[0]), None)
+        h = unet.conv_in(x_t)
+        out: dict[str, Tensor] = {}
+        for i, block in enumerate(unet.down_blocks):
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+            if f"down{i}" in taps:
+                out[f"down{i}"] = h
+            if i == depth:
+                return out
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            out["mid"] = unet.mid_block(h, emb, encoder_hidden_states=context)
+        else:
+            out["mid"] = unet.mid_block(h, emb)
+        return out
+
+
+@dataclass
+class FrozenParts:
+    """The frozen VAE, text encoder and tokenizer of a pretrained folder, on one device."""
+
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    folder: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent side: the VAE halves the resolution once per encoder block but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.downsample
+        return (self.vae.config.latent_channels, side, side)
+
+    def tokenize(self, captions: Sequence[str]) -> Tensor:
+        """Token ids (N, L), padded and truncated to the tokenizer's length, as Stable Diffusion's pipeline does."""
+        tok = self.tokenizer
+        return tok(
+            list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_tokens(self, ids: Tensor) -> Tensor:
+        """The text encoder's last hidden states (N, L, D): the U-Net's cross-attention context."""
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def encode_text(self, captions: Sequence[str]) -> Tensor:
+        return self.encode_tokens(self.tokenize(captions))
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> latents: the VAE posterior's mean, times its scaling factor."""
+        posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        return (posterior.mean * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1]."""
+        x = self.vae.decode(latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return x.float().clamp(-1, 1)
+
+
+def load_frozen_parts(folder: str | Path, device: torch.device | str = "cpu") -> FrozenParts:
+    """The VAE, text encoder and tokenizer of a pretrained folder, frozen (eval, no grad) on ``device``."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = check_pretrained(folder)
+    vae = _from_pretrained(AutoencoderKL, path, "vae")
+    text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder")
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer")
+    for m in (vae, text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    return FrozenParts(vae, text_encoder, tokenizer, path)
+
+
+def build_model(config: LatentRunConfig, null_embedding: Tensor) -> TextConditionedUNet:
+    """A U-Net with the pretrained folder's architecture (freshly initialised: load weights into it)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(unet_config(config.model.pretrained))
+    return TextConditionedUNet(unet, config.schedule, null_embedding)
+
+
+def read_unet_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """U-Net weights in our wrapper's key names (``unet.*``) from a latent run directory, its weights file, or a
+    diffusers folder with ``unet/``; returns them and a description of where they came from."""
+    p = Path(path)
+    if p.is_dir() and (p / "unet").is_dir() and not (p / ckpt.WEIGHTS_NAME).is_file():
+        from diffusers import UNet2DConditionModel
+
+        unet = _from_pretrained(UNet2DConditionModel, p, "unet")
+        return {f"unet.{k}": v for k, v in unet.state_dict().items()}, f"{p / 'unet'}"
+    state, _, step = ckpt.read_weights(p, kind="latent")
+    return state, f"{p} (step {step})"
+
+
+def load_latent_model(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[TextConditionedUNet, FrozenParts, LatentRunConfig, int]:
+    """A trained latent model (EMA weights) from a run directory or weights file, with its frozen parts, in eval."""
+    state, config, step = ckpt.read_weights(path, kind="latent")
+    parts = load_frozen_parts(config.model.pretrained, device)
+    model = build_model(config, parts.encode_text([""]))
+    ckpt.load_state_dict_checked(model, state, str(path))
+    return model.to(device).eval(), parts, config, step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the loop's task and batch source.
+
+
+def _default_cache_dir() -> Path:
+    from .evaluate import cache_dir
+
+    return cache_dir() / "latents"
+
+
+def _cache_key(fingerprint: str, parts: FrozenParts, resolution: int) -> str:
+    h = hashlib.sha256()
+    for piece in (fingerprint, ckpt.sha256_file(parts.folder / "vae"), str(resolution)):
+        h.update(piece.encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def cached_latents(
+    data: CaptionData,
+    parts: FrozenParts,
+    resolution: int,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> Tensor:
+    """Every item's latent (N, C, h, w), read from a safetensors cache or encoded once and written there atomically.
+
+    The key hashes the data (captions and image bytes), the VAE's files and the resolution, so a changed input is a
+    new cache file, never a stale one. Under torchrun, call it inside ``distributed.main_first()``.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    key = _cache_key(fingerprint or data.fingerprint(), parts, resolution)
+    path = folder / f"latents-{key}.safetensors"
+    if path.is_file():
+        try:
+            latents = load_file(str(path))["latents"]
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            latents = None
+        if latents is not None and latents.shape == (len(data), *parts.latent_shape(resolution)):
+            return latents
+    chunks = []
+    starts = range(0, len(data), batch_size)
+    for start in tqdm(starts, desc="encoding latents", unit="batch", disable=not progress, leave=False):
+        idx = list(range(start, min(start + batch_size, len(data))))
+        chunks.append(parts.encode_images(data.load_images(idx, resolution)).cpu())
+    latents = torch.cat(chunks).contiguous()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write(path, lambda tmp: save_file({"latents": latents}, str(tmp)))
+    except OSError as exc:
+        raise UserError(f"cannot write the latent cache {path} ({exc.strerror or exc}); set --cache-dir") from None
+    return latents
+
+
+@dataclass
+class LatentSource:
+    """Caption data as the loop's batch source: condition ids are caption indices, -1 the empty prompt."""
+
+    data: CaptionData
+    parts: FrozenParts
+    resolution: int
+    tokens: Tensor  # (N, L) token ids of every caption
+    null_tokens: Tensor  # (1, L) of the empty prompt
+    latents: Tensor | None  # (N, C, h, w) cached latents, or None to encode each micro-batch
+    null_id: int = -1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.data)
+
+    @property
+    def x0_shape(self) -> tuple[int, ...]:
+        return self.parts.latent_shape(self.resolution)
+
+    @property
+    def cond_ids(self) -> Tensor:
+        return torch.arange(len(self.data), device=self.tokens.device)
+
+    def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.latents is not None:
+            x0 = self.latents[indices]
+        else:
+            x0 = self.parts.encode_images(self.data.load_images(indices.cpu().tolist(), self.resolution))
+        dropped = (cond_ids < 0).unsqueeze(1)
+        ids = torch.where(dropped, self.null_tokens.to(self.tokens.device), self.tokens[cond_ids.clamp(min=0)])
+        return x0.to(self.tokens.device), self.parts.encode_tokens(ids)
+
+
+class LatentTask:
+    """The training loop's task for latent text-to-image models (see ``training.PixelTask``)."""
+
+    def __init__(self, config: LatentRunConfig) -> None:
+        self.config = config
+        self.data: CaptionData | None = None
+        self._parts: FrozenParts | None = None
+        self._fingerprint: str | None = None
+
+    def load(self) -> None:
+        mc = self.config.model
+        check_pretrained(mc.pretrained)
+        vae_config = _read_config(Path(mc.pretrained) / "vae" / "config.json")
+        down = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+        levels = 2 ** (len(unet_config(mc.pretrained).get("block_out_channels", [0])) - 1)
+        if mc.resolution % (down * levels):
+            raise UserError(
+                f"--resolution {mc.resolution} does not fit {mc.pretrained}: it must be a multiple of {down * levels} "
+                f"(the VAE downsamples by {down}, the U-Net halves the latent {levels.bit_length() - 1} times)"
+            )
+        dc = self.config.data
+        self.data = load_captions(dc.path, dc.format, dc.on_bad_image)
+
+    def parts(self, device: torch.device) -> FrozenParts:
+        if self._parts is None:
+            self._parts = load_frozen_parts(self.config.model.pretrained, device)
+        return self._parts
+
+    def fingerprint(self) -> str:
+        """The data's fingerprint (it reads every image, so once per run)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.data.fingerprint()
+        return self._fingerprint
+
+    def source(self, device: torch.device) -> LatentSource:
+        parts, dc = self.parts(device), self.config.data
+        latents = None
+        if dc.cache_latents:
+            with distributed.main_first():  # rank 0 encodes and writes; the others then read the file
+                latents = cached_latents(
+                    self.data,
+                    parts,
+                    self.config.model.resolution,
+                    dc.cache_dir,
+                    progress=distributed.is_main(),
+                    fingerprint=self.fingerprint(),
+                ).to(device)
+        tokens = parts.tokenize(self.data.captions).to(device)
+        return LatentSource(self.data, parts, self.config.model.resolution, tokens, parts.tokenize([""]), latents)
+
+    def _model(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet:
+        return build_model(config, self.parts(device).encode_text([""])).to(device)
+
+    def build_model(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet:
+        """The pretrained U-Net's weights, or those of ``--init-from`` (a latent run or a diffusers folder)."""
+        model = self._model(config, device)
+        source = config.train.init_from or config.model.pretrained
+        state, where = read_unet_weights(source)
+        ckpt.load_state_dict_checked(model, state, where)
+        return model
+
+    def build_teacher(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet | None:
+        if config.loss.kind != "self-perceptual":
+            return None
+        teacher = self._model(config, device)
+        state, where = read_unet_weights(config.loss.teacher)
+        ckpt.load_state_dict_checked(teacher, state, f"teacher {where}")
+        return frozen_copy(teacher)
+
+    def sample_grid(self, ema: TextConditionedUNet, config: LatentRunConfig, path: Path, device: torch.device) -> None:
+        prompts = [self.data.captions[i % len(self.data)] for i in range(GRID_PROMPTS)]
+        images = sample_latent(ema, self.parts(device), prompts * 2, list(range(2 * GRID_PROMPTS)), config.sample)
+        save_grid(images, path, nrow=GRID_PROMPTS)
+
+
+def train_latent(config: LatentRunConfig, run_dir: str | Path, override_config: bool = False):
+    """Train (or resume) a latent text-to-image run: the pixel models' loop, losses and checkpoints."""
+    from .training import run_task
+
+    return run_task(LatentTask(config), run_dir, override_config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and export.
+
+
+@torch.inference_mode()
+def sample_latent(
+    model: TextConditionedUNet,
+    parts: FrozenParts,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config: SampleConfig,
+    batch_size: int = 16,
+    decode: bool = True,
+) -> Tensor:
+    """One image per (prompt, seed): DDIM in latent space with CFG (``config.cfg_scale``, one batched forward over
+    [prompt; empty prompt]) and guidance rescale, then the VAE decoder (``decode=False``: the latents)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    device = parts.device
+    denoiser = guided_denoiser(model, config.cfg_scale, config.guidance_rescale)
+    shape = parts.latent_shape(model.unet.config.sample_size * parts.downsample)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        cond = parts.encode_text(prompts[start : start + batch_size])
+        z = ddim_sample(
+            denoiser, model.schedule, shape, seeds[start : start + batch_size], cond, config, device, clamp=False
+        )
+        out.append(parts.decode(z).cpu() if decode else z)
+    return torch.cat(out)
+
+
+def _pipeline(**parts: Any) -> Any:
+    """A ``StableDiffusionPipeline`` without a safety checker. Its constructor rewrites a DDIM config's
+    ``steps_offset`` 0 to 1 (with a deprecation warning); that only moves ``leading`` timesteps, not ``trailing``."""
+    import warnings
+
+    with warnings.catch_warnings(), quiet_libraries():
+        from diffusers import StableDiffusionPipeline
+
+        warnings.filterwarnings("ignore", message="(?s).*steps_offset", category=FutureWarning)
+        return StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+
+
+def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """A trained latent model (EMA U-Net) as a ``StableDiffusionPipeline`` folder, atomically: the pretrained
+    folder's VAE, text encoder and tokenizer, and a ``DDIMScheduler`` matching the training setting."""
+    from diffusers import DDIMScheduler
+
+    from .export import CONFIG_FILE, check_export_target, publish_folder, scheduler_config
+
+    out_dir = Path(out_dir)
+    check_export_target(out_dir, force)
+    model, parts, config, step = load_latent_model(run)
+
+    def write(tmp: Path) -> None:
+        scheduler = DDIMScheduler(**scheduler_config(config.schedule, config.sample))
+        pipe = _pipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=model.unet,
+            scheduler=scheduler,
+        )
+        with quiet_libraries():
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        record = {"format": ckpt.FORMAT, "kind": "latent", "step": step, "config": config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    return publish_folder(out_dir, write, force, checked=True)
+
+
+__all__ = [
+    "FrozenParts",
+    "LatentSource",
+    "LatentTask",
+    "TextConditionedUNet",
+    "cached_latents",
+    "check_pretrained",
+    "export_latent",
+    "load_frozen_parts",
+    "load_latent_model",
+    "read_unet_weights",
+    "sample_latent",
+    "train_latent",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny components and captioned data that need no download: for tests, and for trying the latent path on a CPU.
+
+
+def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Write a randomly initialised, tiny Stable-Diffusion-style folder (0.8 M parameters in all): a character-level
+    CLIP tokenizer and 2-layer text encoder, a 2-level ``UNet2DConditionModel`` with cross-attention, and a VAE
+    that downsamples 2x. Its images are noise until trained; it exists to run the latent path end to end offline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from .export import publish_folder, scheduler_config
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):  # byte-level characters, alone and word-final: no merges, one token per character
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+
+    def write(tmp: Path) -> None:
+        words = tmp / ".vocab"
+        words.mkdir()
+        (words / "vocab.json").write_text(json.dumps(vocab))
+        (words / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(vocab),
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_attention_heads=4,
+                    num_hidden_layers=2,
+                    max_position_embeddings=32,
+                    projection_dim=32,
+                    bos_token_id=0,
+                    eos_token_id=1,
+                    pad_token_id=1,
+                )
+            )
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=8,
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                block_out_channels=(16, 32),
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=16,
+            )
+        scheduler = DDIMScheduler(**scheduler_config(ScheduleConfig(), SampleConfig(clip_x0=False)))
+        pipe = _pipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+        with quiet_libraries():
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(words)
+
+    return publish_folder(Path(out_dir), write, force)
+
+
+def write_shapes_captions(out_dir: str | Path, image_size: int = 16, every: int = 1) -> Path:
+    """The built-in shapes data as a captioned folder (``000123.png`` + ``000123.txt``: "a red disc"), every
+    ``every``-th valid image: caption data that ships with the project."""
+    from PIL import Image
+
+    from .data import PALETTE_NAMES, SHAPE_CLASSES, shapes_valid_set, to_uint8
+
+    data = shapes_valid_set(image_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(data.images)
+    for i in range(0, len(data), every):
+        colour = PALETTE_NAMES[i % len(PALETTE_NAMES)]  # the valid set cycles the palette fastest
+        Image.fromarray(pixels[i]).save(out / f"{i:06d}.png")
+        (out / f"{i:06d}.txt").write_text(f"a {colour} {SHAPE_CLASSES[int(data.labels[i])]}\n")
+    return out
