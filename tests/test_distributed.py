@@ -147,3 +147,31 @@ def test_sharded_sampling_in_one_process_is_plain_sampling(tiny_model) -> None:
     labels = torch.tensor([0, 1, 2, 0])
     expected = sample(tiny_model, [5, 6, 7, 8], labels, config)
     assert torch.equal(sample_sharded(tiny_model, [5, 6, 7, 8], labels, config), expected)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_latent_self_perceptual_with_two_processes_follows_one_process(tmp_path: Path) -> None:
+    """The latent path under torchrun: the latent cache built by rank 0, the text encoder and the frozen teacher on
+    every rank (never in DDP), and the same loss trajectory as one process with the same global batch."""
+    from perceptual_diffusion import latent
+
+    tiny = latent.make_tiny_pipeline(tmp_path / "tiny-sd")
+    data = latent.write_shapes_captions(tmp_path / "captions", every=40)
+    common = ["--pretrained", str(tiny), "--data-path", str(data), "--resolution", "16", "--cache-dir",
+              str(tmp_path / "cache"), "--batch-size", "8", "--warmup-images", "0", "--log-every", "1",
+              "--sample-every", "1000", "--checkpoint-every", "1000", "--sample-steps", "2", "--device", "cpu",
+              "--mixed-precision", "no", "--no-progress", "--seed", "3"]  # fmt: skip
+    assert cli.main(["latent", "train", "--run-dir", str(tmp_path / "mse"), "--steps", "2", *common]) == 0
+    sp = ["--loss", "self-perceptual", "--teacher", str(tmp_path / "mse"), "--steps", "4", "--lr", "1e-3", *common]
+    assert cli.main(["latent", "train", "--run-dir", str(tmp_path / "one"), *sp]) == 0
+    _torchrun(["latent", "train", "--run-dir", str(tmp_path / "two"), *sp], torch_threads_env())
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["perceptual"] == pytest.approx(a["perceptual"], rel=LOSS_RTOL), f"step {a['step']}"
+        assert b["mse"] == pytest.approx(a["mse"], rel=LOSS_RTOL)
+    w_one, _, _ = ckpt.read_weights(tmp_path / "one", kind="latent")
+    w_two, _, _ = ckpt.read_weights(tmp_path / "two", kind="latent")
+    for key, value in w_one.items():
+        torch.testing.assert_close(w_two[key], value, rtol=0, atol=WEIGHT_ATOL, msg=key)

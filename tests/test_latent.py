@@ -114,6 +114,14 @@ def test_self_perceptual_gradients_reach_the_online_model_only(tiny_sd: Path, pa
     SelfPerceptualLoss(LossConfig(kind="self-perceptual", teacher="t"), teacher)  # accepted: frozen, has "mid"
 
 
+def test_samples_come_at_the_trained_resolution(tiny_sd: Path, parts: latent.FrozenParts) -> None:
+    config = LatentRunConfig(model=LatentModelConfig(str(tiny_sd), 32), data=CaptionDataConfig(path="unused"))
+    model = latent.build_model(config, parts.encode_text([""]))
+    assert model.unet.config.sample_size == 16  # the folder's default is 8 latents (16 px)
+    images = latent.sample_latent(model, parts, ["a red disc"], [0], SampleConfig(steps=1, clip_x0=False))
+    assert images.shape == (1, 3, 32, 32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Maths against diffusers' Stable Diffusion pipeline.
 

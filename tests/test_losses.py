@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from perceptual_diffusion.config import LossConfig
+from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.losses import (
     MSELoss,
     SelfPerceptualLoss,
@@ -301,7 +302,7 @@ def test_self_perceptual_loss_refuses_a_trainable_teacher_or_missing_tap(online,
     config = LossConfig(kind="self-perceptual", teacher="x")
     with pytest.raises(ValueError, match="frozen"):
         SelfPerceptualLoss(config, online)
-    with pytest.raises(ValueError, match="down3"):
+    with pytest.raises(UserError, match="down3"):
         SelfPerceptualLoss(replace(config, feature_layer="down3"), teacher)
     with pytest.raises(ValueError, match="teacher"):
         build_loss(config, None)

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .cli_latent import add_latent_parser
 from .cli_options import (
     add_budget_options,
     add_sample_options,
@@ -396,6 +397,8 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
         help="the scheduler's clip_sample: clamp x0_hat to [-1, 1] each step (default: the run's sampling setting)",
     )
     p.set_defaults(func=cmd_export)
+
+    add_latent_parser(sub)
     return parser
 
 

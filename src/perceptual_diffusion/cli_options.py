@@ -16,8 +16,11 @@ if TYPE_CHECKING:
 # Option groups shared by several subcommands.
 
 
-def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps", several_scales: bool = False) -> None:
-    """DDIM and guidance options; ``several_scales``: --cfg-scale takes one or more values (evaluate: a row each)."""
+def add_sample_options(
+    p: argparse.ArgumentParser, steps_flag: str = "--steps", several_scales: bool = False, clip_flag: bool = True
+) -> None:
+    """DDIM and guidance options; ``several_scales``: --cfg-scale takes one or more values (evaluate: a row each);
+    ``clip_flag=False``: no --no-clip-x0, x0 is never clamped (latent models: latents are not bounded)."""
     g = p.add_argument_group("sampling (DDIM, classifier-free guidance)")
     g.add_argument(
         steps_flag,
@@ -49,6 +52,9 @@ def add_sample_options(p: argparse.ArgumentParser, steps_flag: str = "--steps", 
         default=SampleConfig.guidance_rescale,
         help="guidance rescale phi in [0, 1] (Lin et al. 2023; the paper's CFG baseline uses 0.7)",
     )
+    if not clip_flag:
+        p.set_defaults(clip_x0=False)
+        return
     g.add_argument(
         "--no-clip-x0",
         dest="clip_x0",
@@ -111,7 +117,14 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
+    """Every option of the pixel ``train`` command but --run-dir, --override-config and sampling."""
     add_data_options(p)
+    add_model_options(p)
+    add_training_options(p)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The pixel U-Net (preset, conditioning) and its diffusion schedule."""
     g = p.add_argument_group("model and diffusion")
     g.add_argument(
         "--preset",
@@ -120,6 +133,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="U-Net size: " + "; ".join(f"{k}: {v.note}" for k, v in PRESETS.items()),
     )
     g.add_argument("--unconditional", action="store_true", help="ignore class labels (no CFG possible)")
+    add_schedule_options(g)
+
+
+def add_schedule_options(g: argparse._ActionsContainer) -> None:
+    """Network target and noise schedule (they build the ScheduleConfig), into a parser or an argument group."""
     g.add_argument("--prediction-type", choices=["v", "eps", "x0"], default="v", help="network target (default v)")
     g.add_argument(
         "--beta-schedule",
@@ -133,19 +151,40 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not rescale the schedule to zero terminal SNR (the paper does)",
     )
+
+
+def add_training_options(p: argparse.ArgumentParser, latent: bool = False) -> None:
+    """The objective, optimisation, speed and bookkeeping groups, shared by ``train`` and ``latent train``
+    (``latent``: help texts speak of captions and the empty prompt instead of labels)."""
+    add_objective_options(p, latent)
+    add_optimisation_options(p)
+    add_speed_options(p)
+    add_bookkeeping_options(p)
+
+
+def add_objective_options(p: argparse.ArgumentParser, latent: bool = False) -> None:
     g = p.add_argument_group("objective")
     g.add_argument("--loss", choices=["mse", "self-perceptual"], default="mse", help="training objective")
     g.add_argument(
         "--teacher",
         default=None,
-        help="self-perceptual: the frozen perceptual network, an MSE run directory or weights file "
-        "(its EMA weights); the online model starts from it unless --init-from says otherwise",
+        help=(
+            "self-perceptual: the frozen perceptual network, a latent MSE run directory, weights file or diffusers "
+            "folder with unet/"
+            if latent
+            else "self-perceptual: the frozen perceptual network, an MSE run directory or weights file"
+        )
+        + " (its EMA weights); the online model starts from it unless --init-from says otherwise",
     )
     g.add_argument(
         "--cond-dropout",
         type=float,
         default=LossConfig.cond_dropout,
-        help="probability of replacing the label by the null label, for CFG (default %(default)s)",
+        help=(
+            "probability of replacing the caption by the empty prompt, for CFG (default %(default)s)"
+            if latent
+            else "probability of replacing the label by the null label, for CFG (default %(default)s)"
+        ),
     )
     g.add_argument(
         "--feature-layer",
@@ -172,6 +211,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="lambda: add lambda x the plain MSE loss to the self-perceptual loss (default 0, the paper)",
     )
+
+
+def add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimiser steps (default %(default)s)")
     g.add_argument(
@@ -199,6 +241,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="bf16 autocast; auto uses it on CUDA only",
     )
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed (results change only by float rounding; see docs/gpu.md)")
     g.add_argument(
         "--grad-accum",
@@ -211,6 +256,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower steps"
     )
+
+
+def add_bookkeeping_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="steps between log lines")
     g.add_argument("--sample-every", type=int, default=TrainConfig.sample_every, help="steps between sample grids")
@@ -233,9 +281,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     data = data_config(args)
     channels, num_classes = data_shape(data)
     return RunConfig(
-        schedule=ScheduleConfig(
-            beta_schedule=args.beta_schedule, zero_terminal_snr=args.zero_snr, prediction_type=args.prediction_type
-        ),
+        schedule=schedule_config(args),
         model=ModelConfig(
             preset=args.preset,
             image_size=data.image_size,
@@ -243,39 +289,56 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             num_classes=0 if args.unconditional else num_classes,
         ),
         data=data,
-        loss=LossConfig(
-            kind=args.loss,
-            cond_dropout=0.0 if args.unconditional else args.cond_dropout,
-            feature_layer=args.feature_layer,
-            t_prime=args.t_prime,
-            distance=args.distance,
-            predicted_noise=args.predicted_noise,
-            mse_weight=args.mse_weight,
-            teacher=args.teacher,
-        ),
-        train=TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup_images=args.warmup_images,
-            weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip,
-            ema_halflife_images=args.ema_halflife_images,
-            seed=args.seed,
-            log_every=args.log_every,
-            sample_every=args.sample_every,
-            checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints,
-            device=args.device,
-            mixed_precision=args.mixed_precision,
-            init_from=args.init_from,
-            progress=args.progress,
-            grad_accum=args.grad_accum,
-            channels_last=args.channels_last,
-            compile=args.compile,
-            grad_checkpointing=args.grad_checkpointing,
-        ),
+        loss=loss_config(args, unconditional=args.unconditional),
+        train=train_config(args),
         sample=sample_config(args),
+    )
+
+
+def schedule_config(args: argparse.Namespace) -> ScheduleConfig:
+    """The ScheduleConfig of parsed :func:`add_schedule_options`."""
+    return ScheduleConfig(
+        beta_schedule=args.beta_schedule, zero_terminal_snr=args.zero_snr, prediction_type=args.prediction_type
+    )
+
+
+def loss_config(args: argparse.Namespace, unconditional: bool = False) -> LossConfig:
+    """The LossConfig of parsed objective options (``unconditional``: no condition dropout)."""
+    return LossConfig(
+        kind=args.loss,
+        cond_dropout=0.0 if unconditional else args.cond_dropout,
+        feature_layer=args.feature_layer,
+        t_prime=args.t_prime,
+        distance=args.distance,
+        predicted_noise=args.predicted_noise,
+        mse_weight=args.mse_weight,
+        teacher=args.teacher,
+    )
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed optimisation, speed and bookkeeping options."""
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_images=args.warmup_images,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema_halflife_images=args.ema_halflife_images,
+        seed=args.seed,
+        log_every=args.log_every,
+        sample_every=args.sample_every,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        device=args.device,
+        mixed_precision=args.mixed_precision,
+        init_from=args.init_from,
+        progress=args.progress,
+        grad_accum=args.grad_accum,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
     )
 
 

@@ -234,11 +234,18 @@ def load_frozen_parts(folder: str | Path, device: torch.device | str = "cpu") ->
     return FrozenParts(vae, text_encoder, tokenizer, path)
 
 
+def vae_downsample(folder: str | Path) -> int:
+    """Pixels per latent side of a pretrained folder's VAE (it halves the resolution at every block but the last)."""
+    return 2 ** (len(_read_config(check_pretrained(folder) / "vae" / "config.json").get("block_out_channels", [0])) - 1)
+
+
 def build_model(config: LatentRunConfig, null_embedding: Tensor) -> TextConditionedUNet:
-    """A U-Net with the pretrained folder's architecture (freshly initialised: load weights into it)."""
+    """A U-Net with the pretrained folder's architecture (freshly initialised: load weights into it). Its
+    ``sample_size`` (the latent side that samplers and an exported pipeline default to) is the run's resolution."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config(unet_config(config.model.pretrained))
+    side = config.model.resolution // vae_downsample(config.model.pretrained)
+    unet = UNet2DConditionModel.from_config({**unet_config(config.model.pretrained), "sample_size": side})
     return TextConditionedUNet(unet, config.schedule, null_embedding)
 
 
@@ -367,8 +374,7 @@ class LatentTask:
     def load(self) -> None:
         mc = self.config.model
         check_pretrained(mc.pretrained)
-        vae_config = _read_config(Path(mc.pretrained) / "vae" / "config.json")
-        down = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+        down = vae_downsample(mc.pretrained)
         levels = 2 ** (len(unet_config(mc.pretrained).get("block_out_channels", [0])) - 1)
         if mc.resolution % (down * levels):
             raise UserError(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import LossConfig
+from .errors import UserError
 from .networks import DiffusionUNet, unwrap
 
 
@@ -172,7 +173,9 @@ class SelfPerceptualLoss:
         if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
             raise ValueError("the teacher must be frozen: call .eval().requires_grad_(False) (networks.frozen_copy)")
         if config.feature_layer not in teacher.taps and config.feature_layer != "all":
-            raise ValueError(f"feature layer {config.feature_layer!r} does not exist; this network has {teacher.taps}")
+            raise UserError(
+                f"--feature-layer {config.feature_layer} is not in this network (it has {', '.join(teacher.taps)})"
+            )
         self.config = config
         self.teacher = teacher
 

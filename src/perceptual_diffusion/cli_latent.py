@@ -1,0 +1,240 @@
+"""``perceptual-diffusion latent ...``: the latent text-to-image commands, a thin layer over ``latent``'s functions.
+
+Each subcommand turns its options into the typed configs and calls one function of :mod:`perceptual_diffusion.latent`;
+bad input raises ``UserError`` (one ``error:`` line, exit code 2, printed by ``cli.main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .cli_options import (
+    add_sample_options,
+    add_schedule_options,
+    add_training_options,
+    loss_config,
+    sample_config,
+    schedule_config,
+    train_config,
+)
+from .errors import UserError
+
+
+def latent_run_config(args: argparse.Namespace):
+    """The LatentRunConfig of parsed ``latent train`` options."""
+    from .config import CaptionDataConfig, LatentModelConfig, LatentRunConfig
+
+    return LatentRunConfig(
+        schedule=schedule_config(args),
+        model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
+        data=CaptionDataConfig(
+            path=args.data_path,
+            format=args.data_format,
+            cache_latents=args.cache_latents,
+            cache_dir=args.cache_dir,
+            on_bad_image=args.on_bad_image,
+        ),
+        loss=loss_config(args),
+        train=train_config(args),
+        sample=sample_config(args),
+    )
+
+
+def _check_feature_layer(pretrained: str, feature_layer: str) -> None:
+    """Name the U-Net's taps when --feature-layer asks for one it does not have (before any loading)."""
+    from .latent import unet_config
+
+    taps = [f"down{i}" for i in range(len(unet_config(pretrained).get("down_block_types", [])))] + ["mid"]
+    if feature_layer != "all" and feature_layer not in taps:
+        raise UserError(f"--feature-layer {feature_layer} does not exist in {pretrained}'s U-Net; choose from {taps}")
+
+
+def cmd_latent_tiny(args: argparse.Namespace) -> None:
+    from .latent import make_tiny_pipeline
+
+    out = make_tiny_pipeline(args.out, seed=args.seed, force=args.force)
+    print(
+        f"wrote {out} (a tiny random Stable-Diffusion-style folder; its images are noise until trained); next: "
+        f"perceptual-diffusion latent train --pretrained {out} --resolution 16 --data-path DATA --run-dir RUN"
+    )
+
+
+def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
+    from .latent import write_shapes_captions
+
+    if args.every < 1:
+        raise UserError(f"--every must be >= 1, got {args.every}")
+    if args.image_size < 8:
+        raise UserError(f"--image-size must be >= 8, got {args.image_size}")
+    try:
+        out = write_shapes_captions(args.out, image_size=args.image_size, every=args.every)
+    except OSError as exc:
+        raise UserError(f"cannot write {args.out} ({exc.strerror or exc})") from None
+    count = len(list(out.glob("*.txt")))
+    print(f"wrote {count} captioned images to {out} (NNNNNN.png + NNNNNN.txt); use it as --data-path")
+
+
+def cmd_latent_train(args: argparse.Namespace) -> None:
+    from .distributed import launched_rank
+    from .latent import check_pretrained, train_latent
+
+    if not args.run_dir.strip():
+        raise UserError("--run-dir must name a folder")
+    config = latent_run_config(args)
+    check_pretrained(config.model.pretrained)
+    _check_feature_layer(config.model.pretrained, config.loss.feature_layer)
+    result = train_latent(config, args.run_dir, override_config=args.override_config)
+    if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
+        print(
+            f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
+            f"weights: {Path(result.run_dir) / 'model.safetensors'}"
+        )
+
+
+def cmd_latent_sample(args: argparse.Namespace) -> None:
+    from .grid import save_grid
+    from .latent import load_latent_model, sample_latent
+    from .training import resolve_device
+
+    if args.n < 1:
+        raise UserError(f"-n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = [p for p in args.prompt for _ in range(args.n)]  # prompt i fills row i
+    if not 0 <= args.seed <= 2**63 - 1 - len(prompts):
+        raise UserError(f"--seed must be in [0, 2**63 - 1 - {len(prompts)}], got {args.seed}")
+    if Path(args.out).is_dir():
+        raise UserError(f"{args.out} is a folder; give a file name for --out")
+    device = resolve_device(args.device)
+    model, parts, config, _ = load_latent_model(args.model, device)
+    cfg = sample_config(args)
+    if cfg.steps > config.schedule.num_train_timesteps:
+        raise UserError(f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps")
+    seeds = list(range(args.seed, args.seed + len(prompts)))
+    images = sample_latent(model, parts, prompts, seeds, cfg, batch_size=args.batch_size)
+    try:
+        save_grid(images, Path(args.out), nrow=args.n)
+    except OSError as exc:
+        raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
+    print(f"wrote {args.out} ({len(args.prompt)} prompts x {args.n} seeds, one row per prompt)")
+
+
+def cmd_latent_export(args: argparse.Namespace) -> None:
+    from .latent import export_latent
+
+    out = export_latent(args.model, args.out, force=args.force)
+    print(
+        f"wrote {out} (load it with diffusers.StableDiffusionPipeline.from_pretrained({str(out)!r}); "
+        "its scheduler is DDIM set to the training schedule)"
+    )
+
+
+def add_latent_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``latent`` and its subcommands to the main CLI's subparsers."""
+    latent = sub.add_parser(
+        "latent",
+        help="latent text-to-image models (Stable Diffusion layout): tiny, shapes-captions, train, sample, export",
+        description="The paper's own setting: a Stable-Diffusion-style U-Net trained in a frozen VAE's latent space, "
+        "conditioned on a frozen CLIP text encoder, from a local diffusers folder (unet/, vae/, text_encoder/, "
+        "tokenizer/). `latent tiny` and `latent shapes-captions` make a tiny offline model and captioned data to try "
+        "it on a CPU.",
+    )
+    lsub = latent.add_subparsers(dest="subcommand", required=True, metavar="subcommand", help="one of:")
+
+    p = lsub.add_parser(
+        "tiny",
+        help="write a tiny random Stable-Diffusion-style folder (offline; for trying the latent path)",
+        description="Write a randomly initialised, tiny diffusers folder in StableDiffusionPipeline layout (16 px "
+        "images, VAE downsampling 2x); its images are noise until trained.",
+    )
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=cmd_latent_tiny)
+
+    p = lsub.add_parser(
+        "shapes-captions",
+        help="write the built-in shapes as a captioned image folder (NNNNNN.png + NNNNNN.txt)",
+        description="The built-in procedural shapes, each with a caption such as 'a red disc', as a folder that "
+        "`latent train --data-path` reads.",
+    )
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--every", type=int, default=1, help="keep every N-th of the 1,600 images (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=16, help="image side in pixels (default %(default)s)")
+    p.set_defaults(func=cmd_latent_shapes_captions)
+
+    p = lsub.add_parser(
+        "train",
+        help="train a latent U-Net (MSE, or self-perceptual fine-tuning from an MSE teacher)",
+        description="Train or resume a latent text-to-image run from a pretrained diffusers folder. Rerunning the "
+        "same command in the same --run-dir resumes from its last checkpoint.",
+    )
+    p.add_argument("--run-dir", required=True, help="output folder; an existing run in it is resumed")
+    p.add_argument(
+        "--override-config", action="store_true", help="resume even though the configuration differs from the saved one"
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained",
+        required=True,
+        help="local diffusers folder in StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/)",
+    )
+    g.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
+    g.add_argument(
+        "--data-path", required=True, help="captioned images: a folder with .txt captions, a JSONL file or .tar shards"
+    )
+    g.add_argument(
+        "--data-format",
+        choices=["auto", "folder", "jsonl", "webdataset"],
+        default="auto",
+        help="how --data-path is laid out (default auto: from what it is)",
+    )
+    g.add_argument(
+        "--no-cache-latents",
+        dest="cache_latents",
+        action="store_false",
+        help="encode each batch with the VAE on the fly instead of caching every latent once before training",
+    )
+    g.add_argument(
+        "--cache-dir", default=None, help="latent cache folder (default ~/.cache/perceptual-diffusion/latents)"
+    )
+    g.add_argument(
+        "--on-bad-image",
+        choices=["skip", "error"],
+        default="skip",
+        help="unreadable images: skip with a warning (default) or stop",
+    )
+    g = p.add_argument_group("diffusion")
+    add_schedule_options(g)
+    add_training_options(p, latent=True)
+    add_sample_options(p, steps_flag="--sample-steps", clip_flag=False)
+    p.set_defaults(func=cmd_latent_train)
+
+    p = lsub.add_parser(
+        "sample",
+        help="draw samples of a trained latent model for some prompts into a PNG grid",
+        description="Sample with DDIM (and CFG with --cfg-scale) in latent space, then decode with the VAE. Each "
+        "prompt is one row of -n images; image i of the grid uses seed --seed + i.",
+    )
+    p.add_argument("model", help="a latent run directory or its model.safetensors")
+    p.add_argument("--prompt", action="append", required=True, help="a text prompt; repeat for several rows")
+    p.add_argument("-n", type=int, default=4, help="images per prompt (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (does not change results)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_sample_options(p, clip_flag=False)
+    p.set_defaults(func=cmd_latent_sample)
+
+    p = lsub.add_parser(
+        "export",
+        help="write a trained latent model as a diffusers StableDiffusionPipeline folder",
+        description="Write a folder that diffusers' StableDiffusionPipeline.from_pretrained loads as is: the trained "
+        "U-Net (EMA weights), the pretrained folder's VAE, text encoder and tokenizer, and a DDIMScheduler set to the "
+        "training schedule.",
+    )
+    p.add_argument("model", help="a latent run directory or its model.safetensors")
+    p.add_argument("--out", required=True, help="folder to write (written atomically: complete or not at all)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=cmd_latent_export)
