@@ -41,15 +41,6 @@ def latent_run_config(args: argparse.Namespace):
     )
 
 
-def _check_feature_layer(pretrained: str, feature_layer: str) -> None:
-    """Name the U-Net's taps when --feature-layer asks for one it does not have (before any loading)."""
-    from .latent import unet_config
-
-    taps = [f"down{i}" for i in range(len(unet_config(pretrained).get("down_block_types", [])))] + ["mid"]
-    if feature_layer != "all" and feature_layer not in taps:
-        raise UserError(f"--feature-layer {feature_layer} does not exist in {pretrained}'s U-Net; choose from {taps}")
-
-
 def cmd_latent_tiny(args: argparse.Namespace) -> None:
     from .latent import make_tiny_pipeline
 
@@ -83,7 +74,6 @@ def cmd_latent_train(args: argparse.Namespace) -> None:
         raise UserError("--run-dir must name a folder")
     config = latent_run_config(args)
     check_pretrained(config.model.pretrained)
-    _check_feature_layer(config.model.pretrained, config.loss.feature_layer)
     result = train_latent(config, args.run_dir, override_config=args.override_config)
     if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
         print(

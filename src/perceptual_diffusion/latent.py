@@ -375,7 +375,12 @@ class LatentTask:
         mc = self.config.model
         check_pretrained(mc.pretrained)
         down = vae_downsample(mc.pretrained)
-        levels = 2 ** (len(unet_config(mc.pretrained).get("block_out_channels", [0])) - 1)
+        unet = unet_config(mc.pretrained)
+        levels = 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+        taps = [f"down{i}" for i in range(len(unet.get("down_block_types", [])))] + ["mid", "all"]
+        layer = self.config.loss.feature_layer
+        if self.config.loss.kind == "self-perceptual" and layer not in taps:  # before a run directory is written
+            raise UserError(f"--feature-layer {layer} is not in {mc.pretrained}'s U-Net; choose from {', '.join(taps)}")
         if mc.resolution % (down * levels):
             raise UserError(
                 f"--resolution {mc.resolution} does not fit {mc.pretrained}: it must be a multiple of {down * levels} "
