@@ -165,8 +165,10 @@ def test_train_bad_input_is_one_line(
     # the tiny folder needs a multiple of 4 px (VAE 2x, one U-Net halving): 12 fits, 10 does not
     assert train("--resolution", "10") == 2
     _one_error(capsys, "--resolution 10", "multiple of 4")
-    assert train("--feature-layer", "down3") == 2
+    sp = ["--loss", "self-perceptual", "--teacher", str(latent_setup["mse"])]
+    assert train(*sp, "--feature-layer", "down3") == 2  # the tiny U-Net has down0, down1, mid
     _one_error(capsys, "--feature-layer down3")
+    assert not (tmp_path / "run").exists(), "refused before the run directory is written"
     assert train("--no-clip-x0") == 2  # latent models never clip: the flag is not offered
     _one_error(capsys, "--no-clip-x0")
     assert train("--preset", "tiny") == 2  # pixel-only
