@@ -72,6 +72,10 @@ def latent_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         str(paths["cache"]),
         *TRAIN,
     ]
+    cache = ["latent", "cache", "--pretrained", str(paths["pretrained"]), "--data-path", str(paths["data"])]
+    assert main([*cache, "--cache-dir", str(paths["cache"]), "--resolution", "16", "--device", "cpu"]) == 0
+    (chunk,) = paths["cache"].glob("latents-*/chunk-*.safetensors")
+    paths["chunk_stamp"] = chunk.stat().st_mtime_ns  # type: ignore[assignment]
     assert main(["latent", "train", "--run-dir", str(paths["mse"]), *common]) == 0
     sp = ["latent", "train", "--run-dir", str(paths["sp"]), *common]
     sp += ["--loss", "self-perceptual", "--teacher", str(paths["mse"])]
@@ -104,7 +108,8 @@ def test_train_mse_then_self_perceptual(latent_setup: dict[str, Path]) -> None:
     assert rows and all("perceptual" in row for row in rows)
     assert (sp / "model.safetensors").is_file()
     assert list((sp / "samples").glob("step-*.png"))
-    assert list(latent_setup["cache"].glob("latents-*.safetensors"))
+    (chunk,) = latent_setup["cache"].glob("latents-*/chunk-*.safetensors")
+    assert chunk.stat().st_mtime_ns == latent_setup["chunk_stamp"], "training used the cache `latent cache` filled"
 
 
 def test_rerun_with_more_steps_resumes(latent_setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,7 +207,7 @@ def test_every_latent_subcommand_has_help_that_documents_every_option(capsys: py
         return dict(action.choices)
 
     latent = subparsers(subparsers(build_parser())["latent"])
-    assert set(latent) == {"tiny", "shapes-captions", "train", "sample", "export"}
+    assert set(latent) == {"tiny", "shapes-captions", "cache", "train", "sample", "export"}
     for name, sub in latent.items():
         with pytest.raises(SystemExit) as exit_info:
             main(["latent", name, "--help"])

@@ -171,8 +171,8 @@ def test_sampler_matches_stable_diffusion_pipeline(
 def test_two_stages_resume_cache_and_export(tiny_sd: Path, captions: Path, tmp_path: Path) -> None:
     mse_cfg = run_config(tiny_sd, captions, tmp_path)
     latent.train_latent(mse_cfg, tmp_path / "mse")
-    caches = sorted((tmp_path / "cache").glob("latents-*.safetensors"))
-    assert len(caches) == 1
+    caches = sorted((tmp_path / "cache").glob("latents-*/chunk-*.safetensors"))
+    assert len(caches) == 1  # 40 images: one chunk
     stamp = caches[0].stat().st_mtime_ns
 
     sp_cfg = replace(mse_cfg, loss=LossConfig(kind="self-perceptual", teacher=str(tmp_path / "mse")))
@@ -205,7 +205,10 @@ def test_two_stages_resume_cache_and_export(tiny_sd: Path, captions: Path, tmp_p
     assert latent.train_latent(cont, tmp_path / "from-export").step == 1
 
 
-def test_cached_and_on_the_fly_latents_agree(tiny_sd: Path, captions: Path, tmp_path: Path) -> None:
+def test_cached_and_on_the_fly_latents_agree(
+    tiny_sd: Path, captions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(latent.LatentCache, "CHUNK", 16)  # 40 images: chunks of 16, 16 and 8
     config = run_config(tiny_sd, captions, tmp_path)
     task = latent.LatentTask(config)
     task.load()
@@ -220,6 +223,19 @@ def test_cached_and_on_the_fly_latents_agree(tiny_sd: Path, captions: Path, tmp_
     torch.testing.assert_close(x_a, x_b, rtol=0, atol=1e-5)
     torch.testing.assert_close(c_a, c_b)
     torch.testing.assert_close(c_a[1], task.parts(torch.device("cpu")).encode_text([""])[0])  # -1: empty prompt
+
+    # A lost chunk and a damaged one are encoded again; the intact one is not rewritten.
+    chunks = sorted(cached.latents.folder.glob("chunk-*.safetensors"))
+    assert [c.name for c in chunks] == [f"chunk-00000{i}.safetensors" for i in range(3)]
+    stamp = chunks[1].stat().st_mtime_ns
+    chunks[0].unlink()
+    chunks[2].write_bytes(b"not safetensors")
+    again = latent.LatentTask(config)
+    again.load()
+    rebuilt = again.source(torch.device("cpu"))
+    assert chunks[1].stat().st_mtime_ns == stamp and rebuilt.latents.missing_chunks() == []
+    every = torch.arange(40)
+    torch.testing.assert_close(rebuilt.latents[every], fly.micro_batch(every, every)[0], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

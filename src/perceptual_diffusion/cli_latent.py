@@ -21,20 +21,26 @@ from .cli_options import (
 from .errors import UserError
 
 
+def _data_config(args: argparse.Namespace):
+    from .config import CaptionDataConfig
+
+    return CaptionDataConfig(
+        path=args.data_path,
+        format=args.data_format,
+        cache_latents=getattr(args, "cache_latents", True),
+        cache_dir=args.cache_dir,
+        on_bad_image=args.on_bad_image,
+    )
+
+
 def latent_run_config(args: argparse.Namespace):
     """The LatentRunConfig of parsed ``latent train`` options."""
-    from .config import CaptionDataConfig, LatentModelConfig, LatentRunConfig
+    from .config import LatentModelConfig, LatentRunConfig
 
     return LatentRunConfig(
         schedule=schedule_config(args),
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
-        data=CaptionDataConfig(
-            path=args.data_path,
-            format=args.data_format,
-            cache_latents=args.cache_latents,
-            cache_dir=args.cache_dir,
-            on_bad_image=args.on_bad_image,
-        ),
+        data=_data_config(args),
         loss=loss_config(args),
         train=train_config(args),
         sample=sample_config(args),
@@ -82,6 +88,21 @@ def cmd_latent_train(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_latent_cache(args: argparse.Namespace) -> None:
+    from .config import LatentModelConfig, LatentRunConfig, TrainConfig
+    from .distributed import launched_rank
+    from .latent import precompute_latents
+
+    config = LatentRunConfig(
+        model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
+        data=_data_config(args),
+        train=TrainConfig(device=args.device),
+    )
+    cache = precompute_latents(config)
+    if launched_rank() == 0:
+        print(f"latent cache complete: {cache.folder} ({cache.num_items} images, {cache.num_chunks} chunk(s))")
+
+
 def cmd_latent_sample(args: argparse.Namespace) -> None:
     from .grid import save_grid
     from .latent import load_latent_model, sample_latent
@@ -107,7 +128,7 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
         save_grid(images, Path(args.out), nrow=args.n)
     except OSError as exc:
         raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
-    print(f"wrote {args.out} ({len(args.prompt)} prompts x {args.n} seeds, one row per prompt)")
+    print(f"wrote {args.out} ({len(args.prompt)} prompt(s) x {args.n} seed(s), one row per prompt)")
 
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
@@ -117,6 +138,41 @@ def cmd_latent_export(args: argparse.Namespace) -> None:
     print(
         f"wrote {out} (load it with diffusers.StableDiffusionPipeline.from_pretrained({str(out)!r}); "
         "its scheduler is DDIM set to the training schedule)"
+    )
+
+
+def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = True) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained",
+        required=True,
+        help="local diffusers folder in StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/)",
+    )
+    g.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
+    g.add_argument(
+        "--data-path", required=True, help="captioned images: a folder with .txt captions, a JSONL file or .tar shards"
+    )
+    g.add_argument(
+        "--data-format",
+        choices=["auto", "folder", "jsonl", "webdataset"],
+        default="auto",
+        help="how --data-path is laid out (default auto: from what it is)",
+    )
+    if cache_flag:
+        g.add_argument(
+            "--no-cache-latents",
+            dest="cache_latents",
+            action="store_false",
+            help="encode each batch with the VAE on the fly instead of caching every latent once before training",
+        )
+    g.add_argument(
+        "--cache-dir", default=None, help="latent cache folder (default ~/.cache/perceptual-diffusion/latents)"
+    )
+    g.add_argument(
+        "--on-bad-image",
+        choices=["skip", "error"],
+        default="skip",
+        help="unreadable images: skip with a warning (default) or stop",
     )
 
 
@@ -164,42 +220,23 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--override-config", action="store_true", help="resume even though the configuration differs from the saved one"
     )
-    g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--pretrained",
-        required=True,
-        help="local diffusers folder in StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/)",
-    )
-    g.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
-    g.add_argument(
-        "--data-path", required=True, help="captioned images: a folder with .txt captions, a JSONL file or .tar shards"
-    )
-    g.add_argument(
-        "--data-format",
-        choices=["auto", "folder", "jsonl", "webdataset"],
-        default="auto",
-        help="how --data-path is laid out (default auto: from what it is)",
-    )
-    g.add_argument(
-        "--no-cache-latents",
-        dest="cache_latents",
-        action="store_false",
-        help="encode each batch with the VAE on the fly instead of caching every latent once before training",
-    )
-    g.add_argument(
-        "--cache-dir", default=None, help="latent cache folder (default ~/.cache/perceptual-diffusion/latents)"
-    )
-    g.add_argument(
-        "--on-bad-image",
-        choices=["skip", "error"],
-        default="skip",
-        help="unreadable images: skip with a warning (default) or stop",
-    )
+    _add_model_and_data_options(p)
     g = p.add_argument_group("diffusion")
     add_schedule_options(g)
     add_training_options(p, latent=True)
     add_sample_options(p, steps_flag="--sample-steps", clip_flag=False)
     p.set_defaults(func=cmd_latent_train)
+
+    p = lsub.add_parser(
+        "cache",
+        help="encode every image of the data with the VAE once, into the latent cache that `latent train` reads",
+        description="Fill the latent cache ahead of training (resumable; under torchrun each process encodes its "
+        "share of the chunks). `latent train` with the same model, data, resolution and --cache-dir then starts at "
+        "once.",
+    )
+    _add_model_and_data_options(p, cache_flag=False)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
+    p.set_defaults(func=cmd_latent_cache)
 
     p = lsub.add_parser(
         "sample",

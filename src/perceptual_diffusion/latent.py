@@ -22,12 +22,13 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -290,42 +291,99 @@ def _cache_key(fingerprint: str, parts: FrozenParts, resolution: int) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_latents(
+class LatentCache:
+    """Every item's latent in fixed-size chunk files (``chunk-000000.safetensors``: rows 0..CHUNK-1, ...) under one
+    folder per key, read row by row through safetensors' memory map: memory holds a batch, not the data set.
+
+    Chunks make the cache build resumable (a killed build keeps its finished chunks) and shardable (under torchrun
+    rank r encodes chunks r, r + W, ...); each chunk is written atomically, and a damaged one is encoded again.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, folder: Path, num_items: int, shape: tuple[int, ...]) -> None:
+        self.folder, self.num_items, self.shape = Path(folder), num_items, tuple(shape)
+        self._handles: dict[int, Any] = {}
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_items // self.CHUNK)
+
+    def chunk_path(self, c: int) -> Path:
+        return self.folder / f"chunk-{c:06d}.safetensors"
+
+    def _rows(self, c: int) -> int:
+        return min(self.CHUNK, self.num_items - c * self.CHUNK)
+
+    def _valid(self, c: int) -> bool:
+        try:
+            with safe_open(str(self.chunk_path(c)), framework="pt") as fh:
+                return tuple(fh.get_slice("latents").get_shape()) == (self._rows(c), *self.shape)
+        except Exception:  # noqa: BLE001 - missing, truncated or foreign: encode it again
+            return False
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if not self._valid(c)]
+
+    def build(
+        self,
+        chunks: Sequence[int],
+        data: CaptionData,
+        parts: FrozenParts,
+        resolution: int,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> None:
+        """Encode and write the given chunks (the VAE posterior mean times the scaling factor)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for c in tqdm(chunks, desc="encoding latents", unit="chunk", disable=not progress, leave=False):
+                rows = list(range(c * self.CHUNK, c * self.CHUNK + self._rows(c)))
+                latents = torch.cat(
+                    [
+                        parts.encode_images(data.load_images(rows[i : i + batch_size], resolution)).cpu()
+                        for i in range(0, len(rows), batch_size)
+                    ]
+                ).contiguous()
+                ckpt.atomic_write(self.chunk_path(c), lambda tmp, x=latents: save_file({"latents": x}, str(tmp)))
+        except OSError as exc:
+            raise UserError(
+                f"cannot write the latent cache {self.folder} ({exc.strerror or exc}); set --cache-dir"
+            ) from None
+
+    def __getitem__(self, indices: Tensor) -> Tensor:
+        rows = []
+        for i in indices.tolist():
+            c, r = divmod(int(i), self.CHUNK)
+            if c not in self._handles:
+                self._handles[c] = safe_open(str(self.chunk_path(c)), framework="pt")
+            rows.append(self._handles[c].get_slice("latents")[r : r + 1])
+        return torch.cat(rows)
+
+
+def latent_cache(
     data: CaptionData,
     parts: FrozenParts,
     resolution: int,
     cache_dir: str | Path | None = None,
-    batch_size: int = 16,
-    progress: bool = True,
     fingerprint: str | None = None,
-) -> Tensor:
-    """Every item's latent (N, C, h, w), read from a safetensors cache or encoded once and written there atomically.
-
-    The key hashes the data (captions and image bytes), the VAE's files and the resolution, so a changed input is a
-    new cache file, never a stale one. Under torchrun, call it inside ``distributed.main_first()``.
-    """
+    progress: bool = True,
+) -> LatentCache:
+    """The complete latent cache of ``data``, encoding what is missing. Under torchrun every rank encodes its share
+    of the missing chunks, then all wait for each other; the key (data fingerprint, the VAE's files, the resolution)
+    is computed on rank 0 alone and sent to the others, so a changed input is a new folder, never a stale one."""
+    key = None
+    if distributed.is_main():
+        key = _cache_key(fingerprint or data.fingerprint(), parts, resolution)
+    key = distributed.broadcast_object(key)
     folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    key = _cache_key(fingerprint or data.fingerprint(), parts, resolution)
-    path = folder / f"latents-{key}.safetensors"
-    if path.is_file():
-        try:
-            latents = load_file(str(path))["latents"]
-        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-            latents = None
-        if latents is not None and latents.shape == (len(data), *parts.latent_shape(resolution)):
-            return latents
-    chunks = []
-    starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc="encoding latents", unit="batch", disable=not progress, leave=False):
-        idx = list(range(start, min(start + batch_size, len(data))))
-        chunks.append(parts.encode_images(data.load_images(idx, resolution)).cpu())
-    latents = torch.cat(chunks).contiguous()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write(path, lambda tmp: save_file({"latents": latents}, str(tmp)))
-    except OSError as exc:
-        raise UserError(f"cannot write the latent cache {path} ({exc.strerror or exc}); set --cache-dir") from None
-    return latents
+    cache = LatentCache(folder / f"latents-{key}", len(data), parts.latent_shape(resolution))
+    missing = cache.missing_chunks()
+    cache.build(distributed.seed_shard(missing), data, parts, resolution, progress=progress)
+    distributed.barrier()
+    if distributed.is_main() and cache.missing_chunks():
+        raise UserError(f"the latent cache {cache.folder} is incomplete after building it; check the disk")
+    return cache
 
 
 @dataclass
@@ -337,7 +395,7 @@ class LatentSource:
     resolution: int
     tokens: Tensor  # (N, L) token ids of every caption
     null_tokens: Tensor  # (1, L) of the empty prompt
-    latents: Tensor | None  # (N, C, h, w) cached latents, or None to encode each micro-batch
+    latents: LatentCache | None  # every item's latent, or None to encode each micro-batch
     null_id: int = -1
 
     @property
@@ -354,7 +412,7 @@ class LatentSource:
 
     def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.latents is not None:
-            x0 = self.latents[indices]
+            x0 = self.latents[indices.cpu()]
         else:
             x0 = self.parts.encode_images(self.data.load_images(indices.cpu().tolist(), self.resolution))
         dropped = (cond_ids < 0).unsqueeze(1)
@@ -404,15 +462,9 @@ class LatentTask:
         parts, dc = self.parts(device), self.config.data
         latents = None
         if dc.cache_latents:
-            with distributed.main_first():  # rank 0 encodes and writes; the others then read the file
-                latents = cached_latents(
-                    self.data,
-                    parts,
-                    self.config.model.resolution,
-                    dc.cache_dir,
-                    progress=distributed.is_main(),
-                    fingerprint=self.fingerprint(),
-                ).to(device)
+            fingerprint = self.fingerprint() if distributed.is_main() else None
+            progress = distributed.is_main() and self.config.train.progress
+            latents = latent_cache(self.data, parts, self.config.model.resolution, dc.cache_dir, fingerprint, progress)
         tokens = parts.tokenize(self.data.captions).to(device)
         return LatentSource(self.data, parts, self.config.model.resolution, tokens, parts.tokenize([""]), latents)
 
@@ -439,6 +491,17 @@ class LatentTask:
         prompts = [self.data.captions[i % len(self.data)] for i in range(GRID_PROMPTS)]
         images = sample_latent(ema, self.parts(device), prompts * 2, list(range(2 * GRID_PROMPTS)), config.sample)
         save_grid(images, path, nrow=GRID_PROMPTS)
+
+
+def precompute_latents(config: LatentRunConfig) -> LatentCache:
+    """Fill the latent cache of ``config``'s data ahead of training (under torchrun, every process encodes a share)."""
+    from .training import resolve_device
+
+    task = LatentTask(replace(config, data=replace(config.data, cache_latents=True)))
+    task.load()
+    device = resolve_device(config.train.device)
+    with distributed.process_group(device):
+        return task.source(device).latents
 
 
 def train_latent(config: LatentRunConfig, run_dir: str | Path, override_config: bool = False):
@@ -526,7 +589,8 @@ __all__ = [
     "LatentSource",
     "LatentTask",
     "TextConditionedUNet",
-    "cached_latents",
+    "LatentCache",
+    "latent_cache",
     "check_pretrained",
     "export_latent",
     "load_frozen_parts",
