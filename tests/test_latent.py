@@ -268,3 +268,10 @@ def test_weights_of_the_other_family_are_refused(
     sp = replace(config, loss=LossConfig(kind="self-perceptual", teacher=str(trained_mse_run)))
     with pytest.raises(UserError, match="holds a pixel-space model"):
         latent.train_latent(sp, tmp_path / "sp")
+    # The same for diffusers folders: a Stable Diffusion export in a pixel command, a pixel export in a latent one.
+    from perceptual_diffusion.export import export_diffusers
+
+    with pytest.raises(UserError, match="latent text-to-image .* use it with the `latent` commands"):
+        ckpt.read_weights(latent.export_latent(tmp_path / "lat", tmp_path / "lat-export"))
+    with pytest.raises(UserError, match="is a UNet2DModel, not a text-conditioned"):
+        latent.read_unet_weights(export_diffusers(trained_mse_run, tmp_path / "px-export"))

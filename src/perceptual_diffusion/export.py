@@ -343,6 +343,16 @@ def read_diffusers(folder: str | Path) -> tuple[dict[str, torch.Tensor], RunConf
     accepted when its U-Net is one of our presets, its config built from the U-Net and scheduler configs.
     """
     folder = Path(folder)
+    unet_class = (
+        _read_json(folder / UNET_DIR / "config.json").get("_class_name")
+        if (folder / UNET_DIR / "config.json").is_file()
+        else None
+    )
+    if unet_class == "UNet2DConditionModel" or (folder / "text_encoder").is_dir():
+        raise UserError(
+            f"{folder} is a latent text-to-image (Stable Diffusion) folder, not a pixel model; use it with the "
+            "`latent` commands (latent train --pretrained / --init-from / --teacher)"
+        )
     ours = folder / CONFIG_FILE
     if ours.is_file():
         record = _read_json(ours)

@@ -257,6 +257,13 @@ def read_unet_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
     if p.is_dir() and (p / "unet").is_dir() and not (p / ckpt.WEIGHTS_NAME).is_file():
         from diffusers import UNet2DConditionModel
 
+        kind = _read_config(p / "unet" / "config.json").get("_class_name")
+        if kind != "UNet2DConditionModel":
+            raise UserError(
+                f"{p / 'unet'} is a {kind}, not a text-conditioned UNet2DConditionModel: a pixel-model folder "
+                "goes with the pixel commands (train, sample)"
+            )
+
         unet = _from_pretrained(UNet2DConditionModel, p, "unet")
         return {f"unet.{k}": v for k, v in unet.state_dict().items()}, f"{p / 'unet'}"
     state, _, step = ckpt.read_weights(p, kind="latent")
