@@ -52,6 +52,7 @@ class _Ref:
     key: str  # location-independent name, hashed by the fingerprint
     offset: int | None = None
     size: int | None = None
+    digest: str = ""  # blake2b of the image bytes, taken while indexing (the fingerprint needs no second read)
 
 
 class CaptionData:
@@ -159,15 +160,13 @@ class CaptionData:
         return torch.stack([self.load_image(i, resolution) for i in indices])
 
     def fingerprint(self) -> str:
-        """``"N:hex16"``: a hash over every sample's name, caption, image size and image bytes.
-
-        Names are relative to the data's root, so moving the data keeps its fingerprint; editing a caption or an
-        image changes it. Reads every image once.
+        """``"N:hex16"``: a hash over every sample's name, caption and image bytes (digests taken while indexing, so
+        this reads no image). Names are relative to the data's root, so moving the data keeps its fingerprint;
+        editing a caption or an image changes it (for an image changed after loading, load the data again).
         """
         total = hashlib.blake2b(digest_size=8)
-        for i, (item, ref) in enumerate(zip(self.items, self._refs)):
-            data = self._read(i)
-            for part in (ref.key, item.caption, str(len(data)), hashlib.blake2b(data, digest_size=16).hexdigest()):
+        for item, ref in zip(self.items, self._refs):
+            for part in (ref.key, item.caption, ref.digest):
                 encoded = part.encode("utf-8", "surrogatepass")
                 total.update(len(encoded).to_bytes(8, "little"))
                 total.update(encoded)
@@ -207,6 +206,10 @@ def _reason(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def _check_image(fp: str | Path | io.BytesIO) -> str | None:
     """Why an image cannot be opened (a short reason), or None if it looks fine. Fast: headers and checksums only."""
     try:
@@ -227,14 +230,26 @@ class _BadImages:
         self.on_bad_image = on_bad_image
         self.bad: list[str] = []
 
-    def ok(self, fp: str | Path | io.BytesIO, source: str) -> bool:
-        reason = _check_image(fp)
+    def ok_file(self, path: Path) -> str | None:
+        """:meth:`ok` for an image file, read once (checked and digested from memory)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return self._bad(str(path), _reason(exc))
+        return self.ok(data, str(path))
+
+    def ok(self, data: bytes, source: str) -> str | None:
+        """The digest of a readable image's bytes, or None for an unreadable one (skipped, or raised)."""
+        reason = _check_image(io.BytesIO(data))
         if reason is None:
-            return True
+            return _digest(data)
+        return self._bad(source, reason)
+
+    def _bad(self, source: str, reason: str) -> None:
         if self.on_bad_image == "error":
             raise UserError(f"cannot read image {source}: {reason}; fix or remove it, or pass --on-bad-image skip")
         self.bad.append(source)
-        return False
+        return None
 
     def warn(self, total: int, where: str) -> None:
         if self.bad:
@@ -281,9 +296,10 @@ def _load_folder(root: Path, on_bad_image: str) -> CaptionData:
             caption = txt.read_text(encoding="utf-8-sig").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read caption {txt} ({_reason(exc)}); save it as UTF-8 text") from None
-        if bad.ok(p, str(p)):
+        digest = bad.ok_file(p)
+        if digest is not None:
             items.append(CaptionItem(str(p), caption))
-            refs.append(_Ref(str(p), p.relative_to(root).as_posix()))
+            refs.append(_Ref(str(p), p.relative_to(root).as_posix(), digest=digest))
     bad.warn(len(files), str(root))
     return _finish(root.name, items, refs, str(root), "every image was unreadable")
 
@@ -326,9 +342,10 @@ def _load_jsonl(path: Path, on_bad_image: str) -> CaptionData:
         if not image.is_file():
             raise UserError(f"{where} names {name}, but {image} does not exist; fix the path or remove the line")
         total += 1
-        if bad.ok(image, str(image)):
+        digest = bad.ok_file(image)
+        if digest is not None:
             items.append(CaptionItem(str(image), caption))
-            refs.append(_Ref(str(image), Path(name).as_posix()))
+            refs.append(_Ref(str(image), Path(name).as_posix(), digest=digest))
     bad.warn(total, str(path))
     data_name = base.name if path.name == "metadata.jsonl" else path.stem
     return _finish(data_name, items, refs, str(path), "no non-empty lines, or every image was unreadable")
@@ -402,11 +419,11 @@ def _index_shard(shard: str, bad: _BadImages) -> tuple[list[CaptionItem], list[_
                 source = f"{shard}:{member.name}"
                 fh.seek(member.offset_data)
                 data = fh.read(member.size)
-                if bad.ok(io.BytesIO(data), source):
+                digest = bad.ok(data, source)
+                if digest is not None:
                     items.append(CaptionItem(source, caption))
-                    refs.append(
-                        _Ref(shard, f"{os.path.basename(shard)}:{member.name}", member.offset_data, member.size)
-                    )
+                    key = f"{os.path.basename(shard)}:{member.name}"
+                    refs.append(_Ref(shard, key, member.offset_data, member.size, digest))
     except FileNotFoundError:
         raise UserError(f"caption data {shard} does not exist; check --data-path") from None
     except (tarfile.TarError, EOFError) as exc:
