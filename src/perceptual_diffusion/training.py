@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -255,6 +256,19 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
+class Task(Protocol):
+    """What the training loop needs to know about a model family (``PixelTask``, ``latent.LatentTask``)."""
+
+    config: RunConfig | LatentRunConfig
+
+    def load(self) -> None: ...
+    def fingerprint(self) -> str: ...
+    def source(self, device: torch.device) -> distributed.BatchSource: ...
+    def build_model(self, config: Any, device: torch.device) -> torch.nn.Module: ...
+    def build_teacher(self, config: Any, device: torch.device) -> torch.nn.Module | None: ...
+    def sample_grid(self, ema: torch.nn.Module, config: Any, path: Path, device: torch.device) -> None: ...
+
+
 class PixelTask:
     """The pixel-space models (shapes, Fashion-MNIST, image folders): resident data and a ``DiffusionUNet``.
 
@@ -310,7 +324,7 @@ def train(config: RunConfig, run_dir: str | Path, override_config: bool = False)
     return run_task(PixelTask(config), run_dir, override_config)
 
 
-def run_task(task: PixelTask, run_dir: str | Path, override_config: bool = False) -> TrainResult:
+def run_task(task: Task, run_dir: str | Path, override_config: bool = False) -> TrainResult:
     """The training loop for any task (``PixelTask``, ``latent.LatentTask``): set up, resume, step."""
     run_dir = Path(run_dir)
     config = task.config
@@ -340,7 +354,7 @@ def apply_speed_options(model: torch.nn.Module, teacher: torch.nn.Module | None,
 
 
 def _train_locked(
-    task: PixelTask, config: RunConfig | LatentRunConfig, run_dir: Path, device: torch.device, override_config: bool
+    task: Task, config: RunConfig | LatentRunConfig, run_dir: Path, device: torch.device, override_config: bool
 ) -> TrainResult:
     tc = config.train
     world, is_main = distributed.world_size(), distributed.is_main()
