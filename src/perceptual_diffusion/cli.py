@@ -15,27 +15,22 @@ from pathlib import Path
 from .cli_latent import add_latent_parser
 from .cli_options import (
     add_budget_options,
+    add_run_dir_options,
     add_sample_options,
     add_train_options,
     budget_from_args,
+    check_sample_counts,
     run_config,
     sample_config,
+    train_and_report,
 )
 from .errors import TrainingDiverged, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .distributed import launched_rank
     from .training import train
 
-    if not args.run_dir.strip():
-        raise UserError("--run-dir must name a folder")
-    result = train(run_config(args), args.run_dir, override_config=args.override_config)
-    if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
-        print(
-            f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
-            f"weights: {Path(result.run_dir) / 'model.safetensors'}"
-        )
+    train_and_report(train, run_config(args), args)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -48,14 +43,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .sampling import labels_for_seeds, sample
     from .training import load_model, resolve_device
 
-    if args.n < 1:
-        raise UserError(f"-n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_sample_counts(args, args.n)
     if args.nrow is not None and args.nrow < 1:
         raise UserError(f"--nrow must be >= 1, got {args.nrow}")
-    if not 0 <= args.seed <= 2**63 - 1 - args.n:
-        raise UserError(f"--seed must be in [0, 2**63 - 1 - n], got {args.seed}")
     device = resolve_device(args.device)
     model, config, _ = load_model(args.model, device)
     cfg = sample_config(args)
@@ -230,10 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or resume a run. Rerunning the same command in the same --run-dir resumes "
         "from its last checkpoint.",
     )
-    p.add_argument("--run-dir", required=True, help="output folder; an existing run in it is resumed")
-    p.add_argument(
-        "--override-config", action="store_true", help="resume even though the configuration differs from the saved one"
-    )
+    add_run_dir_options(p)
     add_train_options(p)
     add_sample_options(p, steps_flag="--sample-steps")
     p.set_defaults(func=cmd_train)

@@ -10,12 +10,15 @@ import argparse
 from pathlib import Path
 
 from .cli_options import (
+    add_run_dir_options,
     add_sample_options,
     add_schedule_options,
     add_training_options,
+    check_sample_counts,
     loss_config,
     sample_config,
     schedule_config,
+    train_and_report,
     train_config,
 )
 from .errors import UserError
@@ -73,19 +76,9 @@ def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_train(args: argparse.Namespace) -> None:
-    from .distributed import launched_rank
-    from .latent import check_pretrained, train_latent
+    from .latent import train_latent
 
-    if not args.run_dir.strip():
-        raise UserError("--run-dir must name a folder")
-    config = latent_run_config(args)
-    check_pretrained(config.model.pretrained)
-    result = train_latent(config, args.run_dir, override_config=args.override_config)
-    if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
-        print(
-            f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
-            f"weights: {Path(result.run_dir) / 'model.safetensors'}"
-        )
+    train_and_report(train_latent, latent_run_config(args), args)
 
 
 def cmd_latent_cache(args: argparse.Namespace) -> None:
@@ -108,13 +101,8 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
     from .latent import load_latent_model, sample_latent
     from .training import resolve_device
 
-    if args.n < 1:
-        raise UserError(f"-n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = [p for p in args.prompt for _ in range(args.n)]  # prompt i fills row i
-    if not 0 <= args.seed <= 2**63 - 1 - len(prompts):
-        raise UserError(f"--seed must be in [0, 2**63 - 1 - {len(prompts)}], got {args.seed}")
+    check_sample_counts(args, len(prompts))
     if Path(args.out).is_dir():
         raise UserError(f"{args.out} is a folder; give a file name for --out")
     device = resolve_device(args.device)
@@ -216,10 +204,7 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
         description="Train or resume a latent text-to-image run from a pretrained diffusers folder. Rerunning the "
         "same command in the same --run-dir resumes from its last checkpoint.",
     )
-    p.add_argument("--run-dir", required=True, help="output folder; an existing run in it is resumed")
-    p.add_argument(
-        "--override-config", action="store_true", help="resume even though the configuration differs from the saved one"
-    )
+    add_run_dir_options(p)
     _add_model_and_data_options(p)
     g = p.add_argument_group("diffusion")
     add_schedule_options(g)

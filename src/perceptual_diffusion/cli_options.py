@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
 from .errors import UserError
@@ -340,6 +342,39 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         compile=args.compile,
         grad_checkpointing=args.grad_checkpointing,
     )
+
+
+def add_run_dir_options(p: argparse.ArgumentParser) -> None:
+    """--run-dir and --override-config, the same on every training command."""
+    p.add_argument("--run-dir", required=True, help="output folder; an existing run in it is resumed")
+    p.add_argument(
+        "--override-config", action="store_true", help="resume even though the configuration differs from the saved one"
+    )
+
+
+def train_and_report(train_fn: Callable[..., Any], config: Any, args: argparse.Namespace) -> None:
+    """Run a training function (``training.train``, ``latent.train_latent``) into --run-dir and print one line,
+    from rank 0 only under torchrun."""
+    from .distributed import launched_rank
+
+    if not args.run_dir.strip():
+        raise UserError("--run-dir must name a folder")
+    result = train_fn(config, args.run_dir, override_config=args.override_config)
+    if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
+        print(
+            f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
+            f"weights: {Path(result.run_dir) / 'model.safetensors'}"
+        )
+
+
+def check_sample_counts(args: argparse.Namespace, images: int) -> None:
+    """-n, --batch-size and --seed of a sampling command that draws ``images`` images with seeds seed..seed+images-1."""
+    if args.n < 1:
+        raise UserError(f"-n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed <= 2**63 - 1 - images:
+        raise UserError(f"--seed must be in [0, 2**63 - 1 - {images}], got {args.seed}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from .captions import CaptionData, load_captions
 from .config import LatentRunConfig, SampleConfig, ScheduleConfig
 from .errors import UserError
 from .grid import save_grid
-from .networks import frozen_copy
+from .networks import encoder_taps, frozen_copy
 from .sampling import ddim_sample, guided_denoiser
 from .schedule import NoiseSchedule
 
@@ -124,7 +124,7 @@ class TextConditionedUNet(nn.Module):
 
     @property
     def taps(self) -> tuple[str, ...]:
-        return tuple(f"down{i}" for i in range(len(self.unet.down_blocks))) + ("mid",)
+        return encoder_taps(len(self.unet.down_blocks))
 
     def null_condition(self, cond: Tensor) -> Tensor:
         return self.null_embedding.to(cond.dtype).expand(cond.shape[0], -1, -1)
@@ -404,6 +404,10 @@ class LatentSource:
     null_tokens: Tensor  # (1, L) of the empty prompt
     latents: LatentCache | None  # every item's latent, or None to encode each micro-batch
     null_id: int = -1
+    cond_ids: Tensor = field(init=False)  # item i's condition is its own caption: made once, read every step
+
+    def __post_init__(self) -> None:
+        self.cond_ids = torch.arange(len(self.data), device=self.tokens.device)
 
     @property
     def num_items(self) -> int:
@@ -412,10 +416,6 @@ class LatentSource:
     @property
     def x0_shape(self) -> tuple[int, ...]:
         return self.parts.latent_shape(self.resolution)
-
-    @property
-    def cond_ids(self) -> Tensor:
-        return torch.arange(len(self.data), device=self.tokens.device)
 
     def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.latents is not None:
@@ -442,7 +442,7 @@ class LatentTask:
         down = vae_downsample(mc.pretrained)
         unet = unet_config(mc.pretrained)
         levels = 2 ** (len(unet.get("block_out_channels", [0])) - 1)
-        taps = [f"down{i}" for i in range(len(unet.get("down_block_types", [])))] + ["mid", "all"]
+        taps = [*encoder_taps(len(unet.get("down_block_types", []))), "all"]
         layer = self.config.loss.feature_layer
         if self.config.loss.kind == "self-perceptual" and layer not in taps:  # before a run directory is written
             raise UserError(f"--feature-layer {layer} is not in {mc.pretrained}'s U-Net; choose from {', '.join(taps)}")

@@ -67,6 +67,11 @@ M = TypeVar("M", bound=nn.Module)
 FEATURE_TAPS = ("down0", "down1", "down2", "down3", "mid")
 
 
+def encoder_taps(num_down_blocks: int) -> tuple[str, ...]:
+    """The feature taps of a U-Net's encoder half: one per down block, then the mid block."""
+    return tuple(f"down{i}" for i in range(num_down_blocks)) + ("mid",)
+
+
 class DiffusionUNet(nn.Module):
     """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss."""
 
@@ -89,7 +94,7 @@ class DiffusionUNet(nn.Module):
     @property
     def taps(self) -> tuple[str, ...]:
         """The feature taps this network has: one per down block, then the mid block."""
-        return tuple(f"down{i}" for i in range(len(self.unet.down_blocks))) + ("mid",)
+        return encoder_taps(len(self.unet.down_blocks))
 
     def null_condition(self, cond: Tensor) -> Tensor:
         """The 'no condition' input matching a batch of conditions (CFG's unconditional branch)."""
