@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _runs import CLI_TINY, assert_same_run, tiny_config
+from _runs import CLI_TINY, assert_same_run, tiny_config, torch_threads_env
+from safetensors import SafetensorError
 
 from perceptual_diffusion import checkpoint as ckpt
 from perceptual_diffusion import cli, training
@@ -73,30 +78,142 @@ def test_snapshot_write_failure_keeps_previous_snapshot(tmp_path: Path, monkeypa
     assert step == 1 and torch.equal(weights["w"], torch.ones(2))
 
 
-def test_full_disk_during_training_stops_cleanly_and_resume_matches(tmp_path: Path, monkeypatch, capsys) -> None:
-    """A full disk at the 2nd checkpoint: one-line error naming the step and the intact checkpoint; rerun resumes."""
+def _torch_zip_writer_full(nbytes: int):
+    """A ``torch.save`` stand-in failing as torch's zip writer does on a full disk: not an OSError but a RuntimeError
+    ("unexpected pos"), after a partial file."""
+    real_save = torch.save
+
+    def save(obj, path):
+        real_save(obj, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:nbytes])
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000640 vs 1000528")
+
+    return save
+
+
+def _safetensors_full(tensors, filename, metadata=None):
+    """A ``save_file`` stand-in failing as safetensors' Rust writer does on a full disk: a SafetensorError."""
+    Path(filename).write_bytes(b"\x00" * 100)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+class _NoSpaceLeft:
+    """What ``os.statvfs`` says of a full filesystem."""
+
+    f_bavail, f_frsize = 0, 4096
+
+
+# how the disk fills: (what fails, on which call, the checkpoint the message names as intact, states and snapshot
+# step left behind)
+FULL_DISK = {
+    "oserror-at-state": ("torch.save", 2, "state-00000002.pt is intact", 2, 2),
+    "torch-zip-writer-at-state": ("torch-zip", 2, "state-00000002.pt is intact", 2, 2),
+    "safetensors-at-snapshot": ("save_file", 2, "state-00000004.pt is intact", 4, 2),
+    "torch-zip-writer-at-first-state": ("torch-zip", 1, "no checkpoint had been written yet", None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_DISK))
+def test_full_disk_during_training_stops_cleanly_and_resume_matches(case, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A full disk at a checkpoint, however the writer reports it (OSError, torch's RuntimeError, safetensors'
+    SafetensorError): one-line error naming the step, that files stayed consistent and what is intact; a rerun
+    resumes and ends bit-identical to an uninterrupted run."""
+    what, at_call, intact, state_step, snapshot_step = FULL_DISK[case]
     argv = ["train", *CLI_TINY, "--steps", "5", "--checkpoint-every", "2", "--sample-every", "100", "--seed", "1"]
     assert cli.main([*argv, "--run-dir", str(tmp_path / "reference")]) == 0
-    real_save, calls = torch.save, {"n": 0}
+    real = {"torch.save": torch.save, "torch-zip": torch.save, "save_file": ckpt.save_file}[what]
+    failing = {"torch.save": _disk_full_after(1000), "torch-zip": _torch_zip_writer_full(1000)}.get(what)
+    failing = failing or _safetensors_full
+    calls = {"n": 0}
 
-    def save_fails_second_time(obj, path):
+    def fails_once(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
-            return _disk_full_after(1000)(obj, path)
-        return real_save(obj, path)
+        return (failing if calls["n"] == at_call else real)(*args, **kwargs)
 
     run = tmp_path / "run"
     with monkeypatch.context() as mp:
-        mp.setattr(ckpt.torch, "save", save_fails_second_time)
+        if what == "save_file":
+            mp.setattr(ckpt, "save_file", fails_once)
+        else:
+            mp.setattr(ckpt.torch, "save", fails_once)
+            mp.setattr(ckpt.os, "statvfs", lambda path: _NoSpaceLeft())
         capsys.readouterr()
         assert cli.main([*argv, "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: could not write the checkpoint at step 4")
-    assert "No space left on device" in err and "state-00000002.pt is intact" in err
-    assert ckpt.latest_state(run)["step"] == 2
-    assert ckpt.weights_step(run / "model.safetensors") == 2
+    step = 2 * at_call
+    assert err.count("\n") == 1 and err.startswith(f"error: could not write the checkpoint at step {step}"), err
+    assert "No space left on device" in err and "files stayed consistent" in err and intact in err, err
+    assert (ckpt.latest_state(run) or {}).get("step") == state_step
+    assert ckpt.weights_step(run / "model.safetensors") == snapshot_step
+    assert not list(run.rglob(f"*{ckpt.TMP_SUFFIX}")), "temporary files left behind"
     assert cli.main([*argv, "--run-dir", str(run)]) == 0
     assert_same_run(tmp_path / "reference", run)
+
+
+_REAL_FULL_DISK = """
+import contextlib, io, json, sys
+from pathlib import Path
+from perceptual_diffusion import checkpoint as ckpt, cli
+out = {}
+for mount in sys.argv[1:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["train", "--run-dir", mount + "/run", *%r, "--steps", "4", "--checkpoint-every", "1",
+                       "--keep-checkpoints", "1", "--sample-every", "100"])
+    run = Path(mount) / "run"
+    out[mount] = {"rc": rc, "err": err.getvalue(), "states": [p.name for p in ckpt.list_states(run)],
+                  "readable": [ckpt.load_state(p)["step"] for p in ckpt.list_states(run)],
+                  "snapshot": ckpt.weights_step(run / "model.safetensors"),
+                  "leftovers": [str(p) for p in run.rglob("*" + ckpt.TMP_SUFFIX)]}
+print(json.dumps(out))
+"""
+
+
+def test_real_full_disk_during_checkpoint_is_one_line_and_keeps_files_consistent(tmp_path: Path) -> None:
+    """On real, small tmpfs filesystems (mounted in a user and mount namespace, so no root is needed; skipped where
+    that is not allowed): torch's zip writer and safetensors fail as they do on a real full disk."""
+    sizes = {"1m": "state", "3m": "snapshot", "5m": "second state"}  # where the tiny run's disk fills up
+    mounts = [tmp_path / size for size in sizes]
+    for m in mounts:
+        m.mkdir()
+    mount_all = " && ".join(f"mount -t tmpfs -o size={m.name} none {m}" for m in mounts)
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount_all],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {probe.stderr.strip()[:200]}")
+    script = _REAL_FULL_DISK % (CLI_TINY,)
+    command = f"{mount_all} && exec {shlex.quote(sys.executable)} -c {shlex.quote(script)} " + " ".join(
+        map(str, mounts)
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=torch_threads_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for mount in mounts:
+        r = results[str(mount)]
+        lines = [line for line in r["err"].splitlines() if not line.startswith("warning: ")]
+        assert r["rc"] == 2 and len(lines) == 1, r["err"]
+        assert lines[0].startswith("error: could not write the checkpoint at step"), r["err"]
+        assert "No space left on device" in lines[0] and "files stayed consistent" in lines[0], r["err"]
+        assert r["readable"] == [int(s[6:14]) for s in r["states"]], "a checkpoint left behind is not readable"
+        assert not r["leftovers"], r["leftovers"]
+    assert (
+        results[str(mounts[0])]["states"] == []
+        and "no checkpoint had been written yet" in results[str(mounts[0])]["err"]
+    )
+    for mount in mounts[1:]:  # the first checkpoint fitted: it is named, intact, and the snapshot is never newer
+        r = results[str(mount)]
+        assert r["states"] == ["state-00000001.pt"] and "state-00000001.pt is intact" in r["err"], r
+        assert r["snapshot"] in (None, 1)
 
 
 def test_keeps_last_k_checkpoints(tmp_path: Path) -> None:

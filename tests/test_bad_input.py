@@ -278,7 +278,61 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     ),
     "samples-folder-is-a-file": (
         lambda c: ["train", "--run-dir", _samples_file(c.copy_of_trained()), *CLI_TINY, "--steps", "3"],
-        "could not write the sample grid at step 3",
+        "samples is a file, not the folder of the run's sample grids",
+    ),
+    "checkpoints-folder-is-a-file": (
+        lambda c: ["train", "--run-dir", _in_the_way(c.copy_of_trained(), "checkpoints"), *CLI_TINY, "--steps", "3"],
+        "checkpoints is a file, not the folder of the run's checkpoints",
+    ),
+    "resume-config-json-nested-100000-deep": (
+        lambda c: [
+            "train",
+            "--run-dir",
+            _with_file(c.copy_of_trained(), "config.json", b'{"a": ' * 100_000 + b"1" + b"}" * 100_000),
+            *CLI_TINY,
+        ],
+        "config.json is not valid JSON",
+    ),
+    # --- huge counts: bounded before anything is allocated
+    "sample-n-huge": (lambda c: _sample(str(c.trained), "-n", "1000000000000", ctx=c), "-n must be in [1, 10000000]"),
+    "latent-sample-n-huge": (
+        lambda c: ["latent", "sample", str(c.trained), "--prompt", "a", "-n", "1000000000000", "--device", "cpu"],
+        "must be in [1, 10000000]",
+    ),
+    "evaluate-n-huge": (lambda c: _evaluate(c, "-n", "1000000000000"), "-n must be in [1, 10000000]"),
+    "evaluate-seed-negative": (lambda c: _evaluate(c, "--seed", "-1"), "--seed must be in"),
+    # --- output paths: checked before the work, never over the model's own files
+    "evaluate-json-is-a-folder": (lambda c: _evaluate(c, "--json", str(c.tmp)), "is a folder"),
+    "evaluate-json-under-a-file": (
+        lambda c: _evaluate(c, "--json", c.file("plain", b"x") + "/eval.json"),
+        "is a file, not a folder",
+    ),
+    "evaluate-json-over-the-weights": (
+        lambda c: _evaluate(c, "--json", c.copy_of_trained() + "/model.safetensors", model=str(c.tmp / "copy")),
+        "would replace a file of the model",
+    ),
+    "sample-out-over-the-weights": (
+        lambda c: [*_sample(c.copy_of_trained(), ctx=c), "--out", str(c.tmp / "copy" / "model.safetensors")],
+        "would replace a file of the model",
+    ),
+    "sample-npz-over-a-checkpoint": (
+        lambda c: [*_sample(c.copy_of_trained(), ctx=c), "--npz", str(ckpt.list_states(c.tmp / "copy")[-1])],
+        "would replace a file of the model",
+    ),
+    "sample-out-under-a-file": (
+        lambda c: [*_sample(str(c.trained), ctx=c), "--out", c.file("plain", b"x") + "/grid.png"],
+        "is a file, not a folder",
+    ),
+    # --- weights with NaN (a foreign or hand-edited file)
+    "sample-nan-weights": (lambda c: _sample(_nan_weights(c), ctx=c), "produces non-finite samples"),
+    "evaluate-nan-weights": (lambda c: _evaluate(c, model=_nan_weights(c)), "produces non-finite samples"),
+    "export-nan-weights": (
+        lambda c: ["export", _nan_weights(c), "--out", str(c.tmp / "exported")],
+        "produces non-finite samples",
+    ),
+    "export-force-over-a-folder-that-is-not-an-export": (
+        lambda c: ["export", str(c.trained), "--out", c.folder(good=1), "--force"],
+        "is not an earlier export",
     ),
     "run-dir-empty-string": (lambda c: ["train", "--run-dir", "", *CLI_TINY], "--run-dir must name a folder"),
     # --- Fashion-MNIST
@@ -355,6 +409,27 @@ def _samples_file(run_dir: str) -> str:
     return run_dir
 
 
+def _in_the_way(run_dir: str, name: str) -> str:
+    """Replace a folder of the run by a file of that name."""
+    shutil.rmtree(Path(run_dir) / name)
+    (Path(run_dir) / name).write_text("in the way")
+    return run_dir
+
+
+def _evaluate(c: Ctx, *extra: str, model: str | None = None) -> list[str]:
+    return ["evaluate", model or str(c.trained), "-n", "12", "--steps", "1", "--device", "cpu", "--no-progress", *extra]
+
+
+def _nan_weights(c: Ctx) -> str:
+    """The trained weights with one tensor set to NaN, its config and step kept: a hand-edited file."""
+    tensors, config, step = ckpt.read_weights(c.trained)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    path = c.tmp / "nan.safetensors"
+    ckpt.save_weights(path, tensors, config, step)
+    return str(path)
+
+
 def _plain_safetensors(c: Ctx) -> str:
     save_file({"w": torch.zeros(2)}, str(c.tmp / "plain.safetensors"))
     return str(c.tmp / "plain.safetensors")
@@ -388,6 +463,91 @@ def test_bad_input_is_one_line_and_exit_2(case: str, trained: Path, tmp_path: Pa
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert fragment in lines[0]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no-force"])
+@pytest.mark.parametrize(
+    ("source", "out"),
+    [
+        ("run", "run"),  # the run itself
+        ("run", "."),  # the folder that holds it
+        ("run", "run/checkpoints"),  # inside it
+        ("run", "run/export"),
+        ("run/model.safetensors", "run"),  # a weights file stands for its whole run
+        ("run/model.safetensors", "."),
+        ("run/model.safetensors", "run/checkpoints"),
+    ],
+)
+def test_export_never_replaces_holds_or_enters_what_it_reads(
+    source: str, out: str, force: bool, trained: Path, tmp_path: Path, capsys
+) -> None:
+    """Data loss: `export RUN --out RUN --force` once replaced the run with the export. Refused with one line, and the
+    run is untouched, byte for byte."""
+    shutil.copytree(trained, tmp_path / "run")
+    before = _tree(tmp_path / "run")
+    argv = ["export", str(tmp_path / source), "--out", str(tmp_path / out), *(["--force"] if force else [])]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "which this export reads" in err, err
+    assert _tree(tmp_path / "run") == before
+    assert not list(tmp_path.glob(f".*{ckpt.TMP_SUFFIX}"))
+
+
+def test_sample_beyond_memory_is_refused_before_sampling(trained: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from perceptual_diffusion import cli_common
+
+    monkeypatch.setattr(cli_common, "available_memory", lambda: 1 << 20)
+    capsys.readouterr()
+    assert cli.main(_sample(str(trained), "-n", "100000", ctx=Ctx(tmp_path, trained))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-n 100000 needs about" in err and "GiB available" in err
+
+
+def test_rerunning_a_finished_run_says_so_not_nan_images_per_second(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for steps, expected in (
+        ("2", f"{run} was already trained to step 2: nothing left to train"),
+        ("1", f"{run} is already at step 2, past the requested --steps 1: nothing was trained"),
+    ):
+        capsys.readouterr()
+        assert cli.main(["train", "--run-dir", str(run), *CLI_TINY, "--steps", steps]) == 0
+        out = capsys.readouterr().out
+        assert expected in out and "nan" not in out, out
+    assert ckpt.weights_step(run / "model.safetensors") == 2 and ckpt.latest_state(run)["step"] == 2
+
+
+@pytest.mark.parametrize("how", ["a-file", "read-only"])
+def test_unusable_cache_dir_costs_a_warning_not_the_statistics(how: str, tmp_path: Path, monkeypatch) -> None:
+    """$PD_CACHE_DIR that is a file or read-only: the reference statistics just computed are used, not thrown away."""
+    import errno
+
+    from perceptual_diffusion import evaluate as ev
+    from perceptual_diffusion.features import domain_extractor
+
+    cache = tmp_path / "cache"
+    if how == "a-file":
+        cache.write_text("not a folder")
+    else:  # as root a mode cannot make a folder read-only; a read-only filesystem answers every write with EROFS
+        cache.mkdir()
+
+        def read_only(path: Path, write) -> None:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+        monkeypatch.setattr(ev, "atomic_write", read_only)
+    monkeypatch.setenv("PD_CACHE_DIR", str(cache))
+    monkeypatch.setattr(ev, "_REFERENCES", {})
+    data = DataConfig(source="shapes", image_size=16)
+    with pytest.warns(UserWarning, match="evaluating without the cache") as caught:
+        ref = ev.reference_stats(data, domain_extractor("shapes", 16), reference_n=64)
+    assert ("it is a file" if how == "a-file" else "Read-only file system") in str(caught[0].message)
+    assert ref.n == 64 and bool(torch.isfinite(ref.mu).all()) and ref.path == "not cached"
+    assert cache.is_file() if how == "a-file" else not list(cache.iterdir())
 
 
 def test_missing_fashion_mnist_package_default_path(tmp_path: Path, capsys, monkeypatch) -> None:

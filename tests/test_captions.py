@@ -336,3 +336,10 @@ def test_image_unreadable_after_loading(tmp_path):
     (tmp_path / "b.png").unlink()
     with pytest.raises(UserError, match=r"cannot read image .*b\.png"):
         data.load_images([0, 1], 8)
+
+
+def test_jsonl_line_nested_deeper_than_the_stack_is_one_line(tmp_path):
+    path = _jsonl(tmp_path)
+    path.write_text(path.read_text() + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match=r"metadata\.jsonl line 5 is nested too deeply"):
+        load_captions(str(path))

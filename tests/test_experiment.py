@@ -1,4 +1,5 @@
-"""End to end: the compare workflow (stages, rows, report) and the ablation, on a tiny budget."""
+"""End to end: the fair compare workflow (plateaued teacher, stage-2 sweep, rows, paired report) and the ablation,
+on a tiny budget."""
 
 from __future__ import annotations
 
@@ -7,26 +8,31 @@ from dataclasses import replace
 
 import pytest
 
-from perceptual_diffusion import ablation, experiment, training
+from perceptual_diffusion import ablation, experiment
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import LossConfig
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.scoring import Criterion
+from perceptual_diffusion.teacher import PlateauSchedule
 
 TINY = experiment.Budget(
     name="test",
     data=experiment.SHAPES,
     preset="tiny",
     batch_size=8,
-    stage1_steps=4,
-    stage1_lr=1e-3,
+    stage1=PlateauSchedule(lrs=(1e-3, 1e-4), chunk_steps=2, max_chunks=2, min_chunks=2),
     finetune_steps=2,
-    finetune_lr=1e-4,
-    sample_steps=3,
+    finetune_lrs=(1e-4, 3e-5),
+    sample_steps=2,
     eval_samples=16,
-    eval_repeats=2,
-    training_seeds=1,
-    cfg_scales=(2.0, 4.0),
+    curve_samples=16,
+    training_seeds=2,
+    cfg_scales=(2.0,),
     guidance_rescales=(0.0, 0.7),
-    extras=True,
+    extras=False,
+    variants=("sp-channel-norm",),
+    bootstrap=50,
+    loss_batch=32,
 )
 
 
@@ -35,55 +41,96 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PD_CACHE_DIR", str(tmp_path / "cache"))
 
 
+def test_both_stage_two_branches_differ_only_in_the_loss(tmp_path) -> None:
+    mse = experiment.stage2_config(TINY, TINY.data, LossConfig(kind="mse"), 1e-4, 1, "T", "cpu")
+    sp = experiment.stage2_config(TINY, TINY.data, replace(TINY.perceptual, teacher="T"), 1e-4, 1, "T", "cpu")
+    assert mse.train == sp.train and mse.model == sp.model and mse.sample == sp.sample
+    assert mse.train.init_from == "T" and mse.train.warmup_images > 0, "stage 2 warms up: AdamW starts cold"
+    assert mse.train.ema_halflife_images == int(0.1 * TINY.finetune_steps * TINY.batch_size)
+    assert mse.train.seed == experiment.STAGE2_SEED_OFFSET + 1, "stage 2 never replays stage 1's draws"
+    s1 = experiment.stage1_config(TINY, TINY.data, 0, 1e-3, 4, None, 1, "cpu")
+    assert s1.train.seed != mse.train.seed and s1.train.snapshot_every == TINY.stage1.chunk_steps
+    uncond = experiment.stage2_config(TINY, TINY.data, LossConfig(kind="mse"), 1e-4, 1, "T", "cpu", True)
+    assert uncond.model.num_classes == 0 and uncond.loss.cond_dropout == 0
+
+
+def test_each_branch_gets_the_learning_rate_with_its_best_mean_criterion() -> None:
+    points = {"mse-continued": {1e-4: [0.5, 0.7], 3e-5: [0.6, 0.5]}, "self-perceptual": {1e-4: [0.1], 3e-5: [0.2]}}
+    assert experiment.choose_lrs(Criterion("structure_precision", True), points) == {
+        "mse-continued": 1e-4,
+        "self-perceptual": 3e-5,
+    }
+    assert experiment.choose_lrs(Criterion("fid", False), points)["mse-continued"] == 3e-5
+
+
+def test_rows_hold_the_papers_baselines_and_the_extras() -> None:
+    keys = [r.key for r in experiment.plan_rows(replace(TINY, extras=True, cfg_scales=(1.5, 3.0)))]
+    assert keys[:3] == ["stage1-mse/none", "mse-continued/none", "self-perceptual/none"]
+    assert "mse-continued/cfg-w3-phi0.7" in keys and "mse-continued/cfg-w3-phi0" in keys
+    assert {"uncond/stage1-mse/none", "uncond/mse-continued/none", "uncond/self-perceptual/none"} <= set(keys)
+    assert "mse-continued/autoguidance-w1.5-phi0" in keys and "self-perceptual/null-label" in keys
+    assert "sp-channel-norm/none" in keys
+
+
 @pytest.mark.slow
-def test_compare_writes_every_row_and_resumes_without_recomputing(tmp_path, monkeypatch):
+def test_compare_runs_seeds_in_parallel_calls_then_reports_a_verdict_and_resumes(tmp_path, monkeypatch) -> None:
     out = tmp_path / "cmp"
+    # Round 1 of seed 0 cannot choose learning rates before seed 1's sweep exists: it stops without rows.
+    assert experiment.run_compare(out, TINY, device="cpu", seeds=[0]) == {"rows": []}
+    assert experiment.run_compare(out, TINY, device="cpu", seeds=[1]) == {"rows": []}
     results = experiment.run_compare(out, TINY, device="cpu")
 
-    rows = {r["key"]: r for r in results["rows"]}
-    assert set(rows) == {row.key for row in experiment.plan_rows(TINY)}
-    # The paper's comparison: both stage-2 branches without guidance, MSE with CFG, both unconditional.
-    for key in ("self-perceptual/none", "mse-continued/none", "mse-continued/cfg-w2-phi0.7", "self-perceptual/uncond"):
-        assert key in rows
-    for row in rows.values():
-        assert len(row["runs"]) == TINY.eval_repeats * TINY.training_seeds
-        assert row["fid"] >= 0 and 0 <= row["exact_precision"] <= 1
-        assert row["fid_std"] >= 0  # two repeats: a standard deviation exists
-    # Sampling repeats use disjoint seeds, so two repeats of one row are different draws.
-    runs = rows["mse-continued/none"]["runs"]
-    assert runs[0]["seeds"] != runs[1]["seeds"]
+    for seed in (0, 1):
+        for branch in ("mse-continued", "self-perceptual"):
+            for lr in TINY.finetune_lrs:  # every branch at every learning rate of the sweep
+                assert (out / f"seed{seed}" / f"{branch}-lr{lr:g}" / "model.safetensors").is_file()
+        assert (out / f"seed{seed}" / "uncond" / "stage1-mse" / "model.safetensors").is_file()
+        snapshots = sorted((out / f"seed{seed}" / "stage1-phase0" / "snapshots").glob("*.safetensors"))
+        assert len(snapshots) == 2, "an EMA snapshot at every chunk: the teacher's curve"
+    evals = {p.name for p in (out / "eval" / "seed0").iterdir()}
+    # Cache names keep their dots: a learning rate or a CFG scale is never cut at its decimal point.
+    assert {"sweep-mse-continued-lr0.0001.json", "mse-continued__cfg-w2-phi0.7-rep0.npz"} <= evals
+    assert set(results["chosen_lrs"]) == {"mse-continued", "self-perceptual"}
+    assert set(results["chosen_lrs"].values()) <= set(TINY.finetune_lrs)
+    assert set(results["evaluations"]) == {"0", "1"}
+    assert len(results["teachers"]["seed0"]["points"]) == 4  # two phases x two chunks
+    head = results["paired"]["self-perceptual vs MSE continued, no guidance (the paper's claim)"]
+    d = head["metrics"]["structure_precision"]
+    assert len(d["per_seed"]) == 2 and d["ci_low"] <= d["estimate"] <= d["ci_high"]
+    assert {"fid", "kid", "precision", "coverage", "noise_rms"} <= set(head["metrics"])
+    losses = results["fixed_batch_losses"]["0"]
+    assert {"stage1-mse", "mse-continued", "self-perceptual", "sp-channel-norm"} == set(losses)
+    # The teacher's own prediction is not perfect, so even against itself the loss is positive.
+    assert all(v["self_perceptual"] > 0 and v["mse"] > 0 for v in losses.values())
 
     report = (out / "report.md").read_text()
-    assert "self-perceptual, no guidance" in report and "CFG w=2 phi=0.7" in report
-    for name in ("fid_vs_cfg.png", "precision_recall.png", "results.json"):
+    assert report.splitlines()[2] == "## Verdict", "the verdict opens the report"
+    assert "NOT converged" in report, "a 4-step teacher cannot show a plateau, and the verdict says so"
+    assert "±" not in report.split("## Results")[1].split("###")[0], "no ± over fewer than 3 seeds"
+    for name in ("curves.png", "fid_vs_cfg.png", "results.json"):
         assert (out / name).is_file()
-    assert len(list((out / "grids").glob("*.png"))) == 9  # 3 models x (no guidance, CFG, unconditional)
-    stored = json.loads((out / "results.json").read_text())
-    assert stored["budget"]["name"] == "test" and len(stored["rows"]) == len(rows)
 
-    # Repeating the command recomputes nothing: no training, no evaluation.
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage or evaluation was run again")
 
     monkeypatch.setattr(experiment, "train", refuse)
+    monkeypatch.setattr("perceptual_diffusion.teacher.train", refuse)
     monkeypatch.setattr("perceptual_diffusion.evaluate.evaluate_model", refuse)
     again = experiment.run_compare(out, TINY, device="cpu")
-    assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in results["rows"]]
+    assert again["evaluations"] == results["evaluations"]
 
 
-def test_stage_two_branches_start_from_stage_one_for_the_same_steps(tmp_path):
-    stages = experiment.plan_stages(tmp_path, replace(TINY, training_seeds=2), TINY.data, "cpu")
-    assert [s.name for s in stages][:3] == ["seed0/stage1-mse", "seed0/self-perceptual", "seed0/mse-continued"]
-    stage1, sp, mse = stages[:3]
-    assert sp.config.loss.kind == "self-perceptual" and sp.config.loss.teacher == str(stage1.run_dir)
-    assert sp.config.train.init_from == mse.config.train.init_from == str(stage1.run_dir)
-    assert sp.config.train.steps == mse.config.train.steps == TINY.finetune_steps
-    assert sp.config.train.lr == mse.config.train.lr
-    assert stages[3].config.train.seed == 1  # the second training seed really is another seed
+def test_require_plateau_stops_before_stage_two(tmp_path) -> None:
+    budget = replace(
+        TINY, training_seeds=1, stage1=PlateauSchedule(lrs=(1e-3,), chunk_steps=1, max_chunks=1, min_chunks=1)
+    )
+    with pytest.raises(UserError, match="did not reach a plateau"):
+        experiment.run_compare(tmp_path / "c", budget, device="cpu", require_plateau=True)
+    assert not any((tmp_path / "c" / "seed0").glob("mse-continued*"))
 
 
 @pytest.mark.slow
-def test_ablation_reports_each_variant_against_its_baseline(tmp_path):
+def test_ablation_pairs_each_variant_with_its_baseline_from_the_same_teacher(tmp_path) -> None:
     variants = [
         ablation.Variant("mse-continued", LossConfig(kind="mse")),
         ablation.Variant("self-perceptual", ablation.SP),
@@ -91,50 +138,39 @@ def test_ablation_reports_each_variant_against_its_baseline(tmp_path):
         ablation.Variant("mse-continued/early", LossConfig(kind="mse"), teacher="early"),
         ablation.Variant("sp/early", ablation.SP, teacher="early"),
     ]
-    result = ablation.run_ablation(tmp_path / "abl", TINY, variants, device="cpu")
-    assert [r["model"] for r in result.rows] == [v.name for v in variants]
-    assert set(result.teachers) == {"seed0/converged", "seed0/early"}
-    # The early teacher is stage 1 stopped at a quarter of its steps, and sp/early fine-tunes from it.
-    early = json.loads((tmp_path / "abl" / "seed0" / "sp@early" / "config.json").read_text())
-    assert early["loss"]["teacher"].endswith("stage1-mse-early/model.safetensors")
-    assert training.load_model(tmp_path / "abl" / "seed0" / "stage1-mse-early")[2] == 1
+    budget = replace(TINY, training_seeds=1)
+    result = ablation.run_ablation(tmp_path / "abl", budget, variants, device="cpu")
+    early = json.loads((tmp_path / "abl" / "seed0" / "sp@early-lr0.0001" / "config.json").read_text())
+    assert "stage1-phase0/snapshots/ema-00000002" in early["loss"]["teacher"], "the early teacher: the first snapshot"
+    assert set(result["paired"]) == {"self-perceptual", "sp+mse", "sp/early"}
+    assert result["paired"]["sp/early"]["baseline"] == "mse-continued/early"
     text = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "sp/early" in text and "exact precision" in text
-    # Each self-perceptual variant is paired with the MSE run from the same teacher for the same steps.
     assert "| sp+mse - mse-continued |" in text and "| sp/early - mse-continued/early |" in text
     assert ablation.baseline_of(ablation.Variant("x", ablation.SP, steps_factor=4.0)) == "mse-continued-4x-steps"
 
 
 @pytest.mark.slow
-def test_compare_cli_accepts_budget_overrides(tmp_path, capsys):
-    code = main(
-        [
-            "compare",
-            "--out",
-            str(tmp_path / "c"),
-            "--budget",
-            "cpu-demo",
-            "--steps",
-            "2",
-            "--finetune-steps",
-            "1",
-            "--eval-samples",
-            "12",
-            "--eval-repeats",
-            "1",
-            "--device",
-            "cpu",
-        ]
-    )
+def test_compare_cli_accepts_budget_overrides(tmp_path, capsys, monkeypatch) -> None:
+    # The CLI's plumbing on a tiny budget standing in for cpu-demo (the real one trains the small U-Net).
+    monkeypatch.setitem(experiment.BUDGETS, "cpu-demo", replace(TINY, training_seeds=1, unconditional=False))
+    args = ["compare", "--out", str(tmp_path / "c"), "--budget", "cpu-demo", "--steps", "3", "--finetune-steps", "1"]
+    code = main(args + ["--eval-samples", "12", "--curve-samples", "12", "--device", "cpu"])
     assert code == 0
     results = json.loads((tmp_path / "c" / "results.json").read_text())
-    assert results["budget"]["stage1_steps"] == 2 and results["budget"]["eval_samples"] == 12
+    stage1 = results["budget"]["stage1"]
+    assert (stage1["chunk_steps"], stage1["max_chunks"]) == (2, 2), "a cap of 3 steps in whole chunks of 2"
+    assert results["budget"]["eval_samples"] == 12 and results["budget"]["finetune_steps"] == 1
     assert main(["compare", "--out", str(tmp_path / "d"), "--eval-samples", "0"]) == 2
     assert "--eval-samples must be >= 1" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["compare", "--out", str(tmp_path / "f"), "--device", "cpu"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_ablate_cli_refuses_unknown_variants_and_seeds(tmp_path, capsys):
+def test_experiment_cli_refuses_bad_seeds_and_variants(tmp_path, capsys) -> None:
     assert main(["ablate", "--out", str(tmp_path), "--variants", "self-perceptual,nope"]) == 2
     assert "unknown --variants ['nope']" in capsys.readouterr().err
     assert main(["ablate", "--out", str(tmp_path), "--seeds", "0,x"]) == 2
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path), "--seeds", "7", "--device", "cpu"]) == 2
+    assert "outside the budget's training seeds" in capsys.readouterr().err

@@ -217,3 +217,48 @@ def test_cli_export_then_train_from_the_folder_as_init_and_teacher(trained_mse_r
     source, _, _ = ckpt.read_weights(trained_mse_run)
     for key, value in source.items():
         torch.testing.assert_close(trained[key], value, atol=1e-6, rtol=0)
+
+
+def test_an_export_never_replaces_or_enters_the_folder_it_reads(exported, capsys) -> None:
+    """Data loss: exporting an exported folder onto itself, its parent or into it is refused, --force or not."""
+    _, _, folder = exported()
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for out in (folder, folder.parent, folder / "unet"):
+        for force in ([], ["--force"]):
+            capsys.readouterr()
+            assert main(["export", str(folder), "--out", str(out), *force]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "which this export reads" in err, err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_latent_export_never_replaces_its_run_or_the_pretrained_folder(tmp_path: Path) -> None:
+    """The latent export reads the run and the pretrained folder (its VAE and text encoder): neither may be replaced."""
+    from perceptual_diffusion.config import CaptionDataConfig, LatentModelConfig, LatentRunConfig
+    from perceptual_diffusion.latent import export_latent, make_tiny_pipeline, read_unet_weights
+
+    pretrained = make_tiny_pipeline(tmp_path / "sd")
+    run = tmp_path / "run"
+    config = LatentRunConfig(
+        model=LatentModelConfig(pretrained=str(pretrained), resolution=16), data=CaptionDataConfig(path="unused")
+    )
+    state, _ = read_unet_weights(pretrained)
+    ckpt.save_weights(run / ckpt.WEIGHTS_NAME, state, config, 0)
+    (run / ckpt.CONFIG_NAME).write_text(config.to_json())
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out in (run, tmp_path, run / "export", pretrained, pretrained / "vae"):
+        with pytest.raises(UserError, match="which this export reads"):
+            export_latent(run, out, force=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    export_latent(run, tmp_path / "pipe")  # elsewhere it works
+    assert (tmp_path / "pipe" / "model_index.json").is_file()
+
+
+def test_from_pretrained_prints_no_advice_to_install_accelerate(exported, capfd) -> None:
+    """diffusers asks for accelerate on every from_pretrained without it: it is a dependency, so output stays clean."""
+    _, _, folder = exported()
+    capfd.readouterr()
+    DDIMPipeline.from_pretrained(folder)
+    UNet2DModel.from_pretrained(folder, subfolder="unet")
+    captured = capfd.readouterr()
+    assert "accelerate" not in captured.out + captured.err

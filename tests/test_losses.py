@@ -2,7 +2,7 @@
 
 The reference below deliberately shares no code with ``losses.py``: it indexes alpha_bar itself, runs the teacher's
 *full* forward pass with gradients on, and captures features with forward hooks, exactly as a first implementation
-from PAPER.md steps 2-4 would.
+from the paper (arXiv 2401.00110, Algorithm 1) would.
 """
 
 from __future__ import annotations
@@ -306,3 +306,31 @@ def test_self_perceptual_loss_refuses_a_trainable_teacher_or_missing_tap(online,
         SelfPerceptualLoss(replace(config, feature_layer="down3"), teacher)
     with pytest.raises(ValueError, match="teacher"):
         build_loss(config, None)
+
+
+def test_channel_normalised_features_have_unit_length_and_keep_the_oracle_at_zero(teacher) -> None:
+    from perceptual_diffusion.losses import feature_distance, normalise_channels
+
+    f = torch.randn(2, 8, 4, 4) * torch.linspace(0.1, 10, 8).view(1, 8, 1, 1)
+    assert torch.allclose(normalise_channels(f).pow(2).sum(1), torch.ones(2, 4, 4), atol=1e-5)
+    # Normalised, a feature map and a scaled copy of it are the same point; unnormalised they are far apart.
+    assert feature_distance(f, 3 * f, "mse", "channel").max() < 1e-10
+    assert feature_distance(f, 3 * f, "mse", "none").min() > 1
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t, t_prime, cond = torch.tensor([0, 300, 600, 999]), torch.tensor([999, 600, 300, 0]), torch.arange(4) % 3
+    oracle = OracleV(teacher.schedule, x0, eps)
+    loss = self_perceptual_loss(oracle, teacher, x0, cond, t, eps, t_prime, feature_norm="channel")
+    assert loss.abs().max() < 1e-8
+
+
+def test_t_prime_max_draws_t_prime_from_the_lower_noise_levels_only(teacher) -> None:
+    low = SelfPerceptualLoss(LossConfig(kind="self-perceptual", teacher="x", t_prime_max=0.25), teacher)
+    full = SelfPerceptualLoss(LossConfig(kind="self-perceptual", teacher="x"), teacher)
+    shape = torch.Size([4000, 3, 8, 8])
+    drawn = low.draw(shape, T, torch.Generator().manual_seed(0))
+    assert int(drawn["t_prime"].max()) < 250 and int(drawn["t_prime"].min()) == 0
+    assert int(full.draw(shape, T, torch.Generator().manual_seed(0))["t_prime"].max()) > 900
+    assert torch.equal(drawn["t"], full.draw(shape, T, torch.Generator().manual_seed(0))["t"]), "t is untouched"
+    with pytest.raises(UserError, match="--t-prime-max"):
+        LossConfig(kind="self-perceptual", teacher="x", t_prime_max=0.0)

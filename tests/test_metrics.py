@@ -17,7 +17,9 @@ from perceptual_diffusion.metrics import (
     ideal_coverage,
     inception_score,
     kid,
+    kid_blocks,
     mean_cov,
+    mmd_unbiased,
     precision_recall,
 )
 
@@ -97,6 +99,34 @@ def test_kid_matches_written_out_mmd_and_separates_sets() -> None:
     assert abs(same_mean) < 3 * same_std + 1e-3
     assert shifted_mean > 10 * abs(same_mean) and shifted_mean > 0.05
     assert kid(a, b, subsets=5, subset_size=100) == kid(a, b, subsets=5, subset_size=100)  # seeded subsets
+
+
+def test_unbiased_mmd_of_unequal_sets_matches_the_written_out_formula() -> None:
+    a, b = _features(60, 8, seed=10), _features(90, 8, seed=11, shift=0.3)
+    x, y = a.double().numpy(), b.double().numpy()
+    k = lambda p, q: (p @ q.T / 8 + 1) ** 3
+    kxx, kyy = k(x, x), k(y, y)
+    expected = (kxx.sum() - np.trace(kxx)) / (60 * 59) + (kyy.sum() - np.trace(kyy)) / (90 * 89) - 2 * k(x, y).mean()
+    assert mmd_unbiased(a, b) == pytest.approx(expected, rel=1e-12)
+    c = _features(60, 8, seed=12)
+    assert mmd_unbiased(a, c) == pytest.approx(_numpy_mmd(a.double().numpy(), c.double().numpy()), rel=1e-9)
+
+
+def test_kid_blocks_standard_error_from_disjoint_blocks() -> None:
+    a, b = _features(400, 16, seed=6), _features(200, 16, seed=7, shift=0.5)
+    mean, se, blocks, m_a, m_b = kid_blocks(a, b, blocks=10)
+    assert (blocks, m_a, m_b) == (10, 40, 20)
+    # By hand: the same seeded permutations, then the MMD of block i of each set.
+    g = torch.Generator().manual_seed(0)
+    pa, pb = torch.randperm(400, generator=g), torch.randperm(200, generator=g)
+    values = np.array([mmd_unbiased(a[pa[i * 40 : (i + 1) * 40]], b[pb[i * 20 : (i + 1) * 20]]) for i in range(10)])
+    assert mean == pytest.approx(values.mean()) and se == pytest.approx(values.std(ddof=1) / 10**0.5)
+    assert mean == pytest.approx(kid(a, b)[0], abs=3 * se)  # both estimate the same MMD^2
+    same_mean, same_se, *_ = kid_blocks(a, _features(400, 16, seed=8))
+    assert abs(same_mean) < 4 * same_se
+    # Tiny sets: the blocks shrink so each keeps 2 rows; one block has no standard error.
+    assert kid_blocks(a[:12], b[:12], blocks=10)[2:] == (6, 2, 2)
+    assert kid_blocks(a[:3], b[:3])[1] is None
 
 
 def test_inception_score_of_uniform_predictions_is_one() -> None:

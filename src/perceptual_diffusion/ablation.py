@@ -1,176 +1,71 @@
-"""What decides whether self-perceptual fine-tuning helps: an ablation around the comparison's stage 2.
+"""What decides whether self-perceptual fine-tuning helps: an ablation around the comparison's stage 2, under the
+same fair protocol (``experiment.py``).
 
-Each variant fine-tunes from a stage-1 MSE model for the same number of steps as the others and is evaluated without
-guidance, once per training seed. Variants change one thing at a time against the default (the paper's choices):
-the learning rate, the feature tap (resolution and depth), adding lambda x MSE, the noise in the predicted branch,
-the number of steps, and how converged the teacher is. MSE continued training from the same weights is the baseline
-for every teacher.
+Every variant fine-tunes from the same converged teacher as ``compare`` (trained to its plateau, or reused from a
+``compare`` run in the same folder) with the stage-2 settings of ``experiment.stage2_config``, at the learning rate
+that ``compare``'s sweep chose for the self-perceptual branch, and changes one thing: the learning rate, the feature
+tap (resolution and depth), adding lambda x MSE, the noise in the predicted branch, the number of steps, or the
+teacher (an early snapshot of stage 1). Each is paired against MSE continued from the same teacher for the same
+steps, on the same sampling seeds.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .checkpoint import atomic_write_text
 from .config import LossConfig, SampleConfig
-from .experiment import Budget, _run_config
-from .report import _aggregate, flatten_metrics, markdown_table
-from .training import is_finished, load_model, resolve_device, train
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One stage-2 run: a loss, a learning-rate factor and a step factor relative to the budget, and a teacher."""
-
-    name: str
-    loss: LossConfig
-    lr_factor: float = 1.0
-    steps_factor: float = 1.0
-    teacher: str = "converged"  # "converged": the budget's stage 1; "early": stage 1 stopped at a quarter of it
-    note: str = ""
-
+from .experiment import (
+    Budget,
+    Context,
+    branch_dir,
+    make_context,
+    make_out_dir,
+    stage2_config,
+    teacher_dir,
+    train_teacher,
+)
+from .report import LABELS, _cell, paired
+from .training import is_finished, load_model, snapshot_path, train
 
 SP = LossConfig(kind="self-perceptual", teacher="<teacher>")
 MSE = LossConfig(kind="mse")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One stage-2 run: a loss, factors on the chosen learning rate and the steps, and a teacher."""
+
+    name: str
+    loss: LossConfig
+    lr_factor: float = 1.0
+    steps_factor: float = 1.0
+    teacher: str = "converged"  # "converged": the plateaued stage 1; "early": its first EMA snapshot
+    note: str = ""
+
+
 def default_variants() -> list[Variant]:
     """The ablation grid: one change at a time from the paper's defaults."""
     return [
-        # The first two share their run directories with ``compare``'s stage 2 (same names, same configs).
         Variant("mse-continued", MSE, note="baseline: MSE continued from the same weights"),
-        Variant(
-            "self-perceptual",
-            SP,
-            note="paper defaults: mid block, uniform t', MSE distance, predicted noise, no MSE term",
-        ),
+        Variant("self-perceptual", SP, note="paper defaults: mid block, uniform t', MSE distance, predicted noise"),
         Variant("sp-lr/10", SP, lr_factor=0.1, note="learning rate / 10"),
         Variant("sp-lr*5", SP, lr_factor=5.0, note="learning rate x 5"),
-        Variant(
-            "sp-down0", replace(SP, feature_layer="down0"), note="tap after the first down block (higher resolution)"
-        ),
+        Variant("sp-down0", replace(SP, feature_layer="down0"), note="tap after the first down block"),
         Variant("sp-all", replace(SP, feature_layer="all"), note="sum over all taps"),
         Variant("sp+mse", replace(SP, mse_weight=1.0), note="self-perceptual + 1.0 x MSE"),
         Variant("sp-true-eps", replace(SP, predicted_noise="true"), note="true eps in the predicted branch"),
+        Variant("sp-channel-norm", replace(SP, feature_norm="channel"), note="features unit-normalised (LPIPS)"),
+        Variant("sp-low-noise", replace(SP, t_prime_max=0.5), note="t' from the lower half of noise levels"),
         Variant("mse-continued/early", MSE, teacher="early", note="baseline for the early teacher"),
-        Variant("sp/early", SP, teacher="early", note="teacher = stage 1 stopped at a quarter of its steps"),
-        # Last, as the most expensive: four times the fine-tuning steps for both branches.
+        Variant("sp/early", SP, teacher="early", note="teacher = the first EMA snapshot of stage 1"),
         Variant("mse-continued-4x-steps", MSE, steps_factor=4.0, note="baseline for sp-4x-steps"),
         Variant("sp-4x-steps", SP, steps_factor=4.0, note="four times the fine-tuning steps"),
     ]
-
-
-@dataclass
-class AblationResult:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def run_ablation(
-    out: str | Path,
-    budget: Budget,
-    variants: list[Variant] | None = None,
-    device: str = "auto",
-    eval_samples: int | None = None,
-    seeds: list[int] | None = None,
-) -> AblationResult:
-    """Train every variant for every training seed, evaluate without guidance, write ablation.md and .json.
-
-    ``seeds`` restricts the work to some training seeds (to run seeds in parallel processes); the report is written
-    from whatever evaluations exist, so a final call without ``seeds`` gathers them all from the cache.
-    """
-    from .evaluate import evaluate_model
-    from .features import make_extractor
-
-    out = Path(out)
-    variants = variants or default_variants()
-    data = budget.data
-    dev = resolve_device(device)
-    n = eval_samples or budget.eval_samples
-    extractor = make_extractor("domain", data.source, data.image_size, device=dev)
-    sample_cfg = SampleConfig(steps=budget.sample_steps)
-    result = AblationResult()
-    t0 = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
-    for seed in seeds if seeds is not None else range(budget.training_seeds):
-        root = out / f"seed{seed}"
-        teachers = {
-            "converged": (root / "stage1-mse", budget.stage1_steps),
-            "early": (root / "stage1-mse-early", max(budget.stage1_steps // 4, 1)),
-        }
-        for tag, (run_dir, steps) in teachers.items():
-            if any(v.teacher == tag for v in variants) and not is_finished(run_dir, steps):
-                _log(f"seed {seed}: stage 1 ({tag}) for {steps} steps")
-                cfg = _run_config(budget, data, MSE, steps, budget.stage1_lr, seed, None, device)
-                train(cfg, run_dir)
-
-        def evaluate_run(run_dir: Path, name: str, seed: int = seed) -> dict[str, Any]:
-            # Every run is evaluated on the same seeds: paired comparisons, less noise between variants.
-            cache = out / "eval" / f"seed{seed}" / f"{name.replace('/', '@')}.json"
-            return _evaluate(evaluate_model, load_model(run_dir, dev)[0], sample_cfg, data, n, extractor, dev, cache)
-
-        for tag, (run_dir, _) in teachers.items():
-            if run_dir.is_dir():
-                result.teachers[f"seed{seed}/{tag}"] = evaluate_run(run_dir, f"teacher-{tag}")
-        for v in variants:
-            teacher_dir = teachers[v.teacher][0]
-            loss = replace(v.loss, teacher=str(teacher_dir)) if v.loss.kind == "self-perceptual" else v.loss
-            steps = max(int(budget.finetune_steps * v.steps_factor), 1)
-            run_dir = root / v.name.replace("/", "@")
-            lr = budget.finetune_lr * v.lr_factor
-            cfg = _run_config(budget, data, loss, steps, lr, seed, str(teacher_dir), device)
-            if not is_finished(run_dir, steps):
-                _log(f"seed {seed}: {v.name} ({steps} steps, lr {lr:g})")
-                train(cfg, run_dir)
-            metrics = evaluate_run(run_dir, v.name)
-            runs[v.name].append(metrics)
-    for v in variants:
-        row = _aggregate(_AblationRow(v.name), runs[v.name])
-        row.update(
-            {
-                "note": v.note,
-                "lr_factor": v.lr_factor,
-                "steps_factor": v.steps_factor,
-                "teacher": v.teacher,
-                "loss": asdict(v.loss),
-            }
-        )
-        result.rows.append(row)
-    _write(out, budget, result, n, time.perf_counter() - t0, {v.name: v for v in variants})
-    return result
-
-
-@dataclass(frozen=True)
-class _AblationRow:
-    model: str
-    guidance: str = "none"
-    cfg_scale: float = 1.0
-    guidance_rescale: float = 0.0
-
-    @property
-    def key(self) -> str:
-        return self.model
-
-
-def _evaluate(
-    evaluate_model: Any, model: Any, cfg: SampleConfig, data: Any, n: int, extractor: Any, device: Any, cache: Path
-) -> dict[str, Any]:
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    res = evaluate_model(model, cfg, data, n, extractor, seeds=list(range(n)), device=device)
-    res["metrics"] = flatten_metrics(res)
-    atomic_write_text(cache, json.dumps(res, indent=2, default=str))
-    return res
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def baseline_of(variant: Variant) -> str | None:
@@ -184,81 +79,162 @@ def baseline_of(variant: Variant) -> str | None:
     return "mse-continued"
 
 
-PAIRED_METRICS = (
-    ("exact_precision", "exact precision"),
-    ("exact_recall", "exact recall"),
-    ("fid", "FID"),
-    ("precision", "precision"),
-    ("coverage", "coverage"),
-)
+def chosen_lrs(ctx: Context) -> dict[str, float]:
+    """The stage-2 learning rates of a finished ``compare`` in the same folder, else the budget's first."""
+    path = ctx.out / "results.json"
+    if path.is_file():
+        chosen = json.loads(path.read_text()).get("chosen_lrs")
+        if chosen:
+            return chosen
+    return {"mse-continued": ctx.budget.finetune_lrs[0], "self-perceptual": ctx.budget.finetune_lrs[0]}
 
 
-def _paired_section(rows: list[dict[str, Any]], variants: dict[str, Variant]) -> list[str]:
-    """Per training seed, variant minus its MSE baseline: the teacher's seed-to-seed spread cancels in the pair."""
-    by_name = {r["model"]: r for r in rows}
-    head = "| variant - baseline | " + " | ".join(f"Δ {label}" for _, label in PAIRED_METRICS) + " |"
-    out = [
+def _early_teacher(ctx: Context, seed: int) -> Path:
+    first = ctx.budget.stage1.chunk_steps
+    phase0 = ctx.out / f"seed{seed}" / ("stage1-phase0" if len(ctx.budget.stage1.lrs) > 1 else "stage1-mse")
+    return snapshot_path(phase0, first)
+
+
+def _run_variant(ctx: Context, seed: int, v: Variant, chosen: dict[str, float]) -> Path:
+    base_lr = chosen["mse-continued" if v.loss.kind == "mse" else "self-perceptual"] * v.lr_factor
+    teacher = _early_teacher(ctx, seed) if v.teacher == "early" else teacher_dir(ctx, seed)
+    loss = replace(v.loss, teacher=str(teacher)) if v.loss.kind == "self-perceptual" else v.loss
+    budget = replace(ctx.budget, finetune_steps=max(int(ctx.budget.finetune_steps * v.steps_factor), 1))
+    cfg = stage2_config(budget, ctx.data, loss, base_lr, seed, str(teacher), ctx.device)
+    run_dir = branch_dir(ctx.out / f"seed{seed}", v.name.replace("/", "@"), base_lr)
+    if not is_finished(run_dir, cfg.train.steps):
+        _log(f"seed {seed}: {v.name} ({cfg.train.steps} steps, lr {base_lr:g})")
+        train(cfg, run_dir)
+    return run_dir
+
+
+def _key(name: str) -> str:
+    return f"ablation-{name.replace('/', '@')}/none"
+
+
+def run_ablation(
+    out: str | Path,
+    budget: Budget,
+    variants: list[Variant] | None = None,
+    device: str = "auto",
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate every variant for every training seed, write ablation.md and ablation.json.
+
+    ``seeds`` restricts the work to some training seeds (to run seeds in parallel processes); the report is written
+    only by a call that covers every seed, from the cached evaluations.
+    """
+    out = Path(out)
+    variants = variants or default_variants()
+    make_out_dir(out)
+    ctx = make_context(out, budget, budget.data, device)
+    chosen = chosen_lrs(ctx)
+    all_seeds = list(range(budget.training_seeds))
+    t0 = time.perf_counter()
+    n = budget.eval_samples
+    evaluations: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for seed in seeds if seeds is not None else all_seeds:
+        if budget.teacher is None:
+            train_teacher(ctx, seed)
+        per_seed: dict[str, list[dict[str, float]]] = {}
+        models = {"teacher": teacher_dir(ctx, seed)}
+        if any(v.teacher == "early" for v in variants):
+            models["teacher/early"] = _early_teacher(ctx, seed)
+        models.update({v.name: _run_variant(ctx, seed, v, chosen) for v in variants})
+        for name, path in models.items():
+            res = ctx.evaluate(
+                f"{_key(name)}-rep0",
+                seed,
+                lambda p=path: load_model(p, ctx.dev)[0],
+                SampleConfig(steps=budget.sample_steps),
+                list(range(n)),  # the headline rows' seeds: every variant paired on the same samples
+            )
+            per_seed[_key(name)] = [res["metrics"]]
+        evaluations[str(seed)] = per_seed
+    if seeds is not None and set(seeds) != set(all_seeds):
+        _log("this process's seeds are done; rerun without --seeds to write ablation.md")
+        return {}
+    result = {
+        "budget": asdict(budget),
+        "chosen_lrs": chosen,
+        "variants": [asdict(v) for v in variants],
+        "evaluations": evaluations,
+        "paired": {},
+    }
+    for v in variants:
+        base = baseline_of(v)
+        if base is not None:
+            result["paired"][v.name] = {
+                "baseline": base,
+                "metrics": paired(ctx, all_seeds, _key(v.name), _key(base), budget.bootstrap),
+            }
+    result["seconds"] = time.perf_counter() - t0
+    _write(ctx, result, variants)
+    return result
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _write(ctx: Context, result: dict[str, Any], variants: list[Variant]) -> None:
+    budget = ctx.budget
+    crit = ctx.criterion.key
+    metrics = [m for m in (crit, "exact_precision", "noise_rms", "fid", "precision", "coverage") if m in LABELS]
+    names = ["teacher"] + (["teacher/early"] if any(v.teacher == "early" for v in variants) else [])
+    names += [v.name for v in variants]
+    seeds = list(result["evaluations"])
+    lines = [
+        f"# Ablation under the fair protocol ({budget.name} budget, {budget.data.source})",
+        "",
+        f"Teacher: stage 1 trained to its plateau (see report.md of `compare` in the same folder); stage 2: "
+        f"{budget.finetune_steps} steps unless the variant says otherwise, at the learning rates chosen by "
+        f"`compare`'s sweep ({', '.join(f'{k} {v:g}' for k, v in result['chosen_lrs'].items())}) times the "
+        f"variant's factor; {len(seeds)} training seed(s); {budget.eval_samples} samples per evaluation on the "
+        "same sampling seeds as the comparison, DDIM "
+        f"{budget.sample_steps} steps, no guidance. ± is the standard deviation over at least 3 training seeds.",
+        "",
+        "| model | " + " | ".join(LABELS[m][0] for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name in names:
+        cells = [
+            _cell(
+                [
+                    result["evaluations"][s][_key(name)][0][m]
+                    for s in seeds
+                    if m in result["evaluations"][s][_key(name)][0]
+                ]
+            )
+            for m in metrics
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         "## Paired differences against the MSE baseline",
         "",
-        "Each self-perceptual variant minus the MSE run from the same teacher for the same steps, per training "
-        "seed (same sampling seeds too), then mean ± std over seeds, with the per-seed values in brackets. "
-        "Positive is better for all but FID.",
+        "Variant minus the MSE run from the same teacher for the same steps, per training seed (same sampling seeds), "
+        "averaged over seeds, with the 95% hierarchical bootstrap interval and the per-seed values.",
         "",
-        head,
-        "|---|" + "---|" * len(PAIRED_METRICS),
+        "| variant - baseline | " + " | ".join(f"Δ {LABELS[m][0]}" for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
     ]
-    for name, row in by_name.items():
-        base = baseline_of(variants[name]) if name in variants else None
-        if base is None or base not in by_name:
-            continue
+    for name, p in result["paired"].items():
         cells = []
-        for key, _ in PAIRED_METRICS:
-            pairs = [(a["metrics"].get(key), b["metrics"].get(key)) for a, b in zip(row["runs"], by_name[base]["runs"])]
-            diffs = np.array([a - b for a, b in pairs if a is not None and b is not None], dtype=float)
-            if len(diffs) == 0:
-                cells.append("-")
-                continue
-            spread = f" ± {diffs.std(ddof=1):.3f}" if len(diffs) > 1 else ""
-            cells.append(f"{diffs.mean():+.3f}{spread} [{', '.join(f'{d:+.3f}' for d in diffs)}]")
-        out.append(f"| {name} - {base} | " + " | ".join(cells) + " |")
-    return out + [""]
-
-
-def _write(
-    out: Path, budget: Budget, result: AblationResult, n: int, seconds: float, variants_by_name: dict[str, Variant]
-) -> None:
-    lines = [
-        f"# Ablation: what decides the self-perceptual outcome ({budget.name} budget, {budget.data.source})",
-        "",
-        f"Stage 1: {budget.stage1_steps} MSE steps (early teacher: {max(budget.stage1_steps // 4, 1)}), lr "
-        f"{budget.stage1_lr:g}; stage 2: {budget.finetune_steps} steps at lr {budget.finetune_lr:g} unless the "
-        f"variant says otherwise; batch {budget.batch_size}; {budget.training_seeds} training seed(s); {n} samples "
-        f"per evaluation, DDIM {budget.sample_steps} steps, no guidance. ± is the standard deviation across "
-        "training seeds.",
-        "",
-        "## Teachers (stage 1, no guidance)",
-        "",
-    ]
-    teacher_rows = []
-    for tag in ("converged", "early"):
-        runs = [v for k, v in result.teachers.items() if k.endswith("/" + tag)]
-        if runs:
-            teacher_rows.append(_aggregate(_AblationRow(f"stage1 ({tag})"), runs))
-    by_name = lambda r: r["model"]  # noqa: E731
-    lines += [
-        markdown_table(teacher_rows, by_name, "teacher"),
-        "",
-        "## Stage-2 variants",
-        "",
-        markdown_table(result.rows, by_name, "variant"),
-        "",
-    ]
-    lines += _paired_section(result.rows, variants_by_name)
-    lines += ["| variant | what changes |", "|---|---|"] + [f"| {r['model']} | {r['note']} |" for r in result.rows]
+        for m in metrics:
+            d = p["metrics"].get(m)
+            cells.append(
+                "-"
+                if d is None
+                else f"{d['estimate']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
+                f"({', '.join(f'{x:+.3f}' for x in d['per_seed'])})"
+            )
+        lines.append(f"| {name} - {p['baseline']} | " + " | ".join(cells) + " |")
+    lines += ["", "| variant | what changes |", "|---|---|"] + [f"| {v.name} | {v.note} |" for v in variants]
     lines += [
         "",
-        f"Wall time of the call that wrote this file: {seconds / 60:.1f} minutes (finished runs and cached "
-        "evaluations are not redone).",
+        f"Wall time of the call that wrote this file: {result['seconds'] / 60:.1f} minutes (cached work is "
+        "not redone).",
     ]
-    atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "ablation.json", json.dumps(asdict(result), indent=2, default=str))
+    atomic_write_text(ctx.out / "ablation.md", "\n".join(lines) + "\n")
+    atomic_write_text(ctx.out / "ablation.json", json.dumps(result, indent=2, default=str))

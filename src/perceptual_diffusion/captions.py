@@ -330,6 +330,10 @@ def _load_jsonl(path: Path, on_bad_image: str) -> CaptionData:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where} is not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        except RecursionError:  # nested deeper than Python's stack: not a caption record either
+            raise UserError(
+                f"{where} is nested too deeply to be a caption record; each line must be one JSON object"
+            ) from None
         if not isinstance(record, dict):
             raise UserError(f'{where} is not a JSON object; each line must look like {{"file_name": ..., "text": ...}}')
         name = record.get("file_name", record.get("image"))
@@ -383,7 +387,7 @@ def _caption_of(members: dict[str, bytes]) -> str | None:
     if "json" in members:
         try:
             record = json.loads(members["json"].decode("utf-8-sig", "replace"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
         if isinstance(record, dict):
             for key in ("caption", "text"):

@@ -17,6 +17,7 @@ file is reported as :class:`UnsafeCheckpoint`. Weights are read from safetensors
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,7 +78,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (RuntimeError, SafetensorError) as exc:
+            os_error = _as_os_error(exc, tmp, path)
+            if os_error is None:
+                raise
+            raise os_error from exc
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -85,6 +92,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         _fsync_dir(path.parent)  # make the rename itself durable, not only the data
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# How writers that are not Python file objects report a failed write: torch.save's zip writer ("unexpected pos" when a
+# write came up short, "file write failed") and safetensors' Rust writer ("I/O error: ... (os error 28)").
+_WRITE_FAILURE = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed|I/O error|os error \d+")
+
+
+def _as_os_error(exc: Exception, tmp: Path, path: Path) -> OSError | None:
+    """A writer's failed write as the ``OSError`` it is, so that callers handling a full disk see one; None for any
+    other error (a bug, an unpicklable object), which must surface as it is."""
+    message = str(exc)
+    if not _WRITE_FAILURE.search(message):
+        return None
+    code = re.search(r"os error (\d+)", message)
+    if code:
+        number = int(code.group(1))
+    else:  # torch does not say why: a full filesystem is by far the usual cause, and statvfs can tell
+        try:
+            st = os.statvfs(tmp.parent)
+            number = errno.ENOSPC if st.f_bavail * st.f_frsize < (1 << 20) else errno.EIO
+        except OSError:
+            number = errno.EIO
+    return OSError(number, os.strerror(number), str(path))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -188,6 +218,23 @@ def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch
         from .export import read_diffusers
 
         return read_diffusers(p)
+    config, step = _config_of(p, kind)
+    try:
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{p} is a damaged safetensors file ({exc}); retrain or copy it again") from None
+    return tensors, config, step
+
+
+def weights_config(path: str | Path, kind: str = "pixel") -> tuple[Any, int]:
+    """(config, step) of perceptual-diffusion weights, from the file's header alone (no tensors read)."""
+    p = resolve_weights(path)
+    if p.is_dir():
+        return read_weights(p, kind)[1:]
+    return _config_of(p, kind)
+
+
+def _config_of(p: Path, kind: str) -> tuple[Any, int]:
     meta = _weights_metadata(p)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError(f"{p} is a safetensors file but not perceptual-diffusion weights (no config in its metadata)")
@@ -204,11 +251,7 @@ def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch
         raise UserError(f"{p} has an unreadable config in its metadata ({exc})") from None
     except UserError as exc:
         raise UserError(f"{p} has an invalid config in its metadata: {exc}") from None
-    try:
-        tensors = load_file(str(p))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{p} is a damaged safetensors file ({exc}); retrain or copy it again") from None
-    return tensors, config, step
+    return config, step
 
 
 def weights_step(path: Path) -> int | None:

@@ -12,6 +12,19 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .cli_common import (
+    add_report_to_option,
+    check_finite_model,
+    check_finite_samples,
+    check_fits_in_memory,
+    check_image_count,
+    check_output_file,
+    describe_sampler,
+    refusing_non_finite,
+    run_sample_config,
+    train_and_report,
+    use_run_sampling_defaults,
+)
 from .cli_latent import add_latent_parser
 from .cli_options import (
     add_budget_options,
@@ -20,9 +33,8 @@ from .cli_options import (
     add_train_options,
     budget_from_args,
     check_sample_counts,
+    parse_seeds,
     run_config,
-    sample_config,
-    train_and_report,
 )
 from .errors import TrainingDiverged, UserError
 
@@ -39,28 +51,35 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from .checkpoint import atomic_write
     from .data import to_uint8
-    from .grid import save_grid
+    from .grid import class_rows, save_grid
     from .sampling import labels_for_seeds, sample
     from .training import load_model, resolve_device
 
     check_sample_counts(args, args.n)
+    check_image_count(args.n)
     if args.nrow is not None and args.nrow < 1:
         raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    for target, option in ((args.out, "--out"), (args.npz, "--npz")):
+        if target:
+            check_output_file(target, option, args.model)
     device = resolve_device(args.device)
     model, config, _ = load_model(args.model, device)
-    cfg = sample_config(args)
+    check_finite_model(model, args.model)
+    cfg = run_sample_config(args, config.sample)
     if cfg.steps > config.schedule.num_train_timesteps:
         raise UserError(f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps")
-    seeds = list(range(args.seed, args.seed + args.n))
+    mc = model.model_config
+    check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
+    seeds = range(args.seed, args.seed + args.n)  # a range, not a list: nothing is built per image before sampling
     k = model.num_classes
     if args.label == "none" or k == 0:
         labels = None
-        if args.label not in ("none", "random") and k == 0:
+        if args.label not in ("none", "random", "rows") and k == 0:
             raise UserError("this model is unconditional: use --label none")
     elif args.label == "random":
         labels = labels_for_seeds(seeds, torch.full((k,), 1.0 / k))
     elif args.label == "rows":
-        labels = torch.arange(args.n) % k
+        labels = class_rows(args.n, k)
     else:
         try:
             label = int(args.label)
@@ -71,16 +90,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         labels = torch.full((args.n,), label)
     if labels is None and cfg.cfg_scale != 1.0:
         raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1")
-    for target in (args.out, args.npz):
-        if target and Path(target).is_dir():
-            raise UserError(f"{target} is a folder; give a file name for --out / --npz")
     images = sample(model, seeds, labels, cfg, args.batch_size, device, progress=True)
+    check_finite_samples(images, args.model)
+    by_class = labels is not None and args.label == "rows" and args.nrow is None
     try:
         if args.out:
-            save_grid(
-                images, Path(args.out), nrow=args.nrow or (k if labels is not None and args.label == "rows" else None)
-            )
-            print(f"wrote {args.out}")
+            save_grid(images, Path(args.out), nrow=args.nrow, rows=labels if by_class else None)
+            layout = "one row per class" if by_class else f"{args.nrow} per row" if args.nrow else "square grid"
+            print(f"wrote {args.out} ({args.n} images, {layout}; {describe_sampler(cfg)})")
         if args.npz:
             arr = to_uint8(images)
             lab = np.asarray(labels if labels is not None else np.full(args.n, -1))
@@ -90,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     np.savez(fh, images=arr, labels=lab, seeds=np.asarray(seeds))
 
             atomic_write(Path(args.npz), write)
-            print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC)")
+            print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC; {describe_sampler(cfg)})")
     except OSError as exc:
         raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
 
@@ -104,18 +121,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .experiment import run_compare
 
-    run_compare(Path(args.out), budget_from_args(args), device=args.device)
+    run_compare(
+        Path(args.out),
+        budget_from_args(args),
+        device=args.device,
+        seeds=parse_seeds(args.seeds),
+        require_plateau=args.require_plateau,
+    )
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
     from .ablation import default_variants, run_ablation
 
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    seeds = parse_seeds(args.seeds)
     variants = default_variants()
     if args.variants:
         names = args.variants.split(",")
@@ -139,10 +157,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .features import make_extractor
     from .training import load_model, resolve_device
 
-    if args.n < 1 or args.batch_size < 1:
-        raise UserError("-n and --batch-size must be >= 1")
+    check_sample_counts(args, args.n)
+    check_image_count(args.n)
+    weights = resolve_weights(args.model)
+    if args.json:  # every output path is checked before the work: a bad one must not cost the evaluation
+        check_output_file(args.json, "--json", args.model)
     device = resolve_device(args.device)
     model, config, _ = load_model(args.model, device)
+    check_finite_model(model, args.model)
     data = config.data if args.data_path is None else dataclasses.replace(config.data, path=args.data_path)
     kind = args.features
     if kind == "auto":
@@ -152,15 +174,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     extractor = make_extractor(
         kind, data.source, data.image_size, args.inception_weights, args.download_inception, device
     )
-    seeds = list(range(args.seed, args.seed + args.n))
+    out = Path(args.json) if args.json else weights.parent / f"eval-{extractor.name}-n{args.n}.json"
+    if not args.json:
+        check_output_file(out, "--json", args.model)
+    extractor = refusing_non_finite(extractor, args.model)
+    # The model's own sampling settings unless options override them: its reports used those, so the same model gets
+    # the same numbers here.
+    configs = [run_sample_config(args, config.sample, cfg_scale=scale) for scale in args.cfg_scale]
+    if configs[0].steps > config.schedule.num_train_timesteps:
+        raise UserError(
+            f"--steps {configs[0].steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps"
+        )
+    seeds = range(args.seed, args.seed + args.n)
     rows = []
     with process_group(device):  # under torchrun: each process samples its share of the seeds
-        for scale in args.cfg_scale:
-            cfg = sample_config(args, cfg_scale=scale)
-            if cfg.steps > config.schedule.num_train_timesteps:
-                raise UserError(
-                    f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps"
-                )
+        for cfg in configs:
             row = evaluate_model(
                 model,
                 cfg,
@@ -175,12 +203,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 reference_n=args.reference_n,
                 progress=args.progress,
             )
-            rows.append({"model": str(resolve_weights(args.model)), **row})
+            rows.append({"model": str(weights), **row})
     if launched_rank() != 0:
         return  # rank 0 prints and writes the numbers, which every rank holds
     print(format_table(rows))
-    out = Path(args.json) if args.json else resolve_weights(args.model).parent / f"eval-{extractor.name}-n{args.n}.json"
-    atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+    given = any(getattr(args, d) is not None for d in ("sample_steps", "spacing", "eta", "guidance_rescale", "clip_x0"))
+    source = "with the options given" if given else "the model's own settings"
+    print(f"sampler: {describe_sampler(configs[0], guidance=False)} ({source}); CFG scale per row")
+    try:
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}); the numbers are printed above") from None
     print(f"wrote {out}")
 
 
@@ -197,11 +230,12 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from .checkpoint import read_weights
-    from .export import export_diffusers
+    from .checkpoint import weights_config
+    from .export import check_export_target, export_diffusers
 
+    check_export_target(Path(args.out), args.force, [args.model])  # before reading anything: a refusal costs nothing
     overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}
-    sample = replace(read_weights(args.model)[1].sample, **overrides)  # the run's own setting unless overridden
+    sample = replace(weights_config(args.model)[0].sample, **overrides)  # the run's own setting unless overridden
     out = export_diffusers(args.model, args.out, sample, force=args.force)
     print(f"wrote {out} (load it with diffusers.DDIMPipeline.from_pretrained; see {out / 'README.md'})")
 
@@ -223,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_dir_options(p)
     add_train_options(p)
     add_sample_options(p, steps_flag="--sample-steps")
+    add_report_to_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -236,15 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--label",
         default="rows",
-        help="class: 'rows' (class i in column i, default), 'random' (uniform), an index, or 'none' "
+        help="class: 'rows' (class c fills row c of the grid, default), 'random' (uniform), an index, or 'none' "
         "(unconditional, via the null label)",
     )
     p.add_argument("--out", default="samples.png", help="PNG grid to write ('' for none)")
     p.add_argument("--npz", default=None, help="also write images, labels and seeds to this .npz")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+    p.add_argument(
+        "--nrow", type=int, default=None, help="images per grid row (default: one row per class with --label rows)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward batch (does not change results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_sample_options(p)
+    use_run_sampling_defaults(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -263,12 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
         help="the paper's comparison: MSE, self-perceptual and CFG, with a report",
-        description="Stage 1 MSE; stage 2 self-perceptual fine-tuning and MSE continued training for "
-        "the same steps; evaluation without guidance, with CFG at several scales and "
-        "unconditionally, over several sampling seeds; report.md, results.json, plots "
-        "and grids in --out. Finished stages and evaluations are not rerun.",
+        description="The fair protocol: stage 1 MSE trained to a measured plateau (or --teacher-from your own "
+        "converged MSE model); stage 2 self-perceptual fine-tuning and MSE continued training from the same weights "
+        "with the same warm-up, learning rate (best of a sweep, per branch), EMA and steps; evaluation without "
+        "guidance, with CFG (rescale 0 and 0.7), an unconditional pair and loss variants; paired differences with "
+        "bootstrap intervals over training seeds; report.md (verdict first), results.json, plots and grids in --out. "
+        "Finished stages and evaluations are not rerun. Seeds can run in parallel processes (--seeds 0, --seeds 1, "
+        "...); a final call without --seeds writes the report.",
     )
     add_budget_options(p)
+    p.add_argument(
+        "--require-plateau",
+        action="store_true",
+        help="stop before stage 2 if a teacher did not reach its plateau within the step cap",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -280,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
         "write ablation.md and ablation.json. Shares stage 1 and stage 2 runs with `compare` in the same --out.",
     )
     add_budget_options(p)
-    p.add_argument("--seeds", default=None, help="only these training seeds, e.g. 0 or 0,1 (to run seeds in parallel)")
     p.add_argument(
         "--variants",
         default=None,
@@ -327,7 +372,12 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     p.add_argument(
         "--download-inception", action="store_true", help="download the Inception weights into torch.hub's cache"
     )
-    p.add_argument("--json", default=None, help="JSON output (default: eval-FEATURES-nN.json beside the weights)")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="JSON output (default: eval-EXTRACTOR-nN.json beside the weights, EXTRACTOR the extractor's name: "
+        "domain-shapes16, domain-fashion-mnist28, inception or fid-helper)",
+    )
     p.add_argument(
         "--max-features",
         type=int,
@@ -345,6 +395,7 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_sample_options(p, several_scales=True)
+    use_run_sampling_defaults(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

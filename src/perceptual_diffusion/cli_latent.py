@@ -9,6 +9,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_common import (
+    add_report_to_option,
+    check_finite_model,
+    check_finite_samples,
+    check_fits_in_memory,
+    check_image_count,
+    check_output_file,
+    describe_sampler,
+    run_sample_config,
+    train_and_report,
+    use_run_sampling_defaults,
+)
 from .cli_options import (
     add_run_dir_options,
     add_sample_options,
@@ -18,7 +30,6 @@ from .cli_options import (
     loss_config,
     sample_config,
     schedule_config,
-    train_and_report,
     train_config,
 )
 from .errors import UserError
@@ -101,22 +112,31 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
     from .latent import load_latent_model, sample_latent
     from .training import resolve_device
 
-    prompts = [p for p in args.prompt for _ in range(args.n)]  # prompt i fills row i
-    check_sample_counts(args, len(prompts))
-    if Path(args.out).is_dir():
-        raise UserError(f"{args.out} is a folder; give a file name for --out")
+    # Bounded before the prompt list is built: -n 10**12 must be an error, not a list of a trillion strings.
+    count = args.n * len(args.prompt)
+    check_sample_counts(args, args.n)
+    check_image_count(count, "-n x prompts")
+    check_sample_counts(args, count)
+    check_output_file(args.out, "--out", args.model)
     device = resolve_device(args.device)
     model, parts, config, _ = load_latent_model(args.model, device)
-    cfg = sample_config(args)
+    check_finite_model(model, args.model)
+    check_fits_in_memory(count, 3, config.model.resolution, grid=True, what="-n x prompts")
+    cfg = run_sample_config(args, config.sample)
     if cfg.steps > config.schedule.num_train_timesteps:
         raise UserError(f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps")
-    seeds = list(range(args.seed, args.seed + len(prompts)))
+    prompts = [p for p in args.prompt for _ in range(args.n)]  # prompt i fills row i
+    seeds = range(args.seed, args.seed + count)
     images = sample_latent(model, parts, prompts, seeds, cfg, batch_size=args.batch_size)
+    check_finite_samples(images, args.model)
     try:
         save_grid(images, Path(args.out), nrow=args.n)
     except OSError as exc:
         raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
-    print(f"wrote {args.out} ({len(args.prompt)} prompt(s) x {args.n} seed(s), one row per prompt)")
+    print(
+        f"wrote {args.out} ({len(args.prompt)} prompt(s) x {args.n} seed(s), one row per prompt; "
+        f"{describe_sampler(cfg)})"
+    )
 
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
@@ -210,6 +230,7 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
     add_schedule_options(g)
     add_training_options(p, latent=True)
     add_sample_options(p, steps_flag="--sample-steps", clip_flag=False)
+    add_report_to_option(p)
     p.set_defaults(func=cmd_latent_train)
 
     p = lsub.add_parser(
@@ -237,6 +258,7 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (does not change results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_sample_options(p, clip_flag=False)
+    use_run_sampling_defaults(p)
     p.set_defaults(func=cmd_latent_sample)
 
     p = lsub.add_parser(

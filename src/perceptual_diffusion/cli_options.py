@@ -213,6 +213,18 @@ def add_objective_options(p: argparse.ArgumentParser, latent: bool = False) -> N
         default=0.0,
         help="lambda: add lambda x the plain MSE loss to the self-perceptual loss (default 0, the paper)",
     )
+    g.add_argument(
+        "--feature-norm",
+        choices=["none", "channel"],
+        default="none",
+        help="beyond the paper: unit-normalise the teacher's features over channels before the distance (LPIPS)",
+    )
+    g.add_argument(
+        "--t-prime-max",
+        type=float,
+        default=1.0,
+        help="beyond the paper: draw t' from the lowest fraction of noise levels only (default 1: all, the paper)",
+    )
 
 
 def add_optimisation_options(p: argparse.ArgumentParser) -> None:
@@ -226,6 +238,15 @@ def add_optimisation_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (default %(default)s)")
     g.add_argument("--warmup-images", type=int, default=TrainConfig.warmup_images, help="linear LR warm-up length")
+    g.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default=TrainConfig.lr_schedule,
+        help="after warm-up: constant, or a half cosine to lr x --lr-final-ratio at --steps (default %(default)s)",
+    )
+    g.add_argument(
+        "--lr-final-ratio", type=float, default=TrainConfig.lr_final_ratio, help="cosine: final lr / lr (default 0)"
+    )
     g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip, help="max gradient norm; 0 disables")
     g.add_argument(
@@ -273,6 +294,12 @@ def add_bookkeeping_options(p: argparse.ArgumentParser) -> None:
         default=TrainConfig.keep_checkpoints,
         help="how many full training states to keep",
     )
+    g.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=TrainConfig.snapshot_every,
+        help="keep the EMA weights every this many steps under snapshots/ for a training curve (0: never)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -314,6 +341,8 @@ def loss_config(args: argparse.Namespace, unconditional: bool = False) -> LossCo
         distance=args.distance,
         predicted_noise=args.predicted_noise,
         mse_weight=args.mse_weight,
+        feature_norm=args.feature_norm,
+        t_prime_max=args.t_prime_max,
         teacher=args.teacher,
     )
 
@@ -325,6 +354,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_images=args.warmup_images,
+        lr_schedule=args.lr_schedule,
+        lr_final_ratio=args.lr_final_ratio,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         ema_halflife_images=args.ema_halflife_images,
@@ -333,6 +364,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         sample_every=args.sample_every,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
+        snapshot_every=args.snapshot_every,
         device=args.device,
         mixed_precision=args.mixed_precision,
         init_from=args.init_from,
@@ -381,8 +413,19 @@ def check_sample_counts(args: argparse.Namespace, images: int) -> None:
 # Subcommands.
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,2`` -> [0, 2]; None when not given."""
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
 def budget_from_args(args: argparse.Namespace) -> Budget:
     """The named budget with the command line's overrides applied."""
+    import math
     from dataclasses import replace
 
     from .experiment import BUDGETS
@@ -390,20 +433,35 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     overrides = {
         k: v
         for k, v in (
-            ("stage1_steps", args.steps),
             ("finetune_steps", args.finetune_steps),
             ("eval_samples", args.eval_samples),
+            ("curve_samples", args.curve_samples),
             ("eval_repeats", args.eval_repeats),
             ("training_seeds", args.training_seeds),
+            ("batch_size", args.batch_size),
+            ("bootstrap", args.bootstrap),
         )
         if v is not None
     }
-    for name, value in overrides.items():
+    for name, value in {**overrides, "steps": args.steps or 1}.items():
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.extras is not None:
         overrides["extras"] = args.extras
     budget = replace(BUDGETS[args.budget], **overrides)
+    if args.steps is not None:  # the step cap of each stage-1 phase, in whole chunks
+        chunk = min(budget.stage1.chunk_steps, args.steps)
+        chunks = max(math.ceil(args.steps / chunk), 1)
+        budget = replace(
+            budget,
+            stage1=replace(budget.stage1, chunk_steps=chunk, max_chunks=chunks, min_chunks=min(2, chunks)),
+        )
+    if args.teacher_from is not None:
+        budget = replace(budget, teacher=args.teacher_from)
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        budget = replace(budget, preset=args.preset)
     if args.data is not None:
         budget = replace(budget, data=data_config(args))
     return budget
@@ -414,21 +472,31 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder; rerunning resumes it")
     p.add_argument(
         "--budget",
-        choices=["cpu-demo", "cpu-full", "gpu"],
+        choices=["cpu-demo", "cpu-fair", "gpu"],
         default="cpu-demo",
-        help="cpu-demo: under 10 min on 2 cores (the demo); cpu-full: about an hour on 2 cores; "
-        "gpu: Fashion-MNIST with the base U-Net on one GPU",
+        help="cpu-demo: under 10 min on 2 cores, with a teacher that is NOT converged (the demo); cpu-fair: the fair "
+        "test on the CPU, one process per training seed; gpu: Fashion-MNIST with the base U-Net on one GPU",
     )
-    p.add_argument("--steps", type=int, default=None, help="override the budget's stage-1 steps")
+    p.add_argument("--steps", type=int, default=None, help="override the step cap of each stage-1 phase")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's stage-2 steps")
+    p.add_argument("--preset", default=None, help=f"override the budget's U-Net size ({', '.join(PRESETS)})")
+    p.add_argument("--batch-size", type=int, default=None, help="override the budget's batch size")
     p.add_argument("--eval-samples", type=int, default=None, help="override the samples per evaluation")
+    p.add_argument("--curve-samples", type=int, default=None, help="override the samples per curve/sweep point")
     p.add_argument("--eval-repeats", type=int, default=None, help="override the number of sampling-seed repeats")
     p.add_argument("--training-seeds", type=int, default=None, help="override the number of training seeds")
+    p.add_argument("--bootstrap", type=int, default=None, help="override the bootstrap replicates (default 1000)")
+    p.add_argument("--seeds", default=None, help="only these training seeds, e.g. 0 or 0,1 (to run seeds in parallel)")
+    p.add_argument(
+        "--teacher-from",
+        default=None,
+        help="your own converged MSE model (run directory or weights) as teacher and starting point: skips stage 1",
+    )
     p.add_argument(
         "--extras",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also evaluate beyond the paper: self-perceptual + CFG, and autoguidance by the stage-1 model "
+        help="also evaluate beyond the paper: self-perceptual + CFG, autoguidance by the teacher, the null label "
         "(default: the budget's setting)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -153,6 +153,11 @@ class LossConfig:
     distance: Distance = "mse"
     predicted_noise: PredictedNoise = "predicted"
     mse_weight: float = 0.0
+    # Beyond the paper (issue #11): "channel" unit-normalises the teacher's features over channels at each position
+    # before the distance, as LPIPS does (Zhang et al. 2018, Eq. 1); t_prime_max < 1 draws t' only from the lower
+    # noise levels U{0 .. t_prime_max * T - 1}, where the features still see fine detail.
+    feature_norm: Literal["none", "channel"] = "none"
+    t_prime_max: float = 1.0
     teacher: str | None = None
     teacher_sha256: str | None = None
 
@@ -160,6 +165,7 @@ class LossConfig:
         _check_choice(self)
         _check(0.0 <= self.cond_dropout < 1.0, f"condition dropout must be in [0, 1), got {self.cond_dropout}")
         _check(self.mse_weight >= 0.0, f"--mse-weight must be >= 0, got {self.mse_weight}")
+        _check(0.0 < self.t_prime_max <= 1.0, f"--t-prime-max must be in (0, 1], got {self.t_prime_max}")
         _check(
             self.kind != "self-perceptual" or self.teacher is not None,
             "--loss self-perceptual needs --teacher RUN_DIR_OR_WEIGHTS (an MSE-trained model)",
@@ -179,6 +185,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_images: int = 4096
+    # "constant" after warm-up, or "cosine": half a cosine from lr down to lr * lr_final_ratio at the last step, so a
+    # stage-1 model ends annealed and stage 2 gets no bonus from a learning-rate drop it did not have (issue #11).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final_ratio: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_halflife_images: int = 8192
@@ -188,6 +198,9 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
+    # Every this many steps the EMA weights are also kept as snapshots/ema-STEP.safetensors (0: never), so a
+    # training curve of any sample metric can be measured after the run (experiment.py, the teacher's plateau).
+    snapshot_every: int = 0
     device: str = "auto"
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     init_from: str | None = None
@@ -210,6 +223,8 @@ class TrainConfig:
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         _check(self.warmup_images >= 0, "--warmup-images must be >= 0")
+        _check(0.0 <= self.lr_final_ratio <= 1.0, f"--lr-final-ratio must be in [0, 1], got {self.lr_final_ratio}")
+        _check(self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}")
         _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
         _check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
         _check(self.ema_halflife_images >= 0, "--ema-halflife-images must be >= 0")
@@ -363,6 +378,7 @@ RESUMABLE_FIELDS = frozenset(
         "train.sample_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.snapshot_every",
         "train.progress",
         "train.device",
         "train.grad_accum",

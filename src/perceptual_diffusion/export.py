@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -210,8 +210,14 @@ def export_diffusers(
 ) -> Path:
     """Write a trained model as a DDIMPipeline folder, atomically; ``sample_config`` defaults to the run's own."""
     out_dir = Path(out_dir)
-    check_export_target(out_dir, force)  # before any work: a refused target costs nothing
+    check_export_target(out_dir, force, [weights_or_run_dir])  # before any work: a refused target costs nothing
     state_dict, config, step = ckpt.read_weights(weights_or_run_dir)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(
+            f"{weights_or_run_dir} holds non-finite weights ({len(bad)} tensors with NaN or inf, e.g. {bad[0]!r}): "
+            "the model produces non-finite samples, so there is nothing worth exporting"
+        )
     config = replace(config, sample=sample_config or config.sample)
     model = DiffusionUNet(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, state_dict, str(weights_or_run_dir))
@@ -249,12 +255,48 @@ def export_diffusers(
     return publish_folder(out_dir, write, force, checked=True)
 
 
-def check_export_target(out_dir: Path, force: bool) -> None:
-    """Refuse to export onto a file or, without --force, into a folder that holds anything."""
+def _input_folder(source: str | Path) -> Path:
+    """The folder an export must never replace, enclose or write into for this input: the input itself, or for a
+    weights file inside a run directory that whole run (replacing it would take the checkpoints and log along)."""
+    path = Path(source).resolve()
+    if path.is_file() and ((path.parent / ckpt.CONFIG_NAME).is_file() or (path.parent / ckpt.STATE_DIR).is_dir()):
+        return path.parent
+    return path
+
+
+def check_export_target(out_dir: Path, force: bool, sources: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, every target whose replacement could lose something.
+
+    - a file, or (without --force) a folder that holds anything;
+    - with or without --force, any target that is one of ``sources`` (the run or folders the export reads), holds
+      one, or lies inside one: ``--out RUN --force`` would otherwise replace the run with the export;
+    - with --force, a folder that is not an earlier diffusers export: --force is for replacing an export, never a
+      run directory or a folder of runs.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a folder to export into")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
+    target = out_dir.resolve()
+    for source in sources:
+        protected = _input_folder(source)
+        is_run = (protected / ckpt.CONFIG_NAME).is_file() or (protected / ckpt.STATE_DIR).is_dir()
+        what = f"the run directory {protected}" if is_run else f"the input {source}"
+        if target == protected:
+            where = "is"
+        elif protected in target.parents:
+            where = "lies inside"
+        elif target in protected.parents:
+            where = "holds"
+        else:
+            continue
+        raise UserError(f"--out {out_dir} {where} {what}, which this export reads: export to a folder outside it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
+        if not is_diffusers_folder(out_dir):
+            raise UserError(
+                f"{out_dir} is not an earlier export (it has no model_index.json or unet/): --force replaces only a "
+                "diffusers folder; choose another folder, or move this one away yourself"
+            )
 
 
 def publish_folder(out_dir: Path, write: Callable[[Path], None], force: bool = False, checked: bool = False) -> Path:

@@ -43,7 +43,8 @@ from .sampling import ddim_sample, guided_denoiser
 from .schedule import NoiseSchedule
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer")
-GRID_PROMPTS = 8  # captions (the data's first ones) in the periodic sample grids; two seeds each
+GRID_PROMPTS = 4  # captions (the data's first ones) in the periodic sample grids: one row each, as in `latent sample`
+GRID_SEEDS_PER_PROMPT = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def check_pretrained(folder: str | Path) -> Path:
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than Python's stack
         raise UserError(f"cannot read {path} ({exc}); the pretrained folder is damaged") from None
 
 
@@ -495,9 +496,11 @@ class LatentTask:
         return frozen_copy(teacher)
 
     def sample_grid(self, ema: TextConditionedUNet, config: LatentRunConfig, path: Path, device: torch.device) -> None:
-        prompts = [self.data.captions[i % len(self.data)] for i in range(GRID_PROMPTS)]
-        images = sample_latent(ema, self.parts(device), prompts * 2, list(range(2 * GRID_PROMPTS)), config.sample)
-        save_grid(images, path, nrow=GRID_PROMPTS)
+        prompts = [
+            self.data.captions[i % len(self.data)] for i in range(GRID_PROMPTS) for _ in range(GRID_SEEDS_PER_PROMPT)
+        ]
+        images = sample_latent(ema, self.parts(device), prompts, list(range(len(prompts))), config.sample)
+        save_grid(images, path, nrow=GRID_SEEDS_PER_PROMPT)
 
 
 def precompute_latents(config: LatentRunConfig) -> LatentCache:
@@ -571,7 +574,9 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
     from .export import CONFIG_FILE, check_export_target, publish_folder, scheduler_config
 
     out_dir = Path(out_dir)
-    check_export_target(out_dir, force)
+    # The pretrained folder is an input too (its VAE and text encoder are copied): never replace it with the export.
+    pretrained = ckpt.weights_config(run, kind="latent")[0].model.pretrained
+    check_export_target(out_dir, force, [run, pretrained])
     model, parts, config, step = load_latent_model(run)
 
     def write(tmp: Path) -> None:

@@ -88,8 +88,16 @@ class MSELoss:
         return {"loss": mse, "mse": mse.detach()}
 
 
-def feature_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
-    """Per-sample mean squared (or absolute) difference between two feature maps."""
+def normalise_channels(f: Tensor, eps: float = 1e-10) -> Tensor:
+    """Unit length over channels at every position (LPIPS, Zhang et al. 2018, Eq. 1)."""
+    f = f.float()
+    return f / (f.pow(2).sum(dim=1, keepdim=True) + eps).sqrt()
+
+
+def feature_distance(a: Tensor, b: Tensor, distance: str, norm: str = "none") -> Tensor:
+    """Per-sample mean squared (or absolute) difference between two feature maps (optionally channel-normalised)."""
+    if norm == "channel":
+        a, b = normalise_channels(a), normalise_channels(b)
     diff = a.float() - b.float()
     return _per_sample_mean(diff * diff if distance == "mse" else diff.abs())
 
@@ -106,6 +114,7 @@ def self_perceptual_loss(
     feature_layer: str = "mid",
     distance: str = "mse",
     predicted_noise: str = "predicted",
+    feature_norm: str = "none",
 ) -> Tensor:
     """Per-sample self-perceptual loss (PAPER.md steps 2-4).
 
@@ -127,6 +136,7 @@ def self_perceptual_loss(
         feature_layer=feature_layer,
         distance=distance,
         predicted_noise=predicted_noise,
+        feature_norm=feature_norm,
     )
 
 
@@ -143,6 +153,7 @@ def perceptual_from_prediction(
     feature_layer: str = "mid",
     distance: str = "mse",
     predicted_noise: str = "predicted",
+    feature_norm: str = "none",
 ) -> Tensor:
     """Steps 3-4 of the objective, given the online model's prediction ``pred`` at (x_t, t)."""
     schedule = teacher.schedule
@@ -159,7 +170,7 @@ def perceptual_from_prediction(
     # The predicted branch keeps its graph: gradients flow *through* the frozen teacher into x_hat, and so into
     # the online model. The teacher's parameters have requires_grad False, so backward computes no weight grads.
     f_hat = teacher.features(x_hat, t_prime, cond, taps)
-    return sum(feature_distance(f_hat[k], f_real[k], distance) for k in taps)
+    return sum(feature_distance(f_hat[k], f_real[k], distance, feature_norm) for k in taps)
 
 
 class SelfPerceptualLoss:
@@ -191,7 +202,8 @@ class SelfPerceptualLoss:
         noise = draw_t_eps(shape, num_train_timesteps, generator, dtype)
         # t' must be drawn anew: with t' = t and predicted noise, x_hat_t' == x_t exactly and the loss vanishes.
         same = self.config.t_prime == "same-as-t"
-        t_prime = noise["t"] if same else draw_timesteps(shape[0], num_train_timesteps, generator, generator.device)
+        t_prime_steps = max(int(self.config.t_prime_max * num_train_timesteps), 1)
+        t_prime = noise["t"] if same else draw_timesteps(shape[0], t_prime_steps, generator, generator.device)
         return {**noise, "t_prime": t_prime}
 
     def __call__(
@@ -219,6 +231,7 @@ class SelfPerceptualLoss:
             feature_layer=self.config.feature_layer,
             distance=self.config.distance,
             predicted_noise=self.config.predicted_noise,
+            feature_norm=self.config.feature_norm,
         )
         mse = mse_from_prediction(model, pred, x0, t, eps)  # free: pred is already computed
         loss = perceptual + self.config.mse_weight * mse if self.config.mse_weight > 0 else perceptual

@@ -178,5 +178,10 @@ def sample_sharded(
 def labels_for_seeds(seeds: Sequence[int], class_probs: Tensor) -> Tensor:
     """A label per image drawn from the data's class proportions, seeded by the image's own seed (offset so the
     label draw is independent of the image's noise draw)."""
-    gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
-    return torch.stack([torch.multinomial(class_probs, 1, generator=g)[0] for g in gens])
+    # One generator, reseeded per image: the same draws as a generator per seed, without holding n generators (each
+    # keeps kilobytes of state) at once.
+    gen = torch.Generator()
+    labels = torch.empty(len(seeds), dtype=torch.long)
+    for i, s in enumerate(seeds):
+        labels[i] = torch.multinomial(class_probs, 1, generator=gen.manual_seed(int(s) + 0x5EED))[0]
+    return labels

@@ -30,7 +30,7 @@ from . import distributed
 from .config import RESUMABLE_FIELDS, LatentRunConfig, RunConfig, TrainConfig, config_diff
 from .data import Dataset, load_dataset
 from .errors import TrainingDiverged, UserError
-from .grid import save_grid
+from .grid import class_rows, save_grid
 from .losses import build_loss
 from .networks import DiffusionUNet, frozen_copy, unwrap
 from .sampling import sample
@@ -57,9 +57,21 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
-def learning_rate(images_seen: int, base_lr: float, warmup_images: int) -> float:
-    """Linear warm-up over ``warmup_images``, then constant."""
-    return base_lr * min(1.0, (images_seen + 1) / warmup_images) if warmup_images > 0 else base_lr
+def learning_rate(
+    images_seen: int,
+    base_lr: float,
+    warmup_images: int,
+    schedule: str = "constant",
+    total_images: int = 0,
+    final_ratio: float = 0.0,
+) -> float:
+    """Linear warm-up over ``warmup_images``, then constant, or a half cosine down to ``base_lr * final_ratio`` at
+    ``total_images`` (Loshchilov & Hutter 2017, without restarts)."""
+    warm = min(1.0, (images_seen + 1) / warmup_images) if warmup_images > 0 else 1.0
+    if schedule == "constant" or total_images <= warmup_images:
+        return base_lr * warm
+    progress = min(max(images_seen - warmup_images, 0) / (total_images - warmup_images), 1.0)
+    return base_lr * warm * (final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def ema_beta(images_seen: int, batch_size: int, halflife_images: int, rampup: float) -> float:
@@ -131,12 +143,19 @@ def prepare_run_dir(
 ) -> RunConfig | LatentRunConfig:
     """Create the run directory or check that a resume uses the same configuration."""
     _make_run_dir(run_dir)
+    for name, what in ((ckpt.STATE_DIR, "checkpoints"), ("samples", "sample grids"), ("snapshots", "EMA snapshots")):
+        # Checked before any work: found at the first checkpoint, it would cost the steps trained until then.
+        folder = run_dir / name
+        if folder.exists() and not folder.is_dir():
+            raise UserError(
+                f"{folder} is a file, not the folder of the run's {what}; move it away, or use a new --run-dir"
+            )
     config = _with_teacher_hash(config)
     saved = run_dir / ckpt.CONFIG_NAME
     if saved.is_file():
         try:
             old = json.loads(saved.read_text())
-        except (ValueError, OSError):
+        except (ValueError, OSError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
             raise UserError(f"{saved} is not valid JSON; restore it or use a new --run-dir") from None
         if not isinstance(old, dict):
             raise UserError(f"{saved} does not hold a configuration; restore it or use a new --run-dir")
@@ -150,7 +169,10 @@ def prepare_run_dir(
 
 def _check_same_config(old: dict, config: RunConfig | LatentRunConfig, where: str, override: bool) -> None:
     """Refuse to resume with a configuration that changes what the steps compute, naming the fields that differ."""
-    diffs = [d for d in config_diff(old, config.to_dict()) if d.split(":")[0] not in RESUMABLE_FIELDS]
+    resumable = RESUMABLE_FIELDS
+    if config.train.lr_schedule != "constant":  # a decay is a function of the total steps: changing them is new run
+        resumable = resumable - {"train.steps"}
+    diffs = [d for d in config_diff(old, config.to_dict()) if d.split(":")[0] not in resumable]
     if diffs and not override:
         raise UserError(
             f"{where} was started with another configuration ({'; '.join(diffs)}); use a new --run-dir, "
@@ -310,9 +332,9 @@ class PixelTask:
 
     def sample_grid(self, ema: DiffusionUNet, config: RunConfig, path: Path, device: torch.device) -> None:
         n_cls = config.model.num_classes
-        grid_labels = torch.arange(GRID_SEEDS) % n_cls if n_cls > 0 else None
+        grid_labels = class_rows(GRID_SEEDS, n_cls) if n_cls > 0 else None  # one class per row, as everywhere
         images_ = sample(ema, list(range(GRID_SEEDS)), grid_labels, config.sample, device=device)
-        save_grid(images_, path, nrow=n_cls if n_cls > 0 else None)
+        save_grid(images_, path, rows=grid_labels)
 
 
 def train(config: RunConfig, run_dir: str | Path, override_config: bool = False) -> TrainResult:
@@ -433,6 +455,9 @@ def _train_locked(
         ckpt.save_state(run_dir, at_step, payload, tc.keep_checkpoints)
         save_snapshot(at_step)
 
+    def save_curve_snapshot(at_step: int) -> None:
+        ckpt.save_weights(snapshot_path(run_dir, at_step), ema.state_dict(), config, at_step)
+
     def sample_grid(at_step: int) -> None:
         task.sample_grid(ema, config, run_dir / "samples" / f"step-{at_step:08d}.png", device)
 
@@ -441,26 +466,45 @@ def _train_locked(
         log_file.flush()
 
     def bookkeeping(write: Callable[[], None], what: str, at_step: int) -> None:
-        """Turn a failed write (a full disk, a read-only folder) into one line; the last checkpoint stays intact."""
+        """Turn a failed write (a full disk, a read-only folder) into one line; the last checkpoint stays intact.
+
+        Every file is written atomically (``ckpt.atomic_write``, which also turns torch's and safetensors' failed
+        writes into ``OSError``), so a failed write leaves the previous version of each file in place.
+        """
         try:
             write()
         except OSError as exc:
+            if what == "log":
+                # The failed line is still in the file's buffer, and closing it in the loop's cleanup would raise
+                # the same error again over this message: close it here, where the error is already reported.
+                with contextlib.suppress(OSError):
+                    log_file.close()
+            good = last_good()
+            after = (
+                f"the last good checkpoint {good} is intact: free space and rerun the same command to resume"
+                if good != "none"
+                else "no checkpoint had been written yet: free space and rerun the same command to start again"
+            )
             raise UserError(
-                f"could not write the {what} at step {at_step} ({exc.strerror or exc}); the last good checkpoint "
-                f"{last_good()} is intact: free space and rerun the same command to resume"
+                f"could not write the {what} at step {at_step} ({exc.strerror or exc}); files stayed consistent, "
+                + after
             ) from None
 
     if state is not None and ckpt.weights_step(weights_path) != step:  # killed between state and snapshot writes
         bookkeeping(lambda: save_snapshot(step), "inference snapshot", step)
 
+    # The bar shows one speed, images/s over the optimiser steps since its previous update (the current throughput,
+    # not a cumulative average), and tqdm's remaining time from its smoothed step rate; not tqdm's step/s as well.
     bar = tqdm(
         total=tc.steps,
         initial=step,
         desc=f"train {config.loss.kind}",
         unit="step",
-        disable=not (tc.progress and is_main),
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]",
+        disable=not (tc.progress and is_main) or step >= tc.steps,  # nothing left to train: no bar
         dynamic_ncols=True,
     )
+    bar_mark = (0.0, 0)  # (train_seconds, images_done) at the bar's previous speed update
     log_file = None
     if is_main:
         try:
@@ -478,7 +522,9 @@ def _train_locked(
             # Every rank draws the whole global batch from the (seed, step) stream and keeps its slice.
             gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
             batch = distributed.draw_global_batch(config, source, loss_fn, gen)
-            lr = learning_rate(images_seen, tc.lr, tc.warmup_images)
+            lr = learning_rate(
+                images_seen, tc.lr, tc.warmup_images, tc.lr_schedule, tc.steps * tc.batch_size, tc.lr_final_ratio
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
@@ -513,9 +559,13 @@ def _train_locked(
                 record = {"step": step, "images_seen": step * tc.batch_size, "lr": lr, "images_per_second": speed}
                 record.update(logged)
                 bookkeeping(lambda r=record: write_log(r), "log", step)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.0f}")
+                recent = (images_done - bar_mark[1]) / max(train_seconds - bar_mark[0], 1e-9)
+                bar_mark = (train_seconds, images_done)
+                bar.set_postfix_str(f"loss {last_loss:.4f}, {recent:.0f} images/s")
             if step % tc.sample_every == 0 or step == tc.steps:
                 bookkeeping(lambda s=step: sample_grid(s), "sample grid", step)
+            if tc.snapshot_every and (step % tc.snapshot_every == 0 or step == tc.steps):
+                bookkeeping(lambda s=step: save_curve_snapshot(s), "EMA snapshot", step)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 bookkeeping(lambda s=step: checkpoint(s), "checkpoint", step)
     finally:
@@ -527,6 +577,22 @@ def _train_locked(
     distributed.barrier()  # every rank returns once the final checkpoint and snapshot exist
     speed = images_done / train_seconds if images_done else float("nan")
     return TrainResult(run_dir, step, speed, last_loss, train_seconds)
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    """Where ``TrainConfig.snapshot_every`` keeps the EMA weights of ``step``."""
+    return Path(run_dir) / "snapshots" / f"ema-{step:08d}.safetensors"
+
+
+def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every EMA snapshot of a run, by step."""
+    found = []
+    for p in (Path(run_dir) / "snapshots").glob("ema-*.safetensors"):
+        try:
+            found.append((int(p.stem.split("-")[1]), p))
+        except ValueError:
+            continue
+    return sorted(found)
 
 
 def is_finished(run_dir: str | Path, steps: int) -> bool:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A time-boxed fair comparison on one GPU: Fashion-MNIST, the medium U-Net, 3 training seeds in parallel processes
+# on the one GPU, then the report; everything packed into $OUT/gpu-compare.tar.gz (report.md, results.json, plots,
+# grids, logs, timings). Sized by estimate to end inside ~7 minutes on an H100/H200 (not yet measured on one);
+# `timeout` stops it at $TIME_BOX seconds and whatever exists is packed.
+#
+# On the device machine (nothing can be downloaded there), prepare here first: bash benchmarks/gpu_prepare.sh,
+# then run with carry [".whl", ".fmnist"]:
+#   bash benchmarks/gpu_compare.sh
+# On the CPU, with tiny sizes (the project's test of this script):
+#   OUT=/tmp/gpu-out DATA=shapes PRESET=tiny BATCH=8 STEPS=4 FINETUNE=2 SAMPLES=12 CURVE=12 SEEDS=2 DEVICE=cpu \
+#     bash benchmarks/gpu_compare.sh
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+RUN=${RUN:-runs/gpu-compare}
+PRESET=${PRESET:-medium}
+STEPS=${STEPS:-3000}        # step cap of each stage-1 phase (chunks of 1000 steps, or fewer)
+FINETUNE=${FINETUNE:-500}   # stage-2 steps of each branch
+SAMPLES=${SAMPLES:-2000}    # samples per headline row
+CURVE=${CURVE:-1000}        # samples per curve / sweep point
+SEEDS=${SEEDS:-3}
+BATCH=${BATCH:-256}
+BOOTSTRAP=${BOOTSTRAP:-1000}
+DATA=${DATA:-fashion-mnist}
+DEVICE=${DEVICE:-cuda}
+TIME_BOX=${TIME_BOX:-420}
+mkdir -p "$OUT" "$RUN"
+
+if [ -d .whl ]; then  # the device machine: carried wheels and this checkout on PYTHONPATH
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+fi
+[ -d .fmnist ] && export FASHION_MNIST_DIR=$PWD/.fmnist
+PD="python3 -m perceptual_diffusion.cli"
+[ -x .venv/bin/python ] && PD=".venv/bin/python -m perceptual_diffusion.cli"
+[ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1  # one thread per seed's process
+ARGS=(compare --out "$RUN" --budget gpu --data "$DATA" --preset "$PRESET" --batch-size "$BATCH" --steps "$STEPS"
+      --finetune-steps "$FINETUNE" --eval-samples "$SAMPLES" --curve-samples "$CURVE" --training-seeds "$SEEDS"
+      --bootstrap "$BOOTSTRAP"
+      --device "$DEVICE")
+start=$(date +%s)
+{
+  echo "command: $PD ${ARGS[*]}"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+} > "$OUT/timing.log"
+export PD RUN OUT SEEDS start
+export ARGS_TEXT="${ARGS[*]}"
+# Round 1 (teachers and the stage-2 sweep) and round 2 (the rest and every evaluation), one process per seed,
+# then the report. timeout signals the whole process group, the seeds' processes included.
+timeout "$TIME_BOX" bash -c '
+  for round in 1 2; do
+    for s in $(seq 0 $((SEEDS - 1))); do
+      PYTHONUNBUFFERED=1 $PD $ARGS_TEXT --seeds "$s" > "$RUN/round$round-seed$s.log" 2>&1 &
+    done
+    wait
+    echo "round $round done at $(( $(date +%s) - start )) s" >> "$OUT/timing.log"
+  done
+  PYTHONUNBUFFERED=1 $PD $ARGS_TEXT > "$RUN/gather.log" 2>&1
+'
+status=$?
+echo "exit $status after $(( $(date +%s) - start )) s (124: stopped by the time box)" >> "$OUT/timing.log"
+tar -czf "$OUT/gpu-compare.tar.gz" -C "$RUN" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npz' \
+  --exclude='checkpoints' --exclude='snapshots' . 2>/dev/null
+cp "$RUN/report.md" "$OUT/" 2>/dev/null
+cat "$OUT/timing.log"
+exit $status
