@@ -255,16 +255,12 @@ def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]
             f"**Without guidance, self-perceptual and MSE continued are not separated on {label}**: difference "
             f"{d['estimate']:+.4f} ({spread})."
         ]
-    better = [
-        LABELS.get(m, (m,))[0]
-        for m, x in head.items()
-        if m != crit and _significant(x) and (x["estimate"] > 0) == LABELS.get(m, (m, True))[1]
-    ]
-    worse = [
-        LABELS.get(m, (m,))[0]
-        for m, x in head.items()
-        if m != crit and _significant(x) and (x["estimate"] > 0) != LABELS.get(m, (m, True))[1]
-    ]
+    # Diagnostics (direction None, e.g. the nearest-train distance) are neither better nor worse.
+    ranked = {
+        m: x for m, x in head.items() if m != crit and _significant(x) and LABELS.get(m, (m, True))[1] is not None
+    }
+    better = [LABELS[m][0] for m, x in ranked.items() if (x["estimate"] > 0) == LABELS[m][1]]
+    worse = [LABELS[m][0] for m, x in ranked.items() if (x["estimate"] > 0) != LABELS[m][1]]
     out.append(
         f"Among the other metrics, self-perceptual is significantly better on {', '.join(better) or 'none'} and "
         f"worse on {', '.join(worse) or 'none'} (paired over {n_seeds} training seed(s), same sampling seeds)."
@@ -285,7 +281,17 @@ def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]
         out.append(
             f"**Warning: the teacher is NOT converged** in {', '.join(bad)} (stage 1 ended at its step cap), "
             "so stage 2 partly measures further convergence, not the objective; the fair results are the "
-            "`cpu-fair` runs under results/ in the repository."
+            "`cpu-fair` runs in the repository's results/shapes-fair/report.md."
+        )
+    residual = diffs.get("MSE continued vs the teacher", {}).get(crit)
+    converged = all(t["at_plateau"] for t in teachers.values()) and not results["budget"].get("teacher")
+    if converged and residual is not None and _significant(residual) and (residual["estimate"] > 0) == higher:
+        vs_teacher = diffs.get("self-perceptual vs its teacher", {}).get(crit)
+        out.append(
+            f"MSE continued still gains on its teacher ({label} {_fmt_diff(residual)}): the plateau criterion at "
+            f"{results['budget']['curve_samples']} samples per point does not exclude gains of this size, so part of "
+            "the headline difference may be further convergence"
+            + (f"; against the same teacher, self-perceptual moves by {_fmt_diff(vs_teacher)}." if vs_teacher else ".")
         )
     cfg_title = next((t for t in diffs if t.startswith("self-perceptual (no guidance) vs MSE + CFG")), None)
     if cfg_title:
@@ -428,7 +434,8 @@ def write_report(ctx: Any, results: dict[str, Any]) -> Path:
         f"{len(seeds)} training seed(s), with ± the standard deviation over seeds only when there are at least 3. "
         "Differences are paired per training seed (same teacher, same sampling seeds); intervals are 95% "
         "percentile intervals of a hierarchical bootstrap (training seeds, then samples within a seed). A difference "
-        "whose interval contains 0 is within the noise of this experiment. "
+        "whose interval contains 0 is within the noise of this experiment. KID is the unbiased estimator, so it is "
+        "negative when two sets are closer than its sampling noise. "
         f"The criterion that stopped stage 1 and chose the stage-2 learning rates is {LABELS.get(crit, (crit,))[0]}, "
         "measured on held-out sampling seeds, never on the seeds of this table.",
         "",
