@@ -29,7 +29,7 @@ from .experiment import (
     teacher_dir,
     train_teacher,
 )
-from .report import LABELS, _cell, paired
+from .report import LABELS, format_cell, paired
 from .training import is_finished, load_model, snapshot_path, train
 
 SP = LossConfig(kind="self-perceptual", teacher="<teacher>")
@@ -91,7 +91,7 @@ def chosen_lrs(ctx: Context) -> dict[str, float]:
 
 def _early_teacher(ctx: Context, seed: int) -> Path:
     first = ctx.budget.stage1.chunk_steps
-    phase0 = ctx.out / f"seed{seed}" / ("stage1-phase0" if len(ctx.budget.stage1.lrs) > 1 else "stage1-mse")
+    phase0 = ctx.root(seed) / ("stage1-phase0" if len(ctx.budget.stage1.lrs) > 1 else "stage1-mse")
     return snapshot_path(phase0, first)
 
 
@@ -101,7 +101,7 @@ def _run_variant(ctx: Context, seed: int, v: Variant, chosen: dict[str, float]) 
     loss = replace(v.loss, teacher=str(teacher)) if v.loss.kind == "self-perceptual" else v.loss
     budget = replace(ctx.budget, finetune_steps=max(int(ctx.budget.finetune_steps * v.steps_factor), 1))
     cfg = stage2_config(budget, ctx.data, loss, base_lr, seed, str(teacher), ctx.device)
-    run_dir = branch_dir(ctx.out / f"seed{seed}", v.name.replace("/", "@"), base_lr)
+    run_dir = branch_dir(ctx.root(seed), v.name.replace("/", "@"), base_lr)
     if not is_finished(run_dir, cfg.train.steps):
         _log(f"seed {seed}: {v.name} ({cfg.train.steps} steps, lr {base_lr:g})")
         train(cfg, run_dir)
@@ -199,7 +199,7 @@ def _write(ctx: Context, result: dict[str, Any], variants: list[Variant]) -> Non
     ]
     for name in names:
         cells = [
-            _cell(
+            format_cell(
                 [
                     result["evaluations"][s][_key(name)][0][m]
                     for s in seeds

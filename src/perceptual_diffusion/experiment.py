@@ -36,7 +36,7 @@ from .data import data_shape
 from .errors import UserError
 from .grid import save_grid
 from .sampling import sample
-from .scoring import Criterion, criterion_for, evaluate_cached, load_per_sample
+from .scoring import Criterion, criterion_for, evaluate_cached, is_cached, load_per_sample
 from .teacher import PlateauSchedule, TeacherResult, train_to_plateau
 from .training import is_finished, load_model, resolve_device, train
 
@@ -243,6 +243,15 @@ class Context:
     extractor: Any
     reference_split: str
 
+    def cache(self, name: str, seed: int) -> Path:
+        """Where the evaluation ``name`` of training seed ``seed`` is cached (``scoring.evaluate_cached`` adds the
+        .json and .npz extensions)."""
+        return self.out / "eval" / f"seed{seed}" / name.replace("/", "__")
+
+    def root(self, seed: int, unconditional: bool = False) -> Path:
+        """The folder of one training seed's runs (``uncond/`` inside it for the unconditional pair)."""
+        return self.out / f"seed{seed}" / ("uncond" if unconditional else "")
+
     def evaluate(
         self,
         name: str,
@@ -253,9 +262,8 @@ class Context:
         guide: Any = None,
         use_labels: bool = True,
     ) -> dict[str, Any]:
-        cache = self.out / "eval" / f"seed{seed}" / name.replace("/", "__")
         return evaluate_cached(
-            cache,
+            self.cache(name, seed),
             model,
             sample_config,
             self.data,
@@ -275,8 +283,7 @@ class Context:
         res = self.evaluate(
             name, seed, lambda: load_model(weights, self.dev)[0], SampleConfig(steps=self.budget.sample_steps), seeds
         )
-        cache = self.out / "eval" / f"seed{seed}" / name.replace("/", "__")
-        per_sample = load_per_sample(cache) if self.criterion.key == "fid" else None
+        per_sample = load_per_sample(self.cache(name, seed)) if self.criterion.key == "fid" else None
         reference = reference_stats(self.data, self.extractor, split=self.reference_split) if per_sample else None
         return self.criterion.value(res), self.criterion.standard_error(res, per_sample, reference), res
 
@@ -302,7 +309,7 @@ def make_context(out: Path, budget: Budget, data: DataConfig, device: str) -> Co
 
 def train_teacher(ctx: Context, seed: int, unconditional: bool = False) -> TeacherResult:
     """Stage 1 for one training seed (conditional, or the unconditional pair's teacher)."""
-    root = ctx.out / f"seed{seed}" / ("uncond" if unconditional else "")
+    root = ctx.root(seed, unconditional)
     prefix = "uncond/" if unconditional else ""
 
     def make_config(phase: int, lr: float, steps: int, init_from: str | None) -> RunConfig:
@@ -317,15 +324,14 @@ def train_teacher(ctx: Context, seed: int, unconditional: bool = False) -> Teach
 def teacher_dir(ctx: Context, seed: int, unconditional: bool = False) -> Path:
     if ctx.budget.teacher is not None and not unconditional:
         return Path(ctx.budget.teacher)
-    root = ctx.out / f"seed{seed}" / ("uncond" if unconditional else "")
-    return root / "stage1-mse"
+    return ctx.root(seed, unconditional) / "stage1-mse"
 
 
 def train_branches(ctx: Context, seed: int, lrs: dict[str, tuple[float, ...]], unconditional: bool = False) -> None:
     """Stage 2: every branch at every learning rate it is given, all from the same teacher weights."""
     from .variants import VARIANTS
 
-    root = ctx.out / f"seed{seed}" / ("uncond" if unconditional else "")
+    root = ctx.root(seed, unconditional)
     teacher = str(teacher_dir(ctx, seed, unconditional))
     losses = {**branch_losses(ctx.budget), **{v: VARIANTS[v] for v in ctx.budget.variants}}
     for branch, branch_lrs in lrs.items():
@@ -346,7 +352,7 @@ def sweep_points(ctx: Context, seeds: list[int]) -> dict[str, dict[float, list[f
     for branch in branch_losses(ctx.budget):
         for lr in ctx.budget.finetune_lrs:
             for seed in seeds:
-                run_dir = branch_dir(ctx.out / f"seed{seed}", branch, lr)
+                run_dir = branch_dir(ctx.root(seed), branch, lr)
                 value, _, _ = ctx.selection_point(f"sweep-{branch}-lr{lr:g}", seed, run_dir)
                 points.setdefault(branch, {}).setdefault(lr, []).append(value)
     return points
@@ -392,7 +398,7 @@ def model_dir(ctx: Context, seed: int, model: str, chosen: dict[str, float]) -> 
     """The run directory a row's model name refers to, at the branch's chosen learning rate."""
     unconditional = model.startswith("uncond/")
     name = model.removeprefix("uncond/")
-    root = ctx.out / f"seed{seed}" / ("uncond" if unconditional else "")
+    root = ctx.root(seed, unconditional)
     if name == "stage1-mse":
         return teacher_dir(ctx, seed, unconditional)
     return branch_dir(root, name, chosen["self-perceptual" if name in ctx.budget.variants else name])
@@ -509,13 +515,15 @@ def run_compare(
 
 
 def _sweep_done(ctx: Context, seed: int) -> bool:
-    names = [f"sweep-{b}-lr{lr:g}" for b in branch_losses(ctx.budget) for lr in ctx.budget.finetune_lrs]
-    if len(ctx.budget.finetune_lrs) == 1:
+    """Every stage-2 run of the sweep of this seed is trained (and, with several learning rates, evaluated)."""
+    lrs = ctx.budget.finetune_lrs
+    if len(lrs) == 1:
         return all(
-            is_finished(branch_dir(ctx.out / f"seed{seed}", b, ctx.budget.finetune_lrs[0]), 1)
+            is_finished(branch_dir(ctx.root(seed), b, lrs[0]), ctx.budget.finetune_steps)
             for b in branch_losses(ctx.budget)
         )
-    return all((ctx.out / "eval" / f"seed{seed}" / f"{n}.json").is_file() for n in names)
+    names = [f"sweep-{b}-lr{lr:g}" for b in branch_losses(ctx.budget) for lr in lrs]
+    return all(is_cached(ctx.cache(n, seed)) for n in names)
 
 
 def _teacher_for(ctx: Context, seed: int, unconditional: bool = False) -> TeacherResult:

@@ -56,7 +56,7 @@ def _seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
     return values
 
 
-def _cell(values: list[float]) -> str:
+def format_cell(values: list[float]) -> str:
     if not values:
         return "-"
     s = stats.summary(values)
@@ -70,7 +70,7 @@ def results_table(results: dict[str, Any]) -> str:
     metrics = [(k, label) for k, label, _ in TABLE_METRICS if any(_seed_values(results, key, k) for key in keys)]
     lines = ["| model, guidance | " + " | ".join(label for _, label in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for key in keys:
-        cells = [_cell(_seed_values(results, key, k)) for k, _ in metrics]
+        cells = [format_cell(_seed_values(results, key, k)) for k, _ in metrics]
         lines.append(f"| {_row_label(key)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -103,7 +103,7 @@ def _statistics(ctx: Any, per_sample: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def paired(ctx: Any, seeds: list[int], key_a: str, key_b: str, n_boot: int = 1000) -> dict[str, dict[str, Any]]:
     """Every available metric of row ``key_a`` minus row ``key_b``, paired per training seed."""
-    load = lambda key, s: load_per_sample(ctx.out / "eval" / f"seed{s}" / f"{key.replace('/', '__')}-rep0")  # noqa: E731
+    load = lambda key, s: load_per_sample(ctx.cache(f"{key}-rep0", s))  # noqa: E731
     a = [load(key_a, s) for s in seeds]
     b = [load(key_b, s) for s in seeds]
     out = {}
@@ -208,8 +208,8 @@ def losses_table(results: dict[str, Any]) -> tuple[str, str]:
     models = list(next(iter(per_seed.values())))
     lines = ["| model | self-perceptual loss | MSE loss |", "|---|---|---|"]
     for m in models:
-        sp = _cell([per_seed[s][m]["self_perceptual"] for s in per_seed])
-        mse = _cell([per_seed[s][m]["mse"] for s in per_seed])
+        sp = format_cell([per_seed[s][m]["self_perceptual"] for s in per_seed])
+        mse = format_cell([per_seed[s][m]["mse"] for s in per_seed])
         lines.append(f"| {m} | {sp} | {mse} |")
     sp_lower = [
         per_seed[s]["mse-continued"]["self_perceptual"] < per_seed[s]["self-perceptual"]["self_perceptual"]

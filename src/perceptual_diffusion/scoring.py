@@ -106,7 +106,7 @@ def evaluate_cached(
     from .evaluate import evaluate_model
 
     json_path, npz_path = _with_extension(cache, ".json"), _with_extension(cache, ".npz")
-    if json_path.is_file() and npz_path.is_file():
+    if is_cached(cache):
         return json.loads(json_path.read_text())
     model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
     guide = guide() if callable(guide) and not isinstance(guide, torch.nn.Module) else guide
@@ -126,6 +126,11 @@ def evaluate_cached(
     result["metrics"] = flatten_metrics(result)
     atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
     return result
+
+
+def is_cached(cache: Path) -> bool:
+    """Whether :func:`evaluate_cached` has written both files of ``cache``."""
+    return _with_extension(cache, ".json").is_file() and _with_extension(cache, ".npz").is_file()
 
 
 def _with_extension(cache: Path, extension: str) -> Path:
