@@ -320,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ablate",
         help="what decides the self-perceptual outcome: stage-2 variants, one change at a time",
-        description="From the budget's stage-1 MSE model (and one stopped at a quarter of its steps), fine-tune "
-        "variants of the self-perceptual objective (learning rate, feature tap, + MSE, true eps, steps, teacher "
-        "convergence) and MSE baselines for the same steps, for each training seed; evaluate without guidance; "
-        "write ablation.md and ablation.json. Shares stage 1 and stage 2 runs with `compare` in the same --out.",
+        description="From the budget's converged stage-1 MSE model (and its first EMA snapshot, an early "
+        "teacher), at the learning rates a `compare` in the same --out chose, fine-tune variants of the "
+        "self-perceptual objective (learning rate, feature tap, + MSE, true eps, steps, teacher convergence) "
+        "and MSE baselines for the same steps, for each training seed; evaluate without guidance; write "
+        "ablation.md and ablation.json. Shares stage 1 and stage 2 runs with `compare` in the same --out.",
     )
     add_budget_options(p)
     p.add_argument(

@@ -110,6 +110,22 @@ BUDGETS: dict[str, Budget] = {
         curve_samples=1000,
         variants=("sp-channel-norm", "sp-low-noise"),
     ),
+    # The fair test on Fashion-MNIST (28px) on 2 CPU cores, one process per training seed: the protocol of cpu-fair
+    # at three times its cost per image, so without the unconditional pair and the extra rows (cpu-fair has them).
+    "cpu-fair-fmnist": Budget(
+        name="cpu-fair-fmnist",
+        data=FASHION,
+        preset="tiny",
+        batch_size=64,
+        stage1=PlateauSchedule(lrs=(2e-3, 2e-4), chunk_steps=500, max_chunks=10, min_chunks=2),
+        finetune_steps=1000,
+        finetune_lrs=(2e-4, 5e-5),
+        sample_steps=25,
+        eval_samples=2000,
+        curve_samples=1000,
+        unconditional=False,
+        extras=False,
+    ),
     # One GPU: Fashion-MNIST with the base U-Net and the paper's 50 DDIM steps (benchmarks/gpu_compare.sh).
     "gpu": Budget(
         name="gpu",
