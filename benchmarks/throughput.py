@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from perceptual_diffusion.config import LossConfig, ModelConfig, SampleConfig, ScheduleConfig
+from perceptual_diffusion.config import PRESETS, LossConfig, ModelConfig, SampleConfig, ScheduleConfig
 from perceptual_diffusion.data import shapes_valid_set
 from perceptual_diffusion.losses import MSELoss
-from perceptual_diffusion.networks import PRESETS, DiffusionUNet, count_parameters
+from perceptual_diffusion.networks import DiffusionUNet, count_parameters
 from perceptual_diffusion.sampling import sample
 
 # Natural data size per preset: 16x16 shapes for the CPU presets, 32x32 shapes for the GPU ones.

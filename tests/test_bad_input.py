@@ -499,9 +499,9 @@ def test_export_never_replaces_holds_or_enters_what_it_reads(
 
 
 def test_sample_beyond_memory_is_refused_before_sampling(trained: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    from perceptual_diffusion import cli_common
+    from perceptual_diffusion.cli import checks as cli_checks
 
-    monkeypatch.setattr(cli_common, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(cli_checks, "available_memory", lambda: 1 << 20)
     capsys.readouterr()
     assert cli.main(_sample(str(trained), "-n", "100000", ctx=Ctx(tmp_path, trained))) == 2
     err = capsys.readouterr().err

@@ -207,9 +207,30 @@ def test_evaluate_uses_the_runs_sampler_names_it_and_writes_the_named_json(
     assert "eval-EXTRACTOR-nN.json" in helps["json"] and "domain-shapes16" in helps["json"]
     assert "the model's own sampling setting" in helps["sample_steps"]
     args = evaluate.parse_args([str(run), "--steps", "7"])
-    from perceptual_diffusion.cli_common import run_sample_config
+    from perceptual_diffusion.cli.options import run_sample_config
     from perceptual_diffusion.config import SampleConfig
 
     assert run_sample_config(args, SampleConfig(steps=3, eta=0.5), cfg_scale=2.0) == SampleConfig(
         steps=7, eta=0.5, cfg_scale=2.0
     )
+
+
+def test_help_imports_neither_torch_nor_diffusers() -> None:
+    """`--help` of every command answers at once: building the parser must not import the heavy libraries (the time
+    itself is measured by benchmarks/cli_startup.py, not here)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from perceptual_diffusion.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "for cmd in ('train', 'compare', 'latent'):\n"
+        "    try:\n"
+        "        parser.parse_args([cmd, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'numpy', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

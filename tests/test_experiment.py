@@ -8,16 +8,16 @@ from dataclasses import replace
 
 import pytest
 
-from perceptual_diffusion import ablation, experiment
+from perceptual_diffusion import ablation, budgets, experiment
+from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import LossConfig
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.scoring import Criterion
-from perceptual_diffusion.teacher import PlateauSchedule
 
-TINY = experiment.Budget(
+TINY = budgets.Budget(
     name="test",
-    data=experiment.SHAPES,
+    data=budgets.SHAPES,
     preset="tiny",
     batch_size=8,
     stage1=PlateauSchedule(lrs=(1e-3, 1e-4), chunk_steps=2, max_chunks=2, min_chunks=2),
@@ -152,7 +152,7 @@ def test_ablation_pairs_each_variant_with_its_baseline_from_the_same_teacher(tmp
 @pytest.mark.slow
 def test_compare_cli_accepts_budget_overrides(tmp_path, capsys, monkeypatch) -> None:
     # The CLI's plumbing on a tiny budget standing in for cpu-demo (the real one trains the small U-Net).
-    monkeypatch.setitem(experiment.BUDGETS, "cpu-demo", replace(TINY, training_seeds=1, unconditional=False))
+    monkeypatch.setitem(budgets.BUDGETS, "cpu-demo", replace(TINY, training_seeds=1, unconditional=False))
     args = ["compare", "--out", str(tmp_path / "c"), "--budget", "cpu-demo", "--steps", "3", "--finetune-steps", "1"]
     code = main(args + ["--eval-samples", "12", "--curve-samples", "12", "--device", "cpu"])
     assert code == 0

@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perceptual_diffusion import experiment, latent
+from perceptual_diffusion import budgets, experiment, latent
+from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.config import LossConfig, SampleConfig
 from perceptual_diffusion.losses import mse_loss, self_perceptual_loss
 from perceptual_diffusion.networks import frozen_copy
 from perceptual_diffusion.sampling import sample
-from perceptual_diffusion.teacher import PlateauSchedule
 from perceptual_diffusion.training import load_model, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,9 +54,9 @@ GOLDEN: dict[str, list[float]] = {
     "compare/fixed-batch": [0.989373624, 0.0716636032, 1.01185858, 0.0711934119, 1.02260208, 0.0722024292],
 }
 
-BUDGET = experiment.Budget(
+BUDGET = budgets.Budget(
     name="golden",
-    data=experiment.SHAPES,
+    data=budgets.SHAPES,
     preset="tiny",
     batch_size=8,
     stage1=PlateauSchedule(lrs=(1e-3,), chunk_steps=2, max_chunks=2, min_chunks=2),

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from perceptual_diffusion import teacher
+from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.scoring import Criterion
-from perceptual_diffusion.teacher import CurvePoint, PlateauSchedule, is_plateau, train_to_plateau
+from perceptual_diffusion.teacher import CurvePoint, is_plateau, train_to_plateau
 from perceptual_diffusion.training import learning_rate
 
 UP = Criterion("structure_precision", True)

@@ -98,6 +98,33 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """U-Net widths per resolution level; attention only where the level's flag is set."""
+
+    block_out_channels: tuple[int, ...]
+    attention: tuple[bool, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    note: str
+
+
+# U-Net sizes as plain data (networks.build_unet builds one), measured on 2 CPU cores (benchmarks/throughput.py,
+# README): "small" is the CPU demo's model.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset((16, 32), (False, False), 1, 8, "tests only: 0.17 M parameters"),
+    "small": Preset((32, 64, 64), (False, False, False), 1, 8, "CPU demo: 1.07 M parameters"),
+    "medium": Preset((64, 128, 128), (False, False, True), 2, 16, "CPU full runs / small GPUs: 6.5 M parameters"),
+    "base": Preset((128, 256, 256), (False, True, True), 2, 32, "one GPU: 27 M parameters"),
+    "large": Preset((128, 256, 384, 512), (False, True, True, True), 2, 32, "GPUs, 32 px and up: 90 M parameters"),
+}
+
+
+def min_image_multiple(preset: str) -> int:
+    """Image sides must be a multiple of this: each level but the last halves the resolution."""
+    return 2 ** (len(PRESETS[preset].block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which U-Net to build: a named size preset plus the data's shape and number of classes (0: unconditional)."""
 
@@ -107,8 +134,6 @@ class ModelConfig:
     num_classes: int = 4
 
     def __post_init__(self) -> None:
-        from .networks import PRESETS, min_image_multiple
-
         _check_types(self)
         _check(self.preset in PRESETS, f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")

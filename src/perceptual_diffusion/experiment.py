@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .budgets import BUDGETS, Budget
 from .checkpoint import atomic_write_text
 from .config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
 from .data import data_shape
@@ -37,110 +38,11 @@ from .errors import UserError
 from .grid import save_grid
 from .sampling import sample
 from .scoring import Criterion, criterion_for, evaluate_cached, is_cached, load_per_sample
-from .teacher import PlateauSchedule, TeacherResult, train_to_plateau
+from .teacher import TeacherResult, train_to_plateau
 from .training import is_finished, load_model, resolve_device, train
 
 STAGE2_SEED_OFFSET = 1000  # stage 2 of training seed s uses seed 1000 + s: it never replays stage 1's draws
 SELECTION_SEED_BASE = 1_000_000  # sampling seeds of curves and lr selection: disjoint from the headline rows' seeds
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much work a comparison does; presets below are sized by measurement (README, results/README.md)."""
-
-    name: str
-    data: DataConfig
-    preset: str
-    batch_size: int
-    stage1: PlateauSchedule
-    finetune_steps: int
-    finetune_lrs: tuple[float, ...]
-    sample_steps: int
-    eval_samples: int
-    curve_samples: int
-    training_seeds: int = 3
-    eval_repeats: int = 1
-    finetune_warmup: float = 0.1  # warm-up as a fraction of stage-2 images (a fresh AdamW must not start cold)
-    finetune_ema: float = 0.1  # EMA half-life as a fraction of stage-2 images
-    cfg_scales: tuple[float, ...] = (1.5, 3.0, 7.5)
-    guidance_rescales: tuple[float, ...] = (0.0, 0.7)
-    unconditional: bool = True  # the paper's unconditional claim: a teacher and both branches without labels
-    extras: bool = True  # beyond the paper: self-perceptual + CFG, autoguidance, the conditional model's null label
-    variants: tuple[str, ...] = ()  # beyond the paper: loss variants (variants.VARIANTS) at self-perceptual's lr
-    teacher: str | None = None  # a user's converged MSE model: skips stage 1 (same teacher for every seed)
-    bootstrap: int = 1000  # replicates of the paired bootstrap intervals
-    loss_batch: int = 512  # images of the fixed batch on which every model's two losses are measured
-    perceptual: LossConfig = field(default_factory=lambda: LossConfig(kind="self-perceptual", teacher="<stage1>"))
-
-
-SHAPES = DataConfig(source="shapes", image_size=16)
-FASHION = DataConfig(source="fashion-mnist", image_size=28)
-
-BUDGETS: dict[str, Budget] = {
-    # Under 10 minutes on 2 CPU cores: the demo. Its teacher is deliberately short (one phase, capped at 800
-    # steps) and its report says so; the fair results are the cpu-fair ones committed under results/.
-    "cpu-demo": Budget(
-        name="cpu-demo",
-        data=SHAPES,
-        preset="small",
-        batch_size=64,
-        stage1=PlateauSchedule(lrs=(2e-3,), chunk_steps=400, max_chunks=2, min_chunks=2),
-        finetune_steps=250,
-        finetune_lrs=(2e-4,),
-        sample_steps=25,  # half the paper's 50 DDIM steps, for the CPU budget
-        eval_samples=500,
-        curve_samples=300,
-        training_seeds=1,
-        guidance_rescales=(0.7,),
-        unconditional=False,
-        extras=False,
-    ),
-    # The fair test on 2 CPU cores, one process per training seed (results/README.md has the commands and times):
-    # the tiny U-Net, whose step costs a third of the small one's, so that three seeds reach a plateau.
-    "cpu-fair": Budget(
-        name="cpu-fair",
-        data=SHAPES,
-        preset="tiny",
-        batch_size=64,
-        stage1=PlateauSchedule(lrs=(2e-3, 2e-4), chunk_steps=500, max_chunks=8, min_chunks=2),
-        finetune_steps=1000,
-        finetune_lrs=(2e-4, 5e-5),
-        sample_steps=25,
-        eval_samples=2000,
-        curve_samples=1000,
-        variants=("sp-channel-norm", "sp-low-noise"),
-    ),
-    # The fair test on Fashion-MNIST (28px) on 2 CPU cores, one process per training seed: the protocol of cpu-fair
-    # at three times its cost per image, so without the unconditional pair and the extra rows (cpu-fair has them).
-    "cpu-fair-fmnist": Budget(
-        name="cpu-fair-fmnist",
-        data=FASHION,
-        preset="tiny",
-        batch_size=64,
-        stage1=PlateauSchedule(lrs=(2e-3, 2e-4), chunk_steps=500, max_chunks=10, min_chunks=2),
-        finetune_steps=1000,
-        finetune_lrs=(2e-4, 5e-5),
-        sample_steps=25,
-        eval_samples=2000,
-        curve_samples=1000,
-        unconditional=False,
-        extras=False,
-    ),
-    # One GPU: Fashion-MNIST with the base U-Net and the paper's 50 DDIM steps (benchmarks/gpu_compare.sh).
-    "gpu": Budget(
-        name="gpu",
-        data=FASHION,
-        preset="base",
-        batch_size=256,
-        stage1=PlateauSchedule(lrs=(5e-4, 5e-5), chunk_steps=1000, max_chunks=6, min_chunks=2),
-        finetune_steps=1000,
-        finetune_lrs=(5e-5, 1.5e-5),
-        sample_steps=50,
-        eval_samples=10_000,
-        curve_samples=2000,
-        variants=("sp-channel-norm", "sp-low-noise"),
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------

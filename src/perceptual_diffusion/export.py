@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import checkpoint as ckpt
-from .config import DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
+from .config import PRESETS, DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
 from .errors import UserError
-from .networks import PRESETS, DiffusionUNet, build_unet
+from .networks import DiffusionUNet, build_unet
 
 CONFIG_FILE = "perceptual_diffusion_config.json"
 UNET_DIR = "unet"

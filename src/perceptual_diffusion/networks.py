@@ -8,41 +8,14 @@ conv, down blocks, mid block): the self-perceptual loss never needs the decoder.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from .config import ModelConfig, ScheduleConfig
+from .config import PRESETS, ModelConfig, ScheduleConfig
 from .schedule import NoiseSchedule
-
-
-@dataclass(frozen=True)
-class Preset:
-    """U-Net widths per resolution level; attention only where the level's flag is set."""
-
-    block_out_channels: tuple[int, ...]
-    attention: tuple[bool, ...]
-    layers_per_block: int
-    norm_num_groups: int
-    note: str
-
-
-# Measured on 2 CPU cores (benchmarks/throughput.py, README): "small" is the CPU demo's model.
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset((16, 32), (False, False), 1, 8, "tests only: 0.17 M parameters"),
-    "small": Preset((32, 64, 64), (False, False, False), 1, 8, "CPU demo: 1.07 M parameters"),
-    "medium": Preset((64, 128, 128), (False, False, True), 2, 16, "CPU full runs / small GPUs: 6.5 M parameters"),
-    "base": Preset((128, 256, 256), (False, True, True), 2, 32, "one GPU: 27 M parameters"),
-    "large": Preset((128, 256, 384, 512), (False, True, True, True), 2, 32, "GPUs, 32 px and up: 90 M parameters"),
-}
-
-
-def min_image_multiple(preset: str) -> int:
-    """Image sides must be a multiple of this: each level but the last halves the resolution."""
-    return 2 ** (len(PRESETS[preset].block_out_channels) - 1)
 
 
 def build_unet(model: ModelConfig) -> UNet2DModel:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budgets import PlateauSchedule
 from .config import RunConfig
 from .scoring import Criterion
 from .training import is_finished, snapshot_path, train
@@ -30,23 +31,6 @@ from .training import is_finished, snapshot_path, train
 EvaluatePoint = Callable[[Path, str], tuple[float, float, dict[str, Any]]]
 # (phase index, learning rate, steps, initial weights or None) -> the phase's run configuration
 MakeConfig = Callable[[int, float, int, "str | None"], RunConfig]
-
-
-@dataclass(frozen=True)
-class PlateauSchedule:
-    """Phases of constant learning rate, each trained in chunks until its gain is within sampling noise."""
-
-    lrs: tuple[float, ...] = (2e-3, 2e-4)
-    chunk_steps: int = 500
-    max_chunks: int = 8
-    min_chunks: int = 2
-    noise_multiple: float = 2.0  # a gain below this many combined standard errors is "within sampling noise"
-
-    def __post_init__(self) -> None:
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
-            raise ValueError("a plateau schedule needs at least one positive learning rate")
-        if not 1 <= self.min_chunks <= self.max_chunks or self.chunk_steps < 1:
-            raise ValueError("need chunk_steps >= 1 and 1 <= min_chunks <= max_chunks")
 
 
 @dataclass

@@ -1,18 +1,26 @@
-"""Command-line options shared by several subcommands, and how they become the typed configs."""
+"""Command-line options shared by several subcommands, and how they become the typed configs.
+
+Nothing here imports torch: building the parser (and `--help`) stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import dataclasses
+import re
 
-from .config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
-from .errors import UserError
-from .networks import PRESETS
-
-if TYPE_CHECKING:
-    from .experiment import Budget
+from ..budgets import BUDGET_NOTES, BUDGETS, Budget
+from ..config import (
+    PRESETS,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from ..errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Option groups shared by several subcommands.
@@ -305,7 +313,7 @@ def add_bookkeeping_options(p: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """Build the RunConfig from parsed ``train`` options; the data decides channels and classes."""
-    from .data import data_shape
+    from ..data import data_shape
 
     data = data_config(args)
     channels, num_classes = data_shape(data)
@@ -384,21 +392,6 @@ def add_run_dir_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def train_and_report(train_fn: Callable[..., Any], config: Any, args: argparse.Namespace) -> None:
-    """Run a training function (``training.train``, ``latent.train_latent``) into --run-dir and print one line,
-    from rank 0 only under torchrun."""
-    from .distributed import launched_rank
-
-    if not args.run_dir.strip():
-        raise UserError("--run-dir must name a folder")
-    result = train_fn(config, args.run_dir, override_config=args.override_config)
-    if launched_rank() == 0:  # under torchrun, one line from rank 0, not one per process
-        print(
-            f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
-            f"weights: {Path(result.run_dir) / 'model.safetensors'}"
-        )
-
-
 def check_sample_counts(args: argparse.Namespace, images: int) -> None:
     """-n, --batch-size and --seed of a sampling command that draws ``images`` images with seeds seed..seed+images-1."""
     if args.n < 1:
@@ -427,8 +420,6 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     """The named budget with the command line's overrides applied."""
     import math
     from dataclasses import replace
-
-    from .experiment import BUDGETS
 
     overrides = {
         k: v
@@ -472,11 +463,9 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder; rerunning resumes it")
     p.add_argument(
         "--budget",
-        choices=["cpu-demo", "cpu-fair", "cpu-fair-fmnist", "gpu"],
+        choices=list(BUDGETS),
         default="cpu-demo",
-        help="cpu-demo: under 10 min on 2 cores, with a teacher that is NOT converged (the demo); cpu-fair: the fair "
-        "test on the CPU, one process per training seed; cpu-fair-fmnist: the same on Fashion-MNIST 28px, without the "
-        "unconditional pair and extra rows; gpu: Fashion-MNIST with the base U-Net on one GPU",
+        help="; ".join(f"{name}: {note}" for name, note in BUDGET_NOTES.items()),
     )
     p.add_argument("--steps", type=int, default=None, help="override the step cap of each stage-1 phase")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's stage-2 steps")
@@ -503,3 +492,66 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_data_options(p)
     p.set_defaults(data=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling settings: the run's own unless an option says otherwise; bounds on image counts.
+
+# The most images one sampling or evaluation command draws. It bounds -n as --seed is bounded: far above any real
+# use (FID is usually measured on 50,000), far below what would exhaust memory in per-image bookkeeping alone.
+MAX_IMAGES = 10_000_000
+
+# (option dest, SampleConfig field) of the sampling options whose default is the run's own setting.
+_RUN_SAMPLING = (
+    ("sample_steps", "steps"),
+    ("spacing", "spacing"),
+    ("eta", "eta"),
+    ("guidance_rescale", "guidance_rescale"),
+    ("clip_x0", "clip_x0"),
+)
+
+
+def use_run_sampling_defaults(p: argparse.ArgumentParser) -> None:
+    """Make the sampling options of ``p`` (added by ``add_sample_options``) default to the model's own settings,
+    the ``sample`` section of its run config, and say so in their help."""
+    dests = {dest for dest, _ in _RUN_SAMPLING}
+    for action in p._actions:
+        if action.dest in dests:
+            action.default = None
+            # The fixed default the help named no longer holds.
+            text = re.sub(r" \(default(?: %\(default\)s)?[^)]*\)", "", action.help or "")
+            action.help = f"{text} (default: the model's own sampling setting)"
+
+
+def run_sample_config(args: argparse.Namespace, run: SampleConfig, cfg_scale: float | None = None) -> SampleConfig:
+    """The model's own sampling settings (``run``), with the options given on the command line over them."""
+    given = {field: getattr(args, dest) for dest, field in _RUN_SAMPLING if getattr(args, dest, None) is not None}
+    scale = args.cfg_scale if cfg_scale is None else cfg_scale
+    return dataclasses.replace(run, cfg_scale=scale, **given)
+
+
+def describe_sampler(cfg: SampleConfig, guidance: bool = True) -> str:
+    """One phrase naming every sampler setting that changes the numbers (``guidance``: the CFG scale too, and the
+    rescale where guidance is on), for a line beside samples or a table of metrics."""
+    text = f"DDIM {cfg.steps} steps, {cfg.spacing} spacing, eta {cfg.eta:g}, clip x0 {'on' if cfg.clip_x0 else 'off'}"
+    if guidance:
+        text += f", CFG scale {cfg.cfg_scale:g}"
+    if cfg.guidance_rescale and (not guidance or cfg.cfg_scale != 1):
+        text += f", guidance rescale {cfg.guidance_rescale:g}"
+    return text
+
+
+def check_image_count(n: int, option: str = "-n") -> None:
+    """Bound a number of images before anything is allocated for it."""
+    if not 1 <= n <= MAX_IMAGES:
+        raise UserError(f"{option} must be in [1, {MAX_IMAGES}], got {n}")
+
+
+def add_report_to_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard"],
+        default="none",
+        help="also log losses, learning rate, throughput and sample grids for TensorBoard, in RUN_DIR/tensorboard "
+        "(needs `pip install tensorboard`); log.jsonl is written either way",
+    )

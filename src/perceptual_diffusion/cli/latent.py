@@ -9,34 +9,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import (
+from ..errors import UserError
+from .options import (
     add_report_to_option,
-    check_finite_model,
-    check_finite_samples,
-    check_fits_in_memory,
-    check_image_count,
-    check_output_file,
-    describe_sampler,
-    run_sample_config,
-    train_and_report,
-    use_run_sampling_defaults,
-)
-from .cli_options import (
     add_run_dir_options,
     add_sample_options,
     add_schedule_options,
     add_training_options,
+    check_image_count,
     check_sample_counts,
+    describe_sampler,
     loss_config,
+    run_sample_config,
     sample_config,
     schedule_config,
     train_config,
+    use_run_sampling_defaults,
 )
-from .errors import UserError
 
 
 def _data_config(args: argparse.Namespace):
-    from .config import CaptionDataConfig
+    from ..config import CaptionDataConfig
 
     return CaptionDataConfig(
         path=args.data_path,
@@ -49,7 +42,7 @@ def _data_config(args: argparse.Namespace):
 
 def latent_run_config(args: argparse.Namespace):
     """The LatentRunConfig of parsed ``latent train`` options."""
-    from .config import LatentModelConfig, LatentRunConfig
+    from ..config import LatentModelConfig, LatentRunConfig
 
     return LatentRunConfig(
         schedule=schedule_config(args),
@@ -62,7 +55,7 @@ def latent_run_config(args: argparse.Namespace):
 
 
 def cmd_latent_tiny(args: argparse.Namespace) -> None:
-    from .latent import make_tiny_pipeline
+    from ..latent import make_tiny_pipeline
 
     out = make_tiny_pipeline(args.out, seed=args.seed, force=args.force)
     print(
@@ -72,7 +65,7 @@ def cmd_latent_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
-    from .latent import write_shapes_captions
+    from ..latent import write_shapes_captions
 
     if args.every < 1:
         raise UserError(f"--every must be >= 1, got {args.every}")
@@ -87,15 +80,16 @@ def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_train(args: argparse.Namespace) -> None:
-    from .latent import train_latent
+    from ..latent import train_latent
+    from .checks import train_and_report
 
     train_and_report(train_latent, latent_run_config(args), args)
 
 
 def cmd_latent_cache(args: argparse.Namespace) -> None:
-    from .config import LatentModelConfig, LatentRunConfig, TrainConfig
-    from .distributed import launched_rank
-    from .latent import precompute_latents
+    from ..config import LatentModelConfig, LatentRunConfig, TrainConfig
+    from ..distributed import launched_rank
+    from ..latent import precompute_latents
 
     config = LatentRunConfig(
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
@@ -108,9 +102,10 @@ def cmd_latent_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_sample(args: argparse.Namespace) -> None:
-    from .grid import save_grid
-    from .latent import load_latent_model, sample_latent
-    from .training import resolve_device
+    from ..grid import save_grid
+    from ..latent import load_latent_model, sample_latent
+    from ..training import resolve_device
+    from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
 
     # Bounded before the prompt list is built: -n 10**12 must be an error, not a list of a trillion strings.
     count = args.n * len(args.prompt)
@@ -140,7 +135,7 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
-    from .latent import export_latent
+    from ..latent import export_latent
 
     out = export_latent(args.model, args.out, force=args.force)
     print(

@@ -1,5 +1,5 @@
 """Checks and reports that several commands share: output paths checked before any work, sample counts bounded by
-memory, non-finite models named, sampling settings that default to the run's own, and the line after training.
+memory, non-finite models named, and the line after training. Imported by the commands only (it needs torch).
 
 Every check raises ``UserError`` (one ``error:`` line, exit code 2) before the expensive part of a command starts, so
 a mistake in an option never costs a finished evaluation or sampling run.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,59 +17,12 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import SampleConfig
-from .errors import UserError
+from .. import checkpoint as ckpt
+from ..errors import UserError
 
-# The most images one sampling or evaluation command draws. It bounds -n as --seed is bounded: far above any real
-# use (FID is usually measured on 50,000), far below what would exhaust memory in per-image bookkeeping alone.
-MAX_IMAGES = 10_000_000
-
-# (option dest, SampleConfig field) of the sampling options whose default is the run's own setting.
-_RUN_SAMPLING = (
-    ("sample_steps", "steps"),
-    ("spacing", "spacing"),
-    ("eta", "eta"),
-    ("guidance_rescale", "guidance_rescale"),
-    ("clip_x0", "clip_x0"),
-)
 # Files of a run directory that no output option may replace (samples/ grids are outputs themselves).
 _RUN_FILES = {ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "log.jsonl", ".lock"}
 _RUN_FOLDERS = {ckpt.STATE_DIR, "snapshots"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling settings: the run's own unless an option says otherwise.
-
-
-def use_run_sampling_defaults(p: argparse.ArgumentParser) -> None:
-    """Make the sampling options of ``p`` (added by ``add_sample_options``) default to the model's own settings,
-    the ``sample`` section of its run config, and say so in their help."""
-    dests = {dest for dest, _ in _RUN_SAMPLING}
-    for action in p._actions:
-        if action.dest in dests:
-            action.default = None
-            # The fixed default the help named no longer holds.
-            text = re.sub(r" \(default(?: %\(default\)s)?[^)]*\)", "", action.help or "")
-            action.help = f"{text} (default: the model's own sampling setting)"
-
-
-def run_sample_config(args: argparse.Namespace, run: SampleConfig, cfg_scale: float | None = None) -> SampleConfig:
-    """The model's own sampling settings (``run``), with the options given on the command line over them."""
-    given = {field: getattr(args, dest) for dest, field in _RUN_SAMPLING if getattr(args, dest, None) is not None}
-    scale = args.cfg_scale if cfg_scale is None else cfg_scale
-    return dataclasses.replace(run, cfg_scale=scale, **given)
-
-
-def describe_sampler(cfg: SampleConfig, guidance: bool = True) -> str:
-    """One phrase naming every sampler setting that changes the numbers (``guidance``: the CFG scale too, and the
-    rescale where guidance is on), for a line beside samples or a table of metrics."""
-    text = f"DDIM {cfg.steps} steps, {cfg.spacing} spacing, eta {cfg.eta:g}, clip x0 {'on' if cfg.clip_x0 else 'off'}"
-    if guidance:
-        text += f", CFG scale {cfg.cfg_scale:g}"
-    if cfg.guidance_rescale and (not guidance or cfg.cfg_scale != 1):
-        text += f", guidance rescale {cfg.guidance_rescale:g}"
-    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +35,7 @@ def _is_run_dir(folder: Path) -> bool:
 
 def _is_model_file(target: Path, model: str | Path) -> bool:
     """True when writing ``target`` would replace a file the model is read from, or a file of its run."""
-    from .export import is_diffusers_folder
+    from ..export import is_diffusers_folder
 
     t = target.resolve()
     source = Path(model).resolve()
@@ -121,12 +73,6 @@ def check_output_file(path: str | Path, option: str, model: str | Path | None = 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sample counts and memory.
-
-
-def check_image_count(n: int, option: str = "-n") -> None:
-    """Bound a number of images before anything is allocated for it."""
-    if not 1 <= n <= MAX_IMAGES:
-        raise UserError(f"{option} must be in [1, {MAX_IMAGES}], got {n}")
 
 
 def available_memory() -> int | None:
@@ -208,8 +154,8 @@ def train_and_report(train_fn: Callable[..., Any], config: Any, args: argparse.N
     """Run a training function (``training.train``, ``latent.train_latent``) into --run-dir, mirrored to TensorBoard
     with --report-to tensorboard, and print one line from rank 0 (under torchrun); a run that had nothing left to
     train says so, rather than reporting a speed of nan images/s."""
-    from .distributed import launched_rank
-    from .tracking import mirror
+    from ..distributed import launched_rank
+    from ..tracking import mirror
 
     if not args.run_dir.strip():
         raise UserError("--run-dir must name a folder")
@@ -232,13 +178,3 @@ def train_and_report(train_fn: Callable[..., Any], config: Any, args: argparse.N
             f"trained {result.run_dir} to step {result.step} ({result.images_per_second:.0f} images/s); "
             f"weights: {weights}"
         )
-
-
-def add_report_to_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--report-to",
-        choices=["none", "tensorboard"],
-        default="none",
-        help="also log losses, learning rate, throughput and sample grids for TensorBoard, in RUN_DIR/tensorboard "
-        "(needs `pip install tensorboard`); log.jsonl is written either way",
-    )

@@ -1,0 +1,225 @@
+"""The pixel-space commands: each turns parsed options into typed configs and calls one function of the API.
+
+Heavy modules (torch, diffusers, the training loop) are imported inside each command, never at module level: the
+parser imports this module to register the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+from .options import (
+    budget_from_args,
+    check_image_count,
+    check_sample_counts,
+    describe_sampler,
+    parse_seeds,
+    run_config,
+    run_sample_config,
+)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ..training import train
+    from .checks import train_and_report
+
+    train_and_report(train, run_config(args), args)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from ..checkpoint import atomic_write
+    from ..data import to_uint8
+    from ..grid import class_rows, save_grid
+    from ..sampling import labels_for_seeds, sample
+    from ..training import load_model, resolve_device
+    from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
+
+    check_sample_counts(args, args.n)
+    check_image_count(args.n)
+    if args.nrow is not None and args.nrow < 1:
+        raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    for target, option in ((args.out, "--out"), (args.npz, "--npz")):
+        if target:
+            check_output_file(target, option, args.model)
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.model, device)
+    check_finite_model(model, args.model)
+    cfg = run_sample_config(args, config.sample)
+    if cfg.steps > config.schedule.num_train_timesteps:
+        raise UserError(f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps")
+    mc = model.model_config
+    check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
+    seeds = range(args.seed, args.seed + args.n)  # a range, not a list: nothing is built per image before sampling
+    k = model.num_classes
+    if args.label == "none" or k == 0:
+        labels = None
+        if args.label not in ("none", "random", "rows") and k == 0:
+            raise UserError("this model is unconditional: use --label none")
+    elif args.label == "random":
+        labels = labels_for_seeds(seeds, torch.full((k,), 1.0 / k))
+    elif args.label == "rows":
+        labels = class_rows(args.n, k)
+    else:
+        try:
+            label = int(args.label)
+        except ValueError:
+            raise UserError(f"--label must be none, random, rows or a class index, got {args.label!r}") from None
+        if not 0 <= label < k:
+            raise UserError(f"--label {label} is out of range: this model has classes 0..{k - 1}")
+        labels = torch.full((args.n,), label)
+    if labels is None and cfg.cfg_scale != 1.0:
+        raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1")
+    images = sample(model, seeds, labels, cfg, args.batch_size, device, progress=True)
+    check_finite_samples(images, args.model)
+    by_class = labels is not None and args.label == "rows" and args.nrow is None
+    try:
+        if args.out:
+            save_grid(images, Path(args.out), nrow=args.nrow, rows=labels if by_class else None)
+            layout = "one row per class" if by_class else f"{args.nrow} per row" if args.nrow else "square grid"
+            print(f"wrote {args.out} ({args.n} images, {layout}; {describe_sampler(cfg)})")
+        if args.npz:
+            arr = to_uint8(images)
+            lab = np.asarray(labels if labels is not None else np.full(args.n, -1))
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, images=arr, labels=lab, seeds=np.asarray(seeds))
+
+            atomic_write(Path(args.npz), write)
+            print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC; {describe_sampler(cfg)})")
+    except OSError as exc:
+        raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ..experiment import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, finetune_steps=args.finetune_steps, device=args.device)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from ..experiment import run_compare
+
+    run_compare(
+        Path(args.out),
+        budget_from_args(args),
+        device=args.device,
+        seeds=parse_seeds(args.seeds),
+        require_plateau=args.require_plateau,
+    )
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from ..ablation import default_variants, run_ablation
+
+    seeds = parse_seeds(args.seeds)
+    variants = default_variants()
+    if args.variants:
+        names = args.variants.split(",")
+        unknown = sorted(set(names) - {v.name for v in variants})
+        if unknown:
+            raise UserError(f"unknown --variants {unknown}; choose from {', '.join(v.name for v in variants)}")
+        variants = [v for v in variants if v.name in names]
+    result_dir = Path(args.out)
+    run_ablation(result_dir, budget_from_args(args), variants, device=args.device, seeds=seeds)
+    print(f"report: {result_dir / 'ablation.md'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from ..checkpoint import atomic_write_text, resolve_weights
+    from ..classifier import SHIPPED
+    from ..distributed import launched_rank, process_group
+    from ..evaluate import evaluate_model, format_table
+    from ..features import make_extractor
+    from ..training import load_model, resolve_device
+    from .checks import check_finite_model, check_output_file, refusing_non_finite
+
+    check_sample_counts(args, args.n)
+    check_image_count(args.n)
+    weights = resolve_weights(args.model)
+    if args.json:  # every output path is checked before the work: a bad one must not cost the evaluation
+        check_output_file(args.json, "--json", args.model)
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.model, device)
+    check_finite_model(model, args.model)
+    data = config.data if args.data_path is None else dataclasses.replace(config.data, path=args.data_path)
+    kind = args.features
+    if kind == "auto":
+        # The shipped classifiers know shapes at 16 px and Fashion-MNIST at 28 px; anything else needs Inception.
+        builtin = data.source in SHIPPED and data.image_size == {"shapes": 16, "fashion-mnist": 28}[data.source]
+        kind = "domain" if builtin else "inception"
+    extractor = make_extractor(
+        kind, data.source, data.image_size, args.inception_weights, args.download_inception, device
+    )
+    out = Path(args.json) if args.json else weights.parent / f"eval-{extractor.name}-n{args.n}.json"
+    if not args.json:
+        check_output_file(out, "--json", args.model)
+    extractor = refusing_non_finite(extractor, args.model)
+    # The model's own sampling settings unless options override them: its reports used those, so the same model gets
+    # the same numbers here.
+    configs = [run_sample_config(args, config.sample, cfg_scale=scale) for scale in args.cfg_scale]
+    if configs[0].steps > config.schedule.num_train_timesteps:
+        raise UserError(
+            f"--steps {configs[0].steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps"
+        )
+    seeds = range(args.seed, args.seed + args.n)
+    rows = []
+    with process_group(device):  # under torchrun: each process samples its share of the seeds
+        for cfg in configs:
+            row = evaluate_model(
+                model,
+                cfg,
+                data,
+                args.n,
+                extractor,
+                seeds=seeds,
+                batch_size=args.batch_size,
+                device=device,
+                use_labels=not args.no_labels,
+                max_features=args.max_features,
+                reference_n=args.reference_n,
+                progress=args.progress,
+            )
+            rows.append({"model": str(weights), **row})
+    if launched_rank() != 0:
+        return  # rank 0 prints and writes the numbers, which every rank holds
+    print(format_table(rows))
+    given = any(getattr(args, d) is not None for d in ("sample_steps", "spacing", "eta", "guidance_rescale", "clip_x0"))
+    source = "with the options given" if given else "the model's own settings"
+    print(f"sampler: {describe_sampler(configs[0], guidance=False)} ({source}); CFG scale per row")
+    try:
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}); the numbers are printed above") from None
+    print(f"wrote {out}")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from ..classifier import train_classifier
+
+    result = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    print(
+        f"wrote {args.out}: test accuracy {result['test_accuracy']:.4f} on {result['test_images']} images "
+        f"({result['test_accuracy_noise_0.2']:.4f} with noise 0.2), {result['seconds']} s"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from ..checkpoint import weights_config
+    from ..export import check_export_target, export_diffusers
+
+    check_export_target(Path(args.out), args.force, [args.model])  # before reading anything: a refusal costs nothing
+    overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}
+    sample = replace(weights_config(args.model)[0].sample, **overrides)  # the run's own setting unless overridden
+    out = export_diffusers(args.model, args.out, sample, force=args.force)
+    print(f"wrote {out} (load it with diffusers.DDIMPipeline.from_pretrained; see {out / 'README.md'})")
