@@ -23,7 +23,7 @@ import torch.distributed as dist
 from _runs import torch_threads_env
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, distributed
+from perceptual_diffusion import cli, distributed, testing
 from perceptual_diffusion.config import SampleConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluate import CACHE_ENV
@@ -156,10 +156,9 @@ def test_sharded_sampling_in_one_process_is_plain_sampling(tiny_model) -> None:
 def test_latent_self_perceptual_with_two_processes_follows_one_process(tmp_path: Path) -> None:
     """The latent path under torchrun: the latent cache built by rank 0, the text encoder and the frozen teacher on
     every rank (never in DDP), and the same loss trajectory as one process with the same global batch."""
-    from perceptual_diffusion import latent
 
-    tiny = latent.make_tiny_pipeline(tmp_path / "tiny-sd")
-    data = latent.write_shapes_captions(tmp_path / "captions", every=40)
+    tiny = testing.make_tiny_pipeline(tmp_path / "tiny-sd")
+    data = testing.write_shapes_captions(tmp_path / "captions", every=40)
     common = ["--pretrained", str(tiny), "--data-path", str(data), "--resolution", "16", "--cache-dir",
               str(tmp_path / "cache"), "--batch-size", "8", "--warmup-images", "0", "--log-every", "1",
               "--sample-every", "1000", "--checkpoint-every", "1000", "--sample-steps", "2", "--device", "cpu",

@@ -235,7 +235,8 @@ def test_an_export_never_replaces_or_enters_the_folder_it_reads(exported, capsys
 def test_latent_export_never_replaces_its_run_or_the_pretrained_folder(tmp_path: Path) -> None:
     """The latent export reads the run and the pretrained folder (its VAE and text encoder): neither may be replaced."""
     from perceptual_diffusion.config import CaptionDataConfig, LatentModelConfig, LatentRunConfig
-    from perceptual_diffusion.latent import export_latent, make_tiny_pipeline, read_unet_weights
+    from perceptual_diffusion.latent import export_latent, read_unet_weights
+    from perceptual_diffusion.testing import make_tiny_pipeline
 
     pretrained = make_tiny_pipeline(tmp_path / "sd")
     run = tmp_path / "run"

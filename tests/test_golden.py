@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perceptual_diffusion import budgets, experiment, latent
+from perceptual_diffusion import budgets, experiment, latent, testing
 from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.config import LossConfig, SampleConfig
 from perceptual_diffusion.losses import mse_loss, self_perceptual_loss
@@ -138,8 +138,8 @@ def latent_runs(tmp: Path) -> dict[str, list[float]]:
     """The latent text-to-image path on the seeded tiny pipeline: MSE, self-perceptual, and decoded samples."""
     from perceptual_diffusion.config import CaptionDataConfig, LatentModelConfig, LatentRunConfig, TrainConfig
 
-    sd = latent.make_tiny_pipeline(tmp / "tiny-sd")
-    captions = latent.write_shapes_captions(tmp / "captions", every=40)
+    sd = testing.make_tiny_pipeline(tmp / "tiny-sd")
+    captions = testing.write_shapes_captions(tmp / "captions", every=40)
 
     def config(**train: object) -> LatentRunConfig:
         tc = {"steps": 3, "batch_size": 4, "log_every": 1, "sample_every": 100, "checkpoint_every": 100}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import latent
+from perceptual_diffusion import latent, testing
 from perceptual_diffusion.config import (
     CaptionDataConfig,
     LatentModelConfig,
@@ -30,12 +30,12 @@ from perceptual_diffusion.networks import frozen_copy
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return latent.make_tiny_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
+    return testing.make_tiny_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return latent.write_shapes_captions(tmp_path_factory.mktemp("data") / "shapes", every=40)  # 40 images
+    return testing.write_shapes_captions(tmp_path_factory.mktemp("data") / "shapes", every=40)  # 40 images
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_sampler_matches_stable_diffusion_pipeline(
     ours = latent.sample_latent(model, parts, prompts, seeds, config, decode=False)
 
     scheduler = DDIMScheduler.from_pretrained(str(tiny_sd), subfolder="scheduler")
-    pipe = latent._pipeline(
+    pipe = latent.sd_pipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=model.unet, scheduler=scheduler
     )
     pipe.set_progress_bar_config(disable=True)

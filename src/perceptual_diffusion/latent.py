@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -552,7 +551,7 @@ def sample_latent(
     return torch.cat(out)
 
 
-def _pipeline(**parts: Any) -> Any:
+def sd_pipeline(**parts: Any) -> Any:
     """A ``StableDiffusionPipeline`` without a safety checker. Its constructor rewrites a DDIM config's
     ``steps_offset`` 0 to 1 (with a deprecation warning); that only moves ``leading`` timesteps, not ``trailing``."""
     import warnings
@@ -581,7 +580,7 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
 
     def write(tmp: Path) -> None:
         scheduler = DDIMScheduler(**scheduler_config(config.schedule, config.sample))
-        pipe = _pipeline(
+        pipe = sd_pipeline(
             vae=parts.vae,
             text_encoder=parts.text_encoder,
             tokenizer=parts.tokenizer,
@@ -605,106 +604,10 @@ __all__ = [
     "latent_cache",
     "check_pretrained",
     "export_latent",
+    "sd_pipeline",
     "load_frozen_parts",
     "load_latent_model",
     "read_unet_weights",
     "sample_latent",
     "train_latent",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny components and captioned data that need no download: for tests, and for trying the latent path on a CPU.
-
-
-def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Write a randomly initialised, tiny Stable-Diffusion-style folder (0.8 M parameters in all): a character-level
-    CLIP tokenizer and 2-layer text encoder, a 2-level ``UNet2DConditionModel`` with cross-attention, and a VAE
-    that downsamples 2x. Its images are noise until trained; it exists to run the latent path end to end offline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from .export import publish_folder, scheduler_config
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):  # byte-level characters, alone and word-final: no merges, one token per character
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-
-    def write(tmp: Path) -> None:
-        words = tmp / ".vocab"
-        words.mkdir()
-        (words / "vocab.json").write_text(json.dumps(vocab))
-        (words / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(vocab),
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_attention_heads=4,
-                    num_hidden_layers=2,
-                    max_position_embeddings=32,
-                    projection_dim=32,
-                    bos_token_id=0,
-                    eos_token_id=1,
-                    pad_token_id=1,
-                )
-            )
-            unet = UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32,
-                attention_head_dim=8,
-                norm_num_groups=8,
-            )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2,
-                block_out_channels=(16, 32),
-                latent_channels=4,
-                norm_num_groups=8,
-                sample_size=16,
-            )
-        scheduler = DDIMScheduler(**scheduler_config(ScheduleConfig(), SampleConfig(clip_x0=False)))
-        pipe = _pipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-        )
-        with quiet_libraries():
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(words)
-
-    return publish_folder(Path(out_dir), write, force)
-
-
-def write_shapes_captions(out_dir: str | Path, image_size: int = 16, every: int = 1) -> Path:
-    """The built-in shapes data as a captioned folder (``000123.png`` + ``000123.txt``: "a red disc"), every
-    ``every``-th valid image: caption data that ships with the project."""
-    from PIL import Image
-
-    from .data import PALETTE_NAMES, SHAPE_CLASSES, shapes_valid_set, to_uint8
-
-    data = shapes_valid_set(image_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(data.images)
-    for i in range(0, len(data), every):
-        colour = PALETTE_NAMES[i % len(PALETTE_NAMES)]  # the valid set cycles the palette fastest
-        Image.fromarray(pixels[i]).save(out / f"{i:06d}.png")
-        (out / f"{i:06d}.txt").write_text(f"a {colour} {SHAPE_CLASSES[int(data.labels[i])]}\n")
-    return out

@@ -55,7 +55,7 @@ def latent_run_config(args: argparse.Namespace):
 
 
 def cmd_latent_tiny(args: argparse.Namespace) -> None:
-    from ..latent import make_tiny_pipeline
+    from ..testing import make_tiny_pipeline
 
     out = make_tiny_pipeline(args.out, seed=args.seed, force=args.force)
     print(
@@ -65,7 +65,7 @@ def cmd_latent_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
-    from ..latent import write_shapes_captions
+    from ..testing import write_shapes_captions
 
     if args.every < 1:
         raise UserError(f"--every must be >= 1, got {args.every}")
