@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from perceptual_diffusion import ablation, budgets, experiment
+from perceptual_diffusion import ablation, budgets, experiment, stages
+from perceptual_diffusion.ablation_report import ablation_verdict
 from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import LossConfig
@@ -42,25 +43,25 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_both_stage_two_branches_differ_only_in_the_loss(tmp_path) -> None:
-    mse = experiment.stage2_config(TINY, TINY.data, LossConfig(kind="mse"), 1e-4, 1, "T", "cpu")
-    sp = experiment.stage2_config(TINY, TINY.data, replace(TINY.perceptual, teacher="T"), 1e-4, 1, "T", "cpu")
+    mse = stages.stage2_config(TINY, TINY.data, LossConfig(kind="mse"), 1e-4, 1, "T", "cpu")
+    sp = stages.stage2_config(TINY, TINY.data, replace(TINY.perceptual, teacher="T"), 1e-4, 1, "T", "cpu")
     assert mse.train == sp.train and mse.model == sp.model and mse.sample == sp.sample
     assert mse.train.init_from == "T" and mse.train.warmup_images > 0, "stage 2 warms up: AdamW starts cold"
     assert mse.train.ema_halflife_images == int(0.1 * TINY.finetune_steps * TINY.batch_size)
-    assert mse.train.seed == experiment.STAGE2_SEED_OFFSET + 1, "stage 2 never replays stage 1's draws"
-    s1 = experiment.stage1_config(TINY, TINY.data, 0, 1e-3, 4, None, 1, "cpu")
+    assert mse.train.seed == stages.STAGE2_SEED_OFFSET + 1, "stage 2 never replays stage 1's draws"
+    s1 = stages.stage1_config(TINY, TINY.data, 0, 1e-3, 4, None, 1, "cpu")
     assert s1.train.seed != mse.train.seed and s1.train.snapshot_every == TINY.stage1.chunk_steps
-    uncond = experiment.stage2_config(TINY, TINY.data, LossConfig(kind="mse"), 1e-4, 1, "T", "cpu", True)
+    uncond = stages.stage2_config(TINY, TINY.data, LossConfig(kind="mse"), 1e-4, 1, "T", "cpu", True)
     assert uncond.model.num_classes == 0 and uncond.loss.cond_dropout == 0
 
 
 def test_each_branch_gets_the_learning_rate_with_its_best_mean_criterion() -> None:
     points = {"mse-continued": {1e-4: [0.5, 0.7], 3e-5: [0.6, 0.5]}, "self-perceptual": {1e-4: [0.1], 3e-5: [0.2]}}
-    assert experiment.choose_lrs(Criterion("structure_precision", True), points) == {
+    assert stages.choose_lrs(Criterion("structure_precision", True), points) == {
         "mse-continued": 1e-4,
         "self-perceptual": 3e-5,
     }
-    assert experiment.choose_lrs(Criterion("fid", False), points)["mse-continued"] == 3e-5
+    assert stages.choose_lrs(Criterion("fid", False), points)["mse-continued"] == 3e-5
 
 
 def test_rows_hold_the_papers_baselines_and_the_extras() -> None:
@@ -113,7 +114,7 @@ def test_compare_runs_seeds_in_parallel_calls_then_reports_a_verdict_and_resumes
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage or evaluation was run again")
 
-    monkeypatch.setattr(experiment, "train", refuse)
+    monkeypatch.setattr(stages, "train", refuse)
     monkeypatch.setattr("perceptual_diffusion.teacher.train", refuse)
     monkeypatch.setattr("perceptual_diffusion.evaluate.evaluate_model", refuse)
     again = experiment.run_compare(out, TINY, device="cpu")
@@ -127,6 +128,26 @@ def test_require_plateau_stops_before_stage_two(tmp_path) -> None:
     with pytest.raises(UserError, match="did not reach a plateau"):
         experiment.run_compare(tmp_path / "c", budget, device="cpu", require_plateau=True)
     assert not any((tmp_path / "c" / "seed0").glob("mse-continued*"))
+
+
+def test_ablation_verdict_counts_variants_by_their_intervals() -> None:
+    def diff(estimate: float, low: float, high: float) -> dict:
+        return {"estimate": estimate, "ci_low": low, "ci_high": high, "per_seed": [estimate] * 3}
+
+    result = {
+        "criterion": {"key": "structure_precision"},
+        "paired": {
+            "self-perceptual": {"metrics": {"structure_precision": diff(-0.01, -0.02, -0.004)}},
+            "sp-lr/10": {"metrics": {"structure_precision": diff(0.001, -0.003, 0.005)}},
+            "sp-all": {"metrics": {"structure_precision": diff(0.02, 0.01, 0.03)}},
+        },
+    }
+    text = " ".join(ablation_verdict(result))
+    assert "1 of 3 self-perceptual variants are better" in text and "sp-all" in text.split("better")[1]
+    assert "1 are worse: self-perceptual" in text and "1 are within the noise: sp-lr/10" in text
+    assert "The best variant is sp-all +0.0200" in text
+    fid = {"criterion": {"key": "fid"}, "paired": {"a": {"metrics": {"fid": diff(-3.0, -4.0, -2.0)}}}}
+    assert "1 of 1 self-perceptual variants are better" in " ".join(ablation_verdict(fid)), "lower FID is better"
 
 
 @pytest.mark.slow
@@ -146,6 +167,7 @@ def test_ablation_pairs_each_variant_with_its_baseline_from_the_same_teacher(tmp
     assert result["paired"]["sp/early"]["baseline"] == "mse-continued/early"
     text = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| sp+mse - mse-continued |" in text and "| sp/early - mse-continued/early |" in text
+    assert text.splitlines()[2] == "## Verdict", "the verdict opens the ablation report too"
     assert ablation.baseline_of(ablation.Variant("x", ablation.SP, steps_factor=4.0)) == "mse-continued-4x-steps"
 
 

@@ -17,20 +17,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .ablation_report import row_key, write_ablation_report
+from .analysis import paired
+from .budgets import Budget
 from .config import LossConfig, SampleConfig
-from .experiment import (
-    Budget,
-    Context,
-    branch_dir,
-    make_context,
-    make_out_dir,
-    stage2_config,
-    teacher_dir,
-    train_teacher,
-)
-from .report import LABELS, format_cell, paired
+from .stages import stage2_config, train_teacher
 from .training import is_finished, load_model, snapshot_path, train
+from .workspace import Context, branch_dir, log, make_context, make_out_dir, teacher_dir
 
 SP = LossConfig(kind="self-perceptual", teacher="<teacher>")
 MSE = LossConfig(kind="mse")
@@ -103,13 +96,9 @@ def _run_variant(ctx: Context, seed: int, v: Variant, chosen: dict[str, float]) 
     cfg = stage2_config(budget, ctx.data, loss, base_lr, seed, str(teacher), ctx.device)
     run_dir = branch_dir(ctx.root(seed), v.name.replace("/", "@"), base_lr)
     if not is_finished(run_dir, cfg.train.steps):
-        _log(f"seed {seed}: {v.name} ({cfg.train.steps} steps, lr {base_lr:g})")
+        log(f"seed {seed}: {v.name} ({cfg.train.steps} steps, lr {base_lr:g})")
         train(cfg, run_dir)
     return run_dir
-
-
-def _key(name: str) -> str:
-    return f"ablation-{name.replace('/', '@')}/none"
 
 
 def run_ablation(
@@ -143,20 +132,21 @@ def run_ablation(
         models.update({v.name: _run_variant(ctx, seed, v, chosen) for v in variants})
         for name, path in models.items():
             res = ctx.evaluate(
-                f"{_key(name)}-rep0",
+                f"{row_key(name)}-rep0",
                 seed,
                 lambda p=path: load_model(p, ctx.dev)[0],
                 SampleConfig(steps=budget.sample_steps),
                 list(range(n)),  # the headline rows' seeds: every variant paired on the same samples
             )
-            per_seed[_key(name)] = [res["metrics"]]
+            per_seed[row_key(name)] = [res["metrics"]]
         evaluations[str(seed)] = per_seed
     if seeds is not None and set(seeds) != set(all_seeds):
-        _log("this process's seeds are done; rerun without --seeds to write ablation.md")
+        log("this process's seeds are done; rerun without --seeds to write ablation.md")
         return {}
     result = {
         "budget": asdict(budget),
         "chosen_lrs": chosen,
+        "criterion": asdict(ctx.criterion),
         "variants": [asdict(v) for v in variants],
         "evaluations": evaluations,
         "paired": {},
@@ -166,75 +156,8 @@ def run_ablation(
         if base is not None:
             result["paired"][v.name] = {
                 "baseline": base,
-                "metrics": paired(ctx, all_seeds, _key(v.name), _key(base), budget.bootstrap),
+                "metrics": paired(ctx, all_seeds, row_key(v.name), row_key(base), budget.bootstrap),
             }
     result["seconds"] = time.perf_counter() - t0
-    _write(ctx, result, variants)
+    write_ablation_report(out, result)
     return result
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _write(ctx: Context, result: dict[str, Any], variants: list[Variant]) -> None:
-    budget = ctx.budget
-    crit = ctx.criterion.key
-    metrics = [m for m in (crit, "exact_precision", "noise_rms", "fid", "precision", "coverage") if m in LABELS]
-    names = ["teacher"] + (["teacher/early"] if any(v.teacher == "early" for v in variants) else [])
-    names += [v.name for v in variants]
-    seeds = list(result["evaluations"])
-    lines = [
-        f"# Ablation under the fair protocol ({budget.name} budget, {budget.data.source})",
-        "",
-        f"Teacher: stage 1 trained to its plateau (see report.md of `compare` in the same folder); stage 2: "
-        f"{budget.finetune_steps} steps unless the variant says otherwise, at the learning rates chosen by "
-        f"`compare`'s sweep ({', '.join(f'{k} {v:g}' for k, v in result['chosen_lrs'].items())}) times the "
-        f"variant's factor; {len(seeds)} training seed(s); {budget.eval_samples} samples per evaluation on the "
-        "same sampling seeds as the comparison, DDIM "
-        f"{budget.sample_steps} steps, no guidance. ± is the standard deviation over at least 3 training seeds.",
-        "",
-        "| model | " + " | ".join(LABELS[m][0] for m in metrics) + " |",
-        "|---|" + "---|" * len(metrics),
-    ]
-    for name in names:
-        cells = [
-            format_cell(
-                [
-                    result["evaluations"][s][_key(name)][0][m]
-                    for s in seeds
-                    if m in result["evaluations"][s][_key(name)][0]
-                ]
-            )
-            for m in metrics
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Paired differences against the MSE baseline",
-        "",
-        "Variant minus the MSE run from the same teacher for the same steps, per training seed (same sampling seeds), "
-        "averaged over seeds, with the 95% hierarchical bootstrap interval and the per-seed values.",
-        "",
-        "| variant - baseline | " + " | ".join(f"Δ {LABELS[m][0]}" for m in metrics) + " |",
-        "|---|" + "---|" * len(metrics),
-    ]
-    for name, p in result["paired"].items():
-        cells = []
-        for m in metrics:
-            d = p["metrics"].get(m)
-            cells.append(
-                "-"
-                if d is None
-                else f"{d['estimate']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
-                f"({', '.join(f'{x:+.3f}' for x in d['per_seed'])})"
-            )
-        lines.append(f"| {name} - {p['baseline']} | " + " | ".join(cells) + " |")
-    lines += ["", "| variant | what changes |", "|---|---|"] + [f"| {v.name} | {v.note} |" for v in variants]
-    lines += [
-        "",
-        f"Wall time of the call that wrote this file: {result['seconds'] / 60:.1f} minutes (cached work is "
-        "not redone).",
-    ]
-    atomic_write_text(ctx.out / "ablation.md", "\n".join(lines) + "\n")
-    atomic_write_text(ctx.out / "ablation.json", json.dumps(result, indent=2, default=str))

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import stats
+from .analysis import row_label
 from .checkpoint import atomic_write_text
-from .scoring import load_per_sample
 
 # (key in evaluation metrics, label, True if higher is better; None: neither, a diagnostic)
 TABLE_METRICS = (
@@ -33,17 +32,6 @@ TABLE_METRICS = (
     ("nearest_train_rms", "nearest-train RMS", None),
 )
 LABELS = {k: (label, higher) for k, label, higher in TABLE_METRICS}
-
-
-def _row_label(key: str) -> str:
-    model, _, guidance = key.rpartition("/")
-    if guidance == "none":
-        return f"{model}, no guidance"
-    if guidance == "null-label":
-        return f"{model}, null label"
-    kind, w, phi = guidance.split("-")
-    name = "CFG" if kind == "cfg" else "autoguidance"
-    return f"{model}, {name} w={w[1:]} φ={phi[3:]}"
 
 
 def _seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
@@ -71,83 +59,12 @@ def results_table(results: dict[str, Any]) -> str:
     lines = ["| model, guidance | " + " | ".join(label for _, label in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for key in keys:
         cells = [format_cell(_seed_values(results, key, k)) for k, _ in metrics]
-        lines.append(f"| {_row_label(key)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(key)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paired differences.
-
-
-def _statistics(ctx: Any, per_sample: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Per-sample statistics available for this data: name -> function of per-sample arrays."""
-    from .evaluate import reference_stats
-
-    ref = reference_stats(ctx.data, ctx.extractor, split=ctx.reference_split)
-    out: dict[str, Any] = {}
-    for key, array in (
-        ("structure_precision", "structure"),
-        ("exact_precision", "exact"),
-        ("noise_rms", "noise_rms"),
-        ("class_accuracy", "class_match"),
-        ("nearest_train_rms", "nearest_train_rms"),
-    ):
-        if array in per_sample:
-            out[key] = stats.mean_of(array)
-    out["fid"] = stats.fid_against(ref.mu, ref.cov)
-    out["kid"] = stats.kid_against(ref.features)
-    out["precision"] = stats.precision_against(ref.features)
-    out["coverage"] = stats.coverage_against(ref.features)
-    return out
-
-
-def paired(ctx: Any, seeds: list[int], key_a: str, key_b: str, n_boot: int = 1000) -> dict[str, dict[str, Any]]:
-    """Every available metric of row ``key_a`` minus row ``key_b``, paired per training seed."""
-    load = lambda key, s: load_per_sample(ctx.cache(f"{key}-rep0", s))  # noqa: E731
-    a = [load(key_a, s) for s in seeds]
-    b = [load(key_b, s) for s in seeds]
-    out = {}
-    for metric, statistic in _statistics(ctx, a[0]).items():
-        # Set statistics (FID, KID, k-NN precision and coverage) cost far more per replicate than means of
-        # per-sample values: 200 replicates put their interval ends within a few percent of the width.
-        boot = n_boot if metric not in ("fid", "precision", "coverage", "kid") else min(n_boot, 200)
-        diff = stats.paired_bootstrap(a, b, statistic, n_boot=boot)
-        out[metric] = diff.to_dict()
-    return out
-
-
-def paired_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(title, row A, row B) for every pair the report discusses, the paper's headline first."""
-    keys = {r["key"] for r in results["rows"]}
-    pairs = [
-        (
-            "self-perceptual vs MSE continued, no guidance (the paper's claim)",
-            "self-perceptual/none",
-            "mse-continued/none",
-        ),
-        ("self-perceptual vs its teacher", "self-perceptual/none", "stage1-mse/none"),
-        ("MSE continued vs the teacher", "mse-continued/none", "stage1-mse/none"),
-    ]
-    cfg = sorted(k for k in keys if k.startswith("mse-continued/cfg-") and k.endswith("phi0.7"))
-    if cfg:
-        pairs.append(
-            (
-                f"self-perceptual (no guidance) vs MSE + {_row_label(cfg[0]).split(', ')[1]}",
-                "self-perceptual/none",
-                cfg[0],
-            )
-        )
-    if "uncond/self-perceptual/none" in keys:
-        pairs.append(
-            (
-                "unconditional: self-perceptual vs MSE continued",
-                "uncond/self-perceptual/none",
-                "uncond/mse-continued/none",
-            )
-        )
-    for v in results["budget"]["variants"]:
-        pairs.append((f"{v} vs MSE continued (beyond the paper)", f"{v}/none", "mse-continued/none"))
-    return [p for p in pairs if p[1] in keys and p[2] in keys]
 
 
 def _significant(d: dict[str, Any]) -> bool:
@@ -173,33 +90,6 @@ def paired_table(diffs: dict[str, dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The objective on a fixed batch.
-
-
-@torch.no_grad()
-def losses_on_fixed_batch(ctx: Any, seed: int, chosen: dict[str, float], models: list[str], n: int = 512) -> dict:
-    """Self-perceptual loss (against the seed's teacher) and MSE loss of each model on one fixed batch: the same x0,
-    labels, t, eps and t' for every model, so the numbers compare directly."""
-    from .data import load_dataset
-    from .experiment import model_dir, teacher_dir
-    from .losses import SelfPerceptualLoss, mse_loss, self_perceptual_loss
-    from .networks import frozen_copy
-    from .training import load_model
-    from .variants import PAPER
-
-    teacher = frozen_copy(load_model(teacher_dir(ctx, seed), ctx.dev)[0])
-    data = load_dataset(ctx.data)
-    g = torch.Generator().manual_seed(12345)
-    idx = torch.randint(len(data), (n,), generator=g)
-    x0 = data.images[idx].to(ctx.dev)
-    labels = data.labels[idx].to(ctx.dev) if teacher.num_classes else None
-    noise = SelfPerceptualLoss(PAPER, teacher).draw(x0.shape, teacher.schedule.num_train_timesteps, g)
-    t, eps, t_prime = (noise[k].to(ctx.dev) for k in ("t", "eps", "t_prime"))
-    out = {}
-    for name in [m for m in models if not m.startswith("uncond/")]:
-        model = load_model(model_dir(ctx, seed, name, chosen), ctx.dev)[0]
-        sp = self_perceptual_loss(model, teacher, x0, labels, t, eps, t_prime).mean()
-        out[name] = {"self_perceptual": float(sp), "mse": float(mse_loss(model, x0, labels, t, eps).mean())}
-    return out
 
 
 def losses_table(results: dict[str, Any]) -> tuple[str, str]:
@@ -240,8 +130,7 @@ def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]
     crit = results["criterion"]["key"]
     label = LABELS.get(crit, (crit, True))[0]
     n_seeds = results["budget"]["training_seeds"]
-    head_title = paired_pairs(results)[0][0]
-    head = diffs[head_title]
+    head = next(iter(diffs.values()))  # the paper's headline pair comes first
     d = head[crit]
     higher = LABELS.get(crit, (crit, True))[1]
     sp_better = (d["estimate"] > 0) == higher
@@ -315,15 +204,13 @@ def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]
 # Plots and the report file.
 
 
-def plot_curves(ctx: Any, results: dict[str, Any], path: Path) -> Path:
+def plot_curves(results: dict[str, Any], path: Path) -> Path:
     """Left: the teacher's criterion vs images (each seed), stage 2 starting at the last point. Right: training MSE
     loss vs images for stage 1 and both stage-2 branches of seed 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .experiment import branch_dir
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     crit = results["criterion"]["key"]
@@ -341,16 +228,12 @@ def plot_curves(ctx: Any, results: dict[str, Any], path: Path) -> Path:
     ax.set_title("teacher curve; dotted: stage 2 starts")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    root = ctx.out / "seed0"
-    offset = 0
-    for run in sorted(root.glob("stage1-phase*")) + [root / "stage1-mse"]:
-        xs, ys = _log_series(run / "log.jsonl", "mse")
-        if xs:
-            bx.plot([offset + x for x in xs], ys, color="C0", lw=0.8, label="stage 1 (MSE)" if offset == 0 else None)
-            offset += xs[-1]
+    series = results.get("training_losses", {})
+    stage1 = series.get("stage1", [[], []])
+    bx.plot(*stage1, color="C0", lw=0.8, label="stage 1 (MSE)")
     for i, branch in enumerate(("mse-continued", "self-perceptual")):
-        xs, ys = _log_series(branch_dir(root, branch, results["chosen_lrs"][branch]) / "log.jsonl", "mse")
-        bx.plot([offset + x for x in xs], ys, color=f"C{i + 1}", lw=0.8, label=f"stage 2: {branch} (its MSE)")
+        if branch in series:
+            bx.plot(*series[branch], color=f"C{i + 1}", lw=0.8, label=f"stage 2: {branch} (its MSE)")
     bx.set_yscale("log")
     bx.set_xlabel("images seen (seed 0)")
     bx.set_ylabel("training MSE loss (log)")
@@ -360,14 +243,6 @@ def plot_curves(ctx: Any, results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _log_series(path: Path, key: str) -> tuple[list[int], list[float]]:
-    if not path.is_file():
-        return [], []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if key in r]
-    return [r["images_seen"] for r in records], [r[key] for r in records]
 
 
 def plot_cfg(results: dict[str, Any], path: Path, metric: str) -> Path | None:
@@ -406,17 +281,15 @@ def plot_cfg(results: dict[str, Any], path: Path, metric: str) -> Path | None:
     return path
 
 
-def write_report(ctx: Any, results: dict[str, Any]) -> Path:
-    """report.md (verdict first), results.json and the plots in the comparison's folder."""
-    out = ctx.out
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    """report.md (verdict first), results.json and the plots in the comparison's folder ``out``, from ``results``
+    alone (``experiment.run_compare`` computes every number in it, ``analysis.py`` the paired differences)."""
     seeds = sorted(int(s) for s in results["evaluations"])
-    n_boot = results["budget"]["bootstrap"]
-    diffs = {title: paired(ctx, seeds, a, b, n_boot) for title, a, b in paired_pairs(results)}
-    results["paired"] = {title: {"a": a, "b": b, "metrics": diffs[title]} for title, a, b in paired_pairs(results)}
+    diffs = {title: p["metrics"] for title, p in results["paired"].items()}
     budget = results["budget"]
     crit = results["criterion"]["key"]
     plots = [
-        plot_curves(ctx, results, out / "curves.png"),
+        plot_curves(results, out / "curves.png"),
         plot_cfg(results, out / f"{crit}_vs_cfg.png", crit),
         plot_cfg(results, out / "fid_vs_cfg.png", "fid"),
     ]
@@ -446,8 +319,8 @@ def write_report(ctx: Any, results: dict[str, Any]) -> Path:
         results_table(results),
         "",
     ]
-    for title, a, b in paired_pairs(results):
-        lines += [f"### {title}", "", f"A = `{a}`, B = `{b}`.", "", paired_table(diffs[title]), ""]
+    for title, p in results["paired"].items():
+        lines += [f"### {title}", "", f"A = `{p['a']}`, B = `{p['b']}`.", "", paired_table(p["metrics"]), ""]
     lines += ["## Does the objective optimise itself?", "", loss_table, "", loss_note, ""]
     lines += _protocol_section(results)
     for plot in plots:
