@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py                       # small preset on the default device (CUDA if present)
     python benchmarks/train_speed.py --preset base --batch-size 256 --with-compile    # a GPU
 
-Every variant runs the training loop's own step (distributed.draw_global_batch, accumulate_gradients, gradient
+Every variant runs the training loop's own step (trainstep.draw_global_batch, accumulate_gradients, gradient
 clipping, AdamW) on its own copy of the same model. The variants are interleaved: each round times ``--steps`` steps
 of every variant in turn, so a slow phase of a shared machine hits all of them alike; the table reports the median
 round. torch.compile takes minutes to compile on a CPU, so it is only measured with ``--with-compile``.
@@ -26,7 +26,8 @@ from perceptual_diffusion.config import DataConfig, LossConfig, ModelConfig, Run
 from perceptual_diffusion.data import load_dataset
 from perceptual_diffusion.losses import build_loss
 from perceptual_diffusion.networks import DiffusionUNet, count_parameters
-from perceptual_diffusion.training import _grad_norm, apply_speed_options, resolve_device
+from perceptual_diffusion.training import apply_speed_options, resolve_device
+from perceptual_diffusion.trainstep import TensorSource, accumulate_gradients, draw_global_batch, grad_norm
 
 # name -> (TrainConfig changes, bf16 autocast)
 VARIANTS: dict[str, tuple[dict, bool]] = {
@@ -49,7 +50,7 @@ class Variant:
 
     def __init__(self, config: RunConfig, bf16: bool, device: torch.device, images: torch.Tensor, labels) -> None:
         self.config, self.device = config, device
-        self.source = distributed.TensorSource(images, labels, config.model.num_classes)
+        self.source = TensorSource(images, labels, config.model.num_classes)
         torch.manual_seed(0)
         self.model = DiffusionUNet(config.model, config.schedule).to(device)
         apply_speed_options(self.model, None, config.train)
@@ -65,12 +66,12 @@ class Variant:
         start = time.perf_counter()
         for _ in range(steps):
             gen = torch.Generator(self.device).manual_seed(self.step)
-            batch = distributed.draw_global_batch(self.config, self.source, self.loss_fn, gen)
+            batch = draw_global_batch(self.config, self.source, self.loss_fn, gen)
             self.optimizer.zero_grad(set_to_none=True)
-            _, means = distributed.accumulate_gradients(
+            _, means = accumulate_gradients(
                 self.train_model, self.loss_fn, self.source, batch, self.config.train, self.autocast
             )
-            _grad_norm(self.model, self.config.train.grad_clip)
+            grad_norm(self.model, self.config.train.grad_clip)
             self.optimizer.step()
             means.tolist()  # the loop's one host sync per step
             self.step += 1

@@ -25,7 +25,7 @@ import torch
 from _runs import CLI_TINY, assert_same_run, log_records, tiny_config, torch_threads_env
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, training
+from perceptual_diffusion import cli, training, trainstep
 
 STEPS = 16
 KILLS = 4  # random SIGKILL points per test run (the kill log below says where each landed)
@@ -163,7 +163,7 @@ def _kill_inside_grid_write(mp: pytest.MonkeyPatch) -> None:
 
 
 def _kill_before_first_checkpoint(mp: pytest.MonkeyPatch) -> None:
-    _kill_on_call(mp, training, "ema_update", 2)
+    _kill_on_call(mp, trainstep, "ema_update", 2)
 
 
 KILL_POINTS = {

@@ -10,7 +10,7 @@ from perceptual_diffusion import teacher
 from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.scoring import Criterion
 from perceptual_diffusion.teacher import CurvePoint, is_plateau, train_to_plateau
-from perceptual_diffusion.training import learning_rate
+from perceptual_diffusion.trainstep import learning_rate
 
 UP = Criterion("structure_precision", True)
 DOWN = Criterion("fid", False)

@@ -13,7 +13,8 @@ from perceptual_diffusion import checkpoint as ckpt
 from perceptual_diffusion.config import LossConfig
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.networks import DiffusionUNet
-from perceptual_diffusion.training import ema_beta, learning_rate, load_model, step_seed, train
+from perceptual_diffusion.training import load_model, train
+from perceptual_diffusion.trainstep import ema_beta, learning_rate, step_seed
 
 
 def _log_steps(run_dir: Path) -> list[int]:

@@ -1,6 +1,5 @@
 """Many processes (PyTorch DDP under ``torchrun``): the process group, the device of each rank, the few
-collectives the training loop and evaluation need, and how one optimiser step's global batch is drawn and split
-over processes and gradient-accumulation micro-batches.
+collectives the training loop and evaluation need (``trainstep.py`` draws and splits each step's global batch).
 
 A process that ``torchrun`` did not start (no ``WORLD_SIZE`` > 1 in its environment) never creates a process group:
 every helper here is then a no-op with rank 0 of 1, so the single-process path costs nothing.
@@ -17,17 +16,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import LatentRunConfig, RunConfig, TrainConfig
+from .config import TrainConfig
 from .errors import UserError
-from .losses import MSELoss, SelfPerceptualLoss, drop_condition
 
 T = TypeVar("T")
 
@@ -186,111 +183,3 @@ def wrap_for_training(model: nn.Module, compile_: bool, device: torch.device) ->
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
     return wrapped
-
-
-class BatchSource(Protocol):
-    """What the training loop draws batches from: ``num_items`` items, each an x0 of ``x0_shape`` with a condition
-    id (a class label, or a caption's index); ``null_id`` is the id that means 'no condition' (condition dropout).
-    ``micro_batch`` turns item indices and (possibly dropped) condition ids into the loss's ``x0`` and ``cond``."""
-
-    num_items: int
-    x0_shape: tuple[int, ...]
-    cond_ids: Tensor | None
-    null_id: int
-
-    def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor | None]: ...
-
-
-@dataclass
-class TensorSource:
-    """Resident images and labels (the pixel data sets): a micro-batch is two index operations."""
-
-    images: Tensor
-    labels: Tensor | None
-    null_id: int
-
-    @property
-    def num_items(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def x0_shape(self) -> tuple[int, ...]:
-        return tuple(self.images.shape[1:])
-
-    @property
-    def cond_ids(self) -> Tensor | None:
-        return self.labels
-
-    def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return self.images[indices], cond_ids
-
-
-class GlobalBatch(NamedTuple):
-    """The randomness of one optimiser step, for the whole global batch: item indices, condition ids after dropout,
-    and the loss's per-sample noise (t, eps, t'); the generator is passed on to the loss."""
-
-    generator: torch.Generator
-    indices: Tensor
-    cond: Tensor | None
-    noise: dict[str, Tensor] | None  # None: a plain loss callable that draws its own noise
-
-
-def draw_global_batch(
-    config: RunConfig | LatentRunConfig,
-    source: BatchSource,
-    loss_fn: MSELoss | SelfPerceptualLoss,
-    generator: torch.Generator,
-) -> GlobalBatch:
-    """One step's global batch from its (seed, step) generator, the same on every rank.
-
-    Every rank draws all of it and keeps its slice, so what a step computes does not depend on the number of
-    processes or micro-batches, and a resume needs no sampler state: the position in the data is the step.
-    """
-    tc, device = config.train, generator.device
-    idx = torch.randint(0, source.num_items, (tc.batch_size,), generator=generator, device=device)
-    ids = source.cond_ids
-    cond = drop_condition(None if ids is None else ids[idx], config.loss.cond_dropout, source.null_id, generator)
-    if not hasattr(loss_fn, "draw"):
-        # Any callable with the loss signature works in one process; splitting a batch needs its noise up front.
-        if tc.grad_accum > 1 or world_size() > 1:
-            raise ValueError("a loss without draw() cannot be split over processes or --grad-accum micro-batches")
-        return GlobalBatch(generator, idx, cond, None)
-    noise = loss_fn.draw((tc.batch_size, *source.x0_shape), config.schedule.num_train_timesteps, generator)
-    return GlobalBatch(generator, idx, cond, noise)
-
-
-def accumulate_gradients(
-    train_model: nn.Module,
-    loss_fn: MSELoss | SelfPerceptualLoss,
-    source: BatchSource,
-    batch: GlobalBatch,
-    tc: TrainConfig,
-    autocast: contextlib.AbstractContextManager,
-) -> tuple[list[str], Tensor]:
-    """Forward and backward over this rank's ``grad_accum`` micro-batches of the global batch; returns the loss
-    terms' names and their means over the global batch (averaged over ranks, like the gradients)."""
-    me, world = rank(), world_size()
-    micro_size = tc.batch_size // (world * tc.grad_accum)
-    term_sums: Tensor | None = None
-    for micro in range(tc.grad_accum):
-        start = (me * tc.grad_accum + micro) * micro_size
-        rows = slice(start, start + micro_size)
-        x0, cond = source.micro_batch(batch.indices[rows], None if batch.cond is None else batch.cond[rows])
-        if tc.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        noise = None if batch.noise is None else {k: v[rows] for k, v in batch.noise.items()}
-        # DDP all-reduces gradients during backward; no_sync skips that for all but the last micro-batch, so
-        # accumulation costs one all-reduce per step.
-        last = micro == tc.grad_accum - 1
-        with contextlib.nullcontext() if last or world == 1 else train_model.no_sync():
-            with autocast:
-                terms = (
-                    loss_fn(train_model, x0, cond, batch.generator)
-                    if noise is None
-                    else loss_fn(train_model, x0, cond, batch.generator, noise)
-                )
-            (terms["loss"].mean() / tc.grad_accum).backward()
-        means = torch.stack([v.detach().float().mean() for v in terms.values()])
-        term_sums = means if term_sums is None else term_sums + means
-    # Equal micro-batches: the mean of their means is the global batch's mean.
-    return list(terms), mean_across(term_sums / tc.grad_accum)

@@ -15,9 +15,10 @@ from .budgets import Budget
 from .config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
 from .data import data_shape
 from .errors import UserError
+from .rundir import is_finished
 from .scoring import Criterion, is_cached
 from .teacher import TeacherResult, train_to_plateau
-from .training import is_finished, train
+from .training import train
 from .variants import VARIANTS
 from .workspace import Context, branch_dir, log, teacher_dir
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from .budgets import PlateauSchedule
 from .config import RunConfig
+from .rundir import is_finished, snapshot_path
 from .scoring import Criterion
-from .training import is_finished, snapshot_path, train
+from .training import train
 
 # (weights file, cache name) -> (criterion value, its standard error, the evaluation result)
 EvaluatePoint = Callable[[Path, str], tuple[float, float, dict[str, Any]]]
