@@ -264,4 +264,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
             return 130
     return 0
-
