@@ -103,7 +103,7 @@ class Bench:
         self.naive_teacher = copy.deepcopy(self.model).eval().requires_grad_(True)  # the naive version's mistake
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
         sp = LossConfig(kind="self-perceptual", teacher="benchmark", cond_dropout=0.0)
-        mse_fn, sp_fn = MSELoss(LossConfig()), SelfPerceptualLoss(sp, self.teacher)
+        mse_fn, sp_fn = MSELoss(LossConfig(), self.teacher.schedule), SelfPerceptualLoss(sp, self.teacher)
         self.losses: dict[str, Callable[[Tensor, Tensor, torch.Generator], Tensor]] = {
             "mse": lambda x0, c, g: mse_fn(self.model, x0, c, g)["loss"],
             "self-perceptual": lambda x0, c, g: sp_fn(self.model, x0, c, g)["loss"],

@@ -31,7 +31,7 @@ IMAGE_SIZE = {"tiny": 16, "small": 16, "medium": 16, "base": 32, "large": 32}
 
 def train_images_per_second(model: DiffusionUNet, images: torch.Tensor, labels: torch.Tensor, args) -> float:
     """Median images/s of a training step: sample a batch, MSE loss, backward, AdamW step."""
-    loss_fn = MSELoss(LossConfig())
+    loss_fn = MSELoss(LossConfig(), model.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     times = []

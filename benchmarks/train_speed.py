@@ -56,7 +56,7 @@ class Variant:
         apply_speed_options(self.model, None, config.train)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.train_model = distributed.wrap_for_training(self.model, config.train.compile, device)
-        self.loss_fn = build_loss(config.loss)
+        self.loss_fn = build_loss(config.loss, self.model.schedule)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.step = 0
 

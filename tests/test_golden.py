@@ -129,7 +129,7 @@ def fixed_batch_losses() -> dict[str, list[float]]:
     eps = torch.randn(4, 3, 8, 8, generator=g)
     with torch.no_grad():
         return {
-            "losses/mse": mse_loss(online, x0, cond, t, eps).tolist(),
+            "losses/mse": mse_loss(online, teacher.schedule, x0, cond, t, eps).tolist(),
             "losses/sp": self_perceptual_loss(online, teacher, x0, cond, t, eps, t2).tolist(),
         }
 

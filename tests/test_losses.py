@@ -262,9 +262,9 @@ def test_loss_and_gradients_are_finite_at_both_ends_of_time(online, teacher, fea
 
 def test_mse_loss_is_zero_for_an_oracle_and_matches_the_hand_formula(online) -> None:
     x0, cond, t, eps, _ = _batch()
-    assert mse_loss(OracleV(online.schedule, x0, eps), x0, cond, t, eps).abs().max() < 1e-12
+    assert mse_loss(OracleV(online.schedule, x0, eps), online.schedule, x0, cond, t, eps).abs().max() < 1e-12
 
-    terms = MSELoss(LossConfig())(online, x0, cond, torch.Generator().manual_seed(9))
+    terms = MSELoss(LossConfig(), online.schedule)(online, x0, cond, torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     t = torch.randint(0, T, (N,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
@@ -277,10 +277,10 @@ def test_mse_loss_is_zero_for_an_oracle_and_matches_the_hand_formula(online) -> 
 def _all_loss_objects(teacher: DiffusionUNet) -> list:
     sp = LossConfig(kind="self-perceptual", teacher="x")
     return [
-        build_loss(LossConfig()),
-        build_loss(sp, teacher),
-        build_loss(replace(sp, feature_layer="all", distance="l1", mse_weight=1.0), teacher),
-        build_loss(replace(sp, t_prime="same-as-t", predicted_noise="true"), teacher),
+        build_loss(LossConfig(), teacher.schedule),
+        build_loss(sp, teacher.schedule, teacher),
+        build_loss(replace(sp, feature_layer="all", distance="l1", mse_weight=1.0), teacher.schedule, teacher),
+        build_loss(replace(sp, t_prime="same-as-t", predicted_noise="true"), teacher.schedule, teacher),
     ]
 
 
@@ -305,7 +305,7 @@ def test_self_perceptual_loss_refuses_a_trainable_teacher_or_missing_tap(online,
     with pytest.raises(UserError, match="down3"):
         SelfPerceptualLoss(replace(config, feature_layer="down3"), teacher)
     with pytest.raises(ValueError, match="teacher"):
-        build_loss(config, None)
+        build_loss(config, teacher.schedule, None)
 
 
 def test_channel_normalised_features_have_unit_length_and_keep_the_oracle_at_zero(teacher) -> None:

@@ -110,7 +110,10 @@ def losses_on_fixed_batch(ctx: Any, seed: int, chosen: dict[str, float], models:
     for name in [m for m in models if not m.startswith("uncond/")]:
         model = load_model(model_dir(ctx, seed, name, chosen), ctx.dev)[0]
         sp = self_perceptual_loss(model, teacher, x0, labels, t, eps, t_prime).mean()
-        out[name] = {"self_perceptual": float(sp), "mse": float(mse_loss(model, x0, labels, t, eps).mean())}
+        out[name] = {
+            "self_perceptual": float(sp),
+            "mse": float(mse_loss(model, teacher.schedule, x0, labels, t, eps).mean()),
+        }
     return out
 
 

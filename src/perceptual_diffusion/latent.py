@@ -37,8 +37,8 @@ from .captions import CaptionData, load_captions
 from .config import LatentRunConfig, SampleConfig, ScheduleConfig
 from .errors import UserError
 from .grid import save_grid
-from .networks import encoder_taps, frozen_copy
-from .sampling import ddim_sample, guided_denoiser
+from .networks import encoder_features, encoder_taps, frozen_copy
+from .sampling import sample_stream
 from .schedule import NoiseSchedule
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -138,37 +138,18 @@ class TextConditionedUNet(nn.Module):
     def features(
         self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, taps: tuple[str, ...] = ("mid",)
     ) -> dict[str, Tensor]:
-        """Hidden states at the named taps, running the encoder half only (down blocks with cross-attention, then
-        the mid-block). Mirrors the first half of ``UNet2DConditionModel.forward`` for Stable Diffusion's U-Net (no
-        class, addition or ControlNet inputs); a test checks it against hooks on a full forward pass."""
-        unknown = set(taps) - set(self.taps)
-        if unknown:
-            raise ValueError(f"unknown feature taps {sorted(unknown)}; this network has {self.taps}")
+        """Hidden states at the named taps, running the encoder half only (``networks.encoder_features``, with the
+        text as cross-attention context). The embedding mirrors ``UNet2DConditionModel.forward`` for Stable
+        Diffusion's U-Net (no class, addition or ControlNet inputs); a test checks the taps against hooks."""
         unet = self.unet
         if unet.config.class_embed_type is not None or unet.config.addition_embed_type is not None:
             raise ValueError("feature taps support Stable Diffusion U-Nets (no class or addition embeddings)")
-        depth = max(self.taps.index(name) for name in taps)
         t = t.to(x_t.device).expand(x_t.shape[0]) if t.ndim == 0 else t.to(x_t.device)
         emb = unet.time_embedding(unet.get_time_embed(sample=x_t, timestep=t))
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         context = unet.process_encoder_hidden_states(self._cond(cond, x_t.shape[0]), None)
-        h = unet.conv_in(x_t)
-        out: dict[str, Tensor] = {}
-        for i, block in enumerate(unet.down_blocks):
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-            if f"down{i}" in taps:
-                out[f"down{i}"] = h
-            if i == depth:
-                return out
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            out["mid"] = unet.mid_block(h, emb, encoder_hidden_states=context)
-        else:
-            out["mid"] = unet.mid_block(h, emb)
-        return out
+        return encoder_features(unet, x_t, emb, taps, context)
 
 
 @dataclass
@@ -538,15 +519,10 @@ def sample_latent(
     [prompt; empty prompt]) and guidance rescale, then the VAE decoder (``decode=False``: the latents)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-    device = parts.device
-    denoiser = guided_denoiser(model, config.cfg_scale, config.guidance_rescale)
     shape = parts.latent_shape(model.unet.config.sample_size * parts.downsample)
+    cond_of = lambda start, end: parts.encode_text(prompts[start:end])  # noqa: E731 - per batch: bounded memory
     out = []
-    for start in range(0, len(seeds), batch_size):
-        cond = parts.encode_text(prompts[start : start + batch_size])
-        z = ddim_sample(
-            denoiser, model.schedule, shape, seeds[start : start + batch_size], cond, config, device, clamp=False
-        )
+    for z in sample_stream(model, shape, seeds, cond_of, config, batch_size, parts.device, clamp=False):
         out.append(parts.decode(z).cpu() if decode else z)
     return torch.cat(out)
 

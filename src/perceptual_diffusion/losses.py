@@ -6,9 +6,13 @@ Each loss also has ``draw(shape, T, generator)``, the batch's randomness (t, eps
 ``loss(..., noise=rows)`` accepts instead of drawing: the training loop draws a global batch once and splits it
 between processes and gradient-accumulation micro-batches.
 
-``MSELoss`` is the ordinary v/eps/x0-prediction objective. ``SelfPerceptualLoss`` is Lin & Yang's objective
-(PAPER.md, 'The self-perceptual objective'); its math is the pure function :func:`self_perceptual_loss`, kept apart
-from the randomness so that tests can call it on fixed t, eps and t_prime.
+``MSELoss`` is the ordinary v/eps/x0-prediction objective. ``SelfPerceptualLoss`` is Lin & Yang's objective (arXiv
+2401.00110, Sec. 3 and Algorithm 1); its math is the pure function :func:`self_perceptual_loss`, kept apart from the
+randomness so that tests can call it on fixed t, eps and t_prime.
+
+A loss never looks inside the model it trains (which may be wrapped for DDP or compiled): the noise schedule is
+given to it (``MSELoss``) or is its frozen teacher's (``SelfPerceptualLoss``, whose teacher has the online model's
+schedule: ``training`` checks both come from the same network). Models follow ``networks.DiffusionModel``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from torch import Tensor
 
 from .config import LossConfig
 from .errors import UserError
-from .networks import DiffusionUNet, unwrap
+from .networks import DiffusionModel
+from .schedule import NoiseSchedule
 
 
 def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -46,23 +51,26 @@ def _per_sample_mean(x: Tensor) -> Tensor:
     return x.flatten(1).mean(dim=1)
 
 
-def mse_from_prediction(model: DiffusionUNet, pred: Tensor, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+def mse_from_prediction(schedule: NoiseSchedule, pred: Tensor, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
     """Per-sample || pred - target ||^2 / D, target by the prediction type (v by default)."""
-    target = unwrap(model).schedule.target(x0, eps, t)
+    target = schedule.target(x0, eps, t)
     return _per_sample_mean((pred.float() - target.float()) ** 2)
 
 
-def mse_loss(model: DiffusionUNet, x0: Tensor, cond: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
+def mse_loss(
+    model: DiffusionModel, schedule: NoiseSchedule, x0: Tensor, cond: Tensor | None, t: Tensor, eps: Tensor
+) -> Tensor:
     """Per-sample MSE of f(x_t, t, c) against its target."""
-    x_t = unwrap(model).schedule.add_noise(x0, eps, t)
-    return mse_from_prediction(model, model(x_t, t, cond), x0, t, eps)
+    x_t = schedule.add_noise(x0, eps, t)
+    return mse_from_prediction(schedule, model(x_t, t, cond), x0, t, eps)
 
 
 class MSELoss:
     """The plain diffusion objective: uniform t, Gaussian eps, mean squared error on the prediction target."""
 
-    def __init__(self, config: LossConfig) -> None:
+    def __init__(self, config: LossConfig, schedule: NoiseSchedule) -> None:
         self.config = config
+        self.schedule = schedule
 
     def draw(
         self,
@@ -76,15 +84,15 @@ class MSELoss:
 
     def __call__(
         self,
-        model: DiffusionUNet,
+        model: DiffusionModel,
         x0: Tensor,
         cond: Tensor | None,
         generator: torch.Generator,
         noise: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         if noise is None:
-            noise = self.draw(x0.shape, unwrap(model).schedule.num_train_timesteps, generator, x0.dtype)
-        mse = mse_loss(model, x0, cond, noise["t"], noise["eps"].to(x0.dtype))
+            noise = self.draw(x0.shape, self.schedule.num_train_timesteps, generator, x0.dtype)
+        mse = mse_loss(model, self.schedule, x0, cond, noise["t"], noise["eps"].to(x0.dtype))
         return {"loss": mse, "mse": mse.detach()}
 
 
@@ -103,8 +111,8 @@ def feature_distance(a: Tensor, b: Tensor, distance: str, norm: str = "none") ->
 
 
 def self_perceptual_loss(
-    online: DiffusionUNet,
-    teacher: DiffusionUNet,
+    online: DiffusionModel,
+    teacher: DiffusionModel,
     x0: Tensor,
     cond: Tensor | None,
     t: Tensor,
@@ -116,13 +124,13 @@ def self_perceptual_loss(
     predicted_noise: str = "predicted",
     feature_norm: str = "none",
 ) -> Tensor:
-    """Per-sample self-perceptual loss (PAPER.md steps 2-4).
+    """Per-sample self-perceptual loss (arXiv 2401.00110, Algorithm 1, lines 4-8; the teacher's schedule is used).
 
     x_t = alpha_t x0 + sigma_t eps;  v_hat = online(x_t, t, c) -> (x0_hat, eps_hat);
     x_t' = alpha_t' x0 + sigma_t' eps;  x_hat_t' = alpha_t' x0_hat + sigma_t' eps_hat;
     loss = || teacher_mid(x_hat_t', t', c) - teacher_mid(x_t', t', c) ||^2 / D.
     """
-    x_t = unwrap(online).schedule.add_noise(x0, eps, t)
+    x_t = teacher.schedule.add_noise(x0, eps, t)
     pred = online(x_t, t, cond)
     return perceptual_from_prediction(
         teacher,
@@ -141,7 +149,7 @@ def self_perceptual_loss(
 
 
 def perceptual_from_prediction(
-    teacher: DiffusionUNet,
+    teacher: DiffusionModel,
     pred: Tensor,
     x_t: Tensor,
     x0: Tensor,
@@ -180,7 +188,7 @@ class SelfPerceptualLoss:
     part of the student's state dict or checkpoints.
     """
 
-    def __init__(self, config: LossConfig, teacher: DiffusionUNet) -> None:
+    def __init__(self, config: LossConfig, teacher: DiffusionModel) -> None:
         if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
             raise ValueError("the teacher must be frozen: call .eval().requires_grad_(False) (networks.frozen_copy)")
         if config.feature_layer not in teacher.taps and config.feature_layer != "all":
@@ -208,16 +216,17 @@ class SelfPerceptualLoss:
 
     def __call__(
         self,
-        model: DiffusionUNet,
+        model: DiffusionModel,
         x0: Tensor,
         cond: Tensor | None,
         generator: torch.Generator,
         noise: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
+        schedule = self.teacher.schedule  # the online model's too: both come from the same network
         if noise is None:
-            noise = self.draw(x0.shape, unwrap(model).schedule.num_train_timesteps, generator, x0.dtype)
+            noise = self.draw(x0.shape, schedule.num_train_timesteps, generator, x0.dtype)
         t, eps, t_prime = noise["t"], noise["eps"].to(x0.dtype), noise["t_prime"]
-        x_t = unwrap(model).schedule.add_noise(x0, eps, t)
+        x_t = schedule.add_noise(x0, eps, t)
         pred = model(x_t, t, cond)
         perceptual = perceptual_from_prediction(
             self.teacher,
@@ -233,15 +242,17 @@ class SelfPerceptualLoss:
             predicted_noise=self.config.predicted_noise,
             feature_norm=self.config.feature_norm,
         )
-        mse = mse_from_prediction(model, pred, x0, t, eps)  # free: pred is already computed
+        mse = mse_from_prediction(schedule, pred, x0, t, eps)  # free: pred is already computed
         loss = perceptual + self.config.mse_weight * mse if self.config.mse_weight > 0 else perceptual
         return {"loss": loss, "perceptual": perceptual.detach(), "mse": mse.detach()}
 
 
-def build_loss(config: LossConfig, teacher: DiffusionUNet | None = None) -> MSELoss | SelfPerceptualLoss:
-    """The loss object a config names."""
+def build_loss(
+    config: LossConfig, schedule: NoiseSchedule, teacher: DiffusionModel | None = None
+) -> MSELoss | SelfPerceptualLoss:
+    """The loss object a config names, for a model trained under ``schedule``."""
     if config.kind == "mse":
-        return MSELoss(config)
+        return MSELoss(config, schedule)
     if teacher is None:
         raise ValueError("the self-perceptual loss needs a teacher network")
     return SelfPerceptualLoss(config, teacher)

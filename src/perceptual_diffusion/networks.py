@@ -1,4 +1,5 @@
-"""The pixel-space U-Net (diffusers ``UNet2DModel``), its size presets, and its explicit feature taps.
+"""The model protocol (``DiffusionModel``), the pixel-space U-Net (diffusers ``UNet2DModel``) and the explicit
+feature taps of a U-Net's encoder half, shared with the latent models.
 
 ``DiffusionUNet`` owns its noise schedule, because a trained network only means something together with the
 schedule and prediction type it was trained for. ``features`` runs only the encoder half (time embedding, input
@@ -8,7 +9,7 @@ conv, down blocks, mid block): the self-perceptual loss never needs the decoder.
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from diffusers import UNet2DModel
@@ -43,6 +44,27 @@ FEATURE_TAPS = ("down0", "down1", "down2", "down3", "mid")
 def encoder_taps(num_down_blocks: int) -> tuple[str, ...]:
     """The feature taps of a U-Net's encoder half: one per down block, then the mid block."""
     return tuple(f"down{i}" for i in range(num_down_blocks)) + ("mid",)
+
+
+class DiffusionModel(Protocol):
+    """What losses, the sampler and the training loop need of a model, pixel (``DiffusionUNet``) or latent
+    (``latent.TextConditionedUNet``): ``model(x_t, t, cond)`` is the network output (v, eps or x0 by the schedule's
+    prediction type; ``cond`` None means unconditional), ``features`` the encoder half's hidden states at named taps
+    (``taps`` lists them), ``null_condition`` the 'no condition' input matching a batch of conditions (CFG), and
+    ``schedule`` the noise schedule it was trained under."""
+
+    schedule: NoiseSchedule
+
+    @property
+    def taps(self) -> tuple[str, ...]: ...
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+    def features(
+        self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, taps: tuple[str, ...] = ("mid",)
+    ) -> dict[str, Tensor]: ...
+
+    def null_condition(self, cond: Tensor) -> Tensor: ...
 
 
 class DiffusionUNet(nn.Module):
@@ -87,31 +109,46 @@ class DiffusionUNet(nn.Module):
     def features(
         self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, taps: tuple[str, ...] = ("mid",)
     ) -> dict[str, Tensor]:
-        """Hidden states at the named taps, running the encoder half only and stopping at the deepest tap needed.
-
-        Mirrors the first half of ``UNet2DModel.forward`` (diffusers 0.3x-0.4x); a test checks it against hooks on
-        a full forward pass so that a diffusers change cannot silently break it.
-        """
-        unknown = set(taps) - set(self.taps)
-        if unknown:
-            raise ValueError(f"unknown feature taps {sorted(unknown)}; this network has {self.taps}")
+        """Hidden states at the named taps, running the encoder half only (``encoder_features``). The embedding
+        mirrors ``UNet2DModel.forward`` (diffusers 0.3x-0.4x): time, plus the class embedding; a test checks the
+        taps against hooks on a full forward pass so that a diffusers change cannot silently break them."""
         unet = self.unet
-        depth = max(self.taps.index(name) for name in taps)
         t = t.to(x_t.device).expand(x_t.shape[0]) if t.ndim == 0 else t.to(x_t.device)
         emb = unet.time_embedding(unet.time_proj(t).to(dtype=x_t.dtype))
         labels = self._labels(cond, x_t.shape[0], x_t.device)
         if labels is not None:
             emb = emb + unet.class_embedding(labels).to(dtype=emb.dtype)
-        h = unet.conv_in(x_t)
-        out: dict[str, Tensor] = {}
-        for i, block in enumerate(unet.down_blocks):
+        return encoder_features(unet, x_t, emb, taps)
+
+
+def encoder_features(
+    unet: nn.Module, x_t: Tensor, emb: Tensor, taps: tuple[str, ...], context: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The encoder half of a diffusers U-Net (input conv, down blocks, mid block) given its embedding ``emb``: the
+    hidden states at ``taps``, stopping after the deepest one. ``context`` is the text encoder's hidden states for
+    blocks with cross-attention (Stable Diffusion's U-Net); pixel U-Nets have none. Shared by both model kinds, so
+    the self-perceptual loss taps the same place in each (arXiv 2401.00110, Sec. 3: the mid-block)."""
+    available = encoder_taps(len(unet.down_blocks))
+    unknown = set(taps) - set(available)
+    if unknown:
+        raise ValueError(f"unknown feature taps {sorted(unknown)}; this network has {available}")
+    depth = max(available.index(name) for name in taps)
+    h = unet.conv_in(x_t)
+    out: dict[str, Tensor] = {}
+    for i, block in enumerate(unet.down_blocks):
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+        else:
             h, _ = block(hidden_states=h, temb=emb)
-            if f"down{i}" in taps:
-                out[f"down{i}"] = h
-            if i == depth:
-                return out
+        if f"down{i}" in taps:
+            out[f"down{i}"] = h
+        if i == depth:
+            return out
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        out["mid"] = unet.mid_block(h, emb, encoder_hidden_states=context)
+    else:
         out["mid"] = unet.mid_block(h, emb)
-        return out
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:

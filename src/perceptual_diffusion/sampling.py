@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import SampleConfig
-from .networks import DiffusionUNet
+from .networks import DiffusionModel, DiffusionUNet
 from .schedule import NoiseSchedule, sampling_timesteps
 
 Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -62,7 +62,7 @@ def rescale_guidance(guided: Tensor, cond_pred: Tensor, phi: float) -> Tensor:
 
 
 def guided_denoiser(
-    model: DiffusionUNet, scale: float, rescale: float = 0.0, guide: DiffusionUNet | None = None
+    model: DiffusionModel, scale: float, rescale: float = 0.0, guide: DiffusionModel | None = None
 ) -> Denoiser:
     """CFG: pred = guide + w (cond - guide), where guide is the same model on the null label (or a weaker model,
     autoguidance, Karras et al. 2024). w = 1 is plain conditional sampling and costs one forward, not two."""
@@ -117,6 +117,28 @@ def ddim_sample(
     return (x.clamp(-1, 1) if clamp else x).cpu()
 
 
+def sample_stream(
+    model: DiffusionModel,
+    shape: tuple[int, ...],
+    seeds: Sequence[int],
+    cond_of: Callable[[int, int], Tensor | None],
+    config: SampleConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    guide: DiffusionModel | None = None,
+    progress: bool = False,
+    clamp: bool = True,
+) -> Iterator[Tensor]:
+    """The one sampling loop, for every model kind: DDIM (with CFG or autoguidance) over batches of ``seeds``, each
+    image of ``shape``; ``cond_of(start, end)`` is the condition of ``seeds[start:end]`` (class labels, a text
+    encoder's hidden states, or None). Latent models decode what this yields (``latent.sample_latent``)."""
+    denoiser = guided_denoiser(model, config.cfg_scale, config.guidance_rescale, guide)
+    starts = range(0, len(seeds), batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
+        end = min(start + batch_size, len(seeds))
+        yield ddim_sample(denoiser, model.schedule, shape, seeds[start:end], cond_of(start, end), config, device, clamp)
+
+
 def sample_batches(
     model: DiffusionUNet,
     seeds: Sequence[int],
@@ -127,7 +149,7 @@ def sample_batches(
     guide: DiffusionUNet | None = None,
     progress: bool = False,
 ) -> Iterator[Tensor]:
-    """Yield batches of samples for ``seeds`` (labels: one per seed, or None for unconditional)."""
+    """Batches of samples of a pixel model for ``seeds`` (labels: one per seed, or None for unconditional)."""
     mc = model.model_config
     if labels is not None and mc.num_classes == 0:
         raise ValueError("labels given, but the model is unconditional")
@@ -135,13 +157,9 @@ def sample_batches(
         raise ValueError("classifier-free guidance needs a class-conditional model (or a guide model)")
     if config.cfg_scale != 1.0 and labels is None and guide is None:
         raise ValueError("classifier-free guidance needs labels; unconditional samples use --cfg-scale 1")
-    denoiser = guided_denoiser(model, config.cfg_scale, config.guidance_rescale, guide)
     shape = (mc.channels, mc.image_size, mc.image_size)
-    starts = range(0, len(seeds), batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
-        batch_seeds = seeds[start : start + batch_size]
-        batch_labels = None if labels is None else labels[start : start + batch_size]
-        yield ddim_sample(denoiser, model.schedule, shape, batch_seeds, batch_labels, config, device)
+    cond_of = (lambda start, end: None) if labels is None else (lambda start, end: labels[start:end])
+    yield from sample_stream(model, shape, seeds, cond_of, config, batch_size, device, guide, progress)
 
 
 def sample(

@@ -283,7 +283,7 @@ def _build(task: Task, config: Any, device: torch.device, main: bool) -> Trainee
     ema = frozen_copy(model).to(device) if main else None  # rank 0 alone keeps (and saves) the EMA
     apply_speed_options(model, teacher, tc)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    return Trainee(model, model, ema, optimizer, build_loss(config.loss, teacher))
+    return Trainee(model, model, ema, optimizer, build_loss(config.loss, model.schedule, teacher))
 
 
 def _after_step(
