@@ -527,7 +527,7 @@ def test_unusable_cache_dir_costs_a_warning_not_the_statistics(how: str, tmp_pat
     """$PD_CACHE_DIR that is a file or read-only: the reference statistics just computed are used, not thrown away."""
     import errno
 
-    from perceptual_diffusion import evaluate as ev
+    from perceptual_diffusion import reference
     from perceptual_diffusion.features import domain_extractor
 
     cache = tmp_path / "cache"
@@ -539,12 +539,12 @@ def test_unusable_cache_dir_costs_a_warning_not_the_statistics(how: str, tmp_pat
         def read_only(path: Path, write) -> None:
             raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-        monkeypatch.setattr(ev, "atomic_write", read_only)
+        monkeypatch.setattr(reference, "atomic_write", read_only)
     monkeypatch.setenv("PD_CACHE_DIR", str(cache))
-    monkeypatch.setattr(ev, "_REFERENCES", {})
+    monkeypatch.setattr(reference, "_REFERENCES", {})
     data = DataConfig(source="shapes", image_size=16)
     with pytest.warns(UserWarning, match="evaluating without the cache") as caught:
-        ref = ev.reference_stats(data, domain_extractor("shapes", 16), reference_n=64)
+        ref = reference.reference_stats(data, domain_extractor("shapes", 16), reference_n=64)
     assert ("it is a file" if how == "a-file" else "Read-only file system") in str(caught[0].message)
     assert ref.n == 64 and bool(torch.isfinite(ref.mu).all()) and ref.path == "not cached"
     assert cache.is_file() if how == "a-file" else not list(cache.iterdir())

