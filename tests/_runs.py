@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from perceptual_diffusion import checkpoint as ckpt
+from perceptual_diffusion import loading
 from perceptual_diffusion.config import (
     DataConfig,
     LossConfig,
@@ -155,8 +156,8 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
         sa, sb = ckpt.load_state(a), ckpt.load_state(b)
         for key in ("step", "model", "ema", "optimizer", "data"):
             _assert_equal_nested(sa[key], sb[key], f"{b.name}:{key}")
-    wa, ca, step_a = ckpt.read_weights(reference)
-    wb, cb, step_b = ckpt.read_weights(resumed)
+    wa, ca, step_a = loading.read_weights(reference)
+    wb, cb, step_b = loading.read_weights(resumed)
     assert (ca, step_a) == (cb, step_b)
     _assert_equal_nested(wa, wb, "model.safetensors")
     grids = sorted(p.name for p in (reference / "samples").glob("*.png"))

@@ -18,7 +18,7 @@ from _runs import CLI_TINY, assert_same_run, tiny_config, torch_threads_env
 from safetensors import SafetensorError
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, training
+from perceptual_diffusion import cli, loading, training
 from perceptual_diffusion.errors import TrainingDiverged, UserError
 
 
@@ -74,7 +74,7 @@ def test_snapshot_write_failure_keeps_previous_snapshot(tmp_path: Path, monkeypa
     monkeypatch.setattr(ckpt, "save_file", failing_save_file)
     with pytest.raises(RuntimeError):
         ckpt.save_weights(tmp_path / "model.safetensors", {"w": torch.zeros(2)}, config, 2)
-    weights, _, step = ckpt.read_weights(tmp_path / "model.safetensors")
+    weights, _, step = loading.read_weights(tmp_path / "model.safetensors")
     assert step == 1 and torch.equal(weights["w"], torch.ones(2))
 
 
@@ -236,8 +236,8 @@ def _poison(monkeypatch, at_call: int, how: str) -> None:
         def backward(ctx, grad):
             return grad * float("nan")
 
-    def build(config, teacher=None):
-        loss_fn, calls = real_build(config, teacher), {"n": 0}
+    def build(config, schedule, teacher=None):
+        loss_fn, calls = real_build(config, schedule, teacher), {"n": 0}
 
         def poisoned(model, x0, cond, gen):
             terms = loss_fn(model, x0, cond, gen)
@@ -275,7 +275,7 @@ def test_non_finite_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Pat
     state = ckpt.latest_state(tmp_path)
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for part in ("model", "ema") for t in state[part].values())
-    weights, _, step = ckpt.read_weights(tmp_path)
+    weights, _, step = loading.read_weights(tmp_path)
     assert step == 4 and all(torch.isfinite(t).all() for t in weights.values())
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, training
+from perceptual_diffusion import cli, loading, training
 from perceptual_diffusion.config import DataConfig, ModelConfig
 from perceptual_diffusion.data import load_folder, load_image
 
@@ -373,9 +373,9 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
 
 def _mislabelled_weights(c: Ctx) -> str:
     """Tiny-preset tensors whose metadata claims the small preset."""
-    tensors, _, _ = ckpt.read_weights(c.trained)
+    tensors, _, _ = loading.read_weights(c.trained)
     path = c.tmp / "mislabelled.safetensors"
-    small = ckpt.read_weights(write_weights(c.tmp / "small.safetensors", "small"))[1]
+    small = loading.read_weights(write_weights(c.tmp / "small.safetensors", "small"))[1]
     ckpt.save_weights(path, tensors, small, 2)
     return str(path)
 
@@ -422,7 +422,7 @@ def _evaluate(c: Ctx, *extra: str, model: str | None = None) -> list[str]:
 
 def _nan_weights(c: Ctx) -> str:
     """The trained weights with one tensor set to NaN, its config and step kept: a hand-edited file."""
-    tensors, config, step = ckpt.read_weights(c.trained)
+    tensors, config, step = loading.read_weights(c.trained)
     name = sorted(tensors)[0]
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     path = c.tmp / "nan.safetensors"

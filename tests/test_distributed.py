@@ -23,7 +23,7 @@ import torch.distributed as dist
 from _runs import torch_threads_env
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, distributed, testing
+from perceptual_diffusion import cli, distributed, loading, testing
 from perceptual_diffusion.cache import CACHE_ENV
 from perceptual_diffusion.config import SampleConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
@@ -102,7 +102,7 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(runs: dict[
     for part in ("model", "ema"):
         for key, value in state_one[part].items():
             torch.testing.assert_close(state_two[part][key], value, rtol=0, atol=WEIGHT_ATOL, msg=f"{part} {key}")
-    weights, _, step = ckpt.read_weights(runs["two"])
+    weights, _, step = loading.read_weights(runs["two"])
     assert step == 10 and set(weights) == set(state_one["ema"])
 
 
@@ -172,7 +172,7 @@ def test_latent_self_perceptual_with_two_processes_follows_one_process(tmp_path:
     for a, b in zip(one, two):
         assert b["perceptual"] == pytest.approx(a["perceptual"], rel=LOSS_RTOL), f"step {a['step']}"
         assert b["mse"] == pytest.approx(a["mse"], rel=LOSS_RTOL)
-    w_one, _, _ = ckpt.read_weights(tmp_path / "one", kind="latent")
-    w_two, _, _ = ckpt.read_weights(tmp_path / "two", kind="latent")
+    w_one, _, _ = loading.read_weights(tmp_path / "one", kind="latent")
+    w_two, _, _ = loading.read_weights(tmp_path / "two", kind="latent")
     for key, value in w_one.items():
         torch.testing.assert_close(w_two[key], value, rtol=0, atol=WEIGHT_ATOL, msg=key)

@@ -15,6 +15,7 @@ from conftest import make_model
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from perceptual_diffusion import checkpoint as ckpt
+from perceptual_diffusion import loading
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
 from perceptual_diffusion.errors import UserError
@@ -148,7 +149,7 @@ def test_import_is_lossless(exported, num_classes: int) -> None:
     assert imported_config == config
     assert imported.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(imported.state_dict().values(), model.state_dict().values()))
-    assert ckpt.read_weights(folder)[2] == 7, "the step survives the round trip"
+    assert loading.read_weights(folder)[2] == 7, "the step survives the round trip"
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
@@ -213,8 +214,8 @@ def test_cli_export_then_train_from_the_folder_as_init_and_teacher(trained_mse_r
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["init_from"] == saved["loss"]["teacher"] == str(out.resolve())
     assert saved["loss"]["teacher_sha256"] == ckpt.sha256_file(out)
-    trained, _, _ = ckpt.read_weights(run_dir)
-    source, _, _ = ckpt.read_weights(trained_mse_run)
+    trained, _, _ = loading.read_weights(run_dir)
+    source, _, _ = loading.read_weights(trained_mse_run)
     for key, value in source.items():
         torch.testing.assert_close(trained[key], value, atol=1e-6, rtol=0)
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, training
+from perceptual_diffusion import cli, loading, training
 from perceptual_diffusion.data import load_folder, load_image
 from perceptual_diffusion.errors import UserError
 
@@ -106,7 +106,7 @@ def _check_read_weights(data: bytes) -> None:
         path = Path(d) / "model.safetensors"
         path.write_bytes(data)
         try:
-            tensors, config, step = ckpt.read_weights(path)
+            tensors, config, step = loading.read_weights(path)
         except UserError as exc:
             assert "\n" not in str(exc)
         else:

@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from perceptual_diffusion import budgets, experiment, latent, testing
 from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.config import LossConfig, SampleConfig
+from perceptual_diffusion.loading import load_model
 from perceptual_diffusion.losses import mse_loss, self_perceptual_loss
 from perceptual_diffusion.networks import frozen_copy
 from perceptual_diffusion.sampling import sample
-from perceptual_diffusion.training import load_model, train
+from perceptual_diffusion.training import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import tiny_config  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import latent, testing
+from perceptual_diffusion import latent, loading, testing
 from perceptual_diffusion.config import (
     CaptionDataConfig,
     LatentModelConfig,
@@ -188,10 +188,10 @@ def test_two_stages_resume_cache_and_export(tiny_sd: Path, captions: Path, tmp_p
     # Stop after 2 steps, resume to 4: the same weights as the uninterrupted run.
     latent.train_latent(replace(sp_cfg, train=replace(sp_cfg.train, steps=2)), tmp_path / "sp2")
     latent.train_latent(sp_cfg, tmp_path / "sp2")
-    a, _, _ = ckpt.read_weights(tmp_path / "sp", kind="latent")
-    b, _, _ = ckpt.read_weights(tmp_path / "sp2", kind="latent")
+    a, _, _ = loading.read_weights(tmp_path / "sp", kind="latent")
+    b, _, _ = loading.read_weights(tmp_path / "sp2", kind="latent")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    first, _, _ = ckpt.read_weights(tmp_path / "mse", kind="latent")
+    first, _, _ = loading.read_weights(tmp_path / "mse", kind="latent")
     assert any(not torch.equal(a[k], first[k]) for k in a)  # fine-tuning moved the weights
 
     # Export: a StableDiffusionPipeline folder whose U-Net holds the EMA weights; usable as --init-from again.
@@ -260,11 +260,11 @@ def test_weights_of_the_other_family_are_refused(
     trained_mse_run: Path, tiny_sd: Path, captions: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(UserError, match="holds a pixel-space model"):
-        ckpt.read_weights(trained_mse_run, kind="latent")
+        loading.read_weights(trained_mse_run, kind="latent")
     config = run_config(tiny_sd, captions, tmp_path, steps=1)
     latent.train_latent(config, tmp_path / "lat")
     with pytest.raises(UserError, match="holds a latent text-to-image model"):
-        ckpt.read_weights(tmp_path / "lat")
+        loading.read_weights(tmp_path / "lat")
     sp = replace(config, loss=LossConfig(kind="self-perceptual", teacher=str(trained_mse_run)))
     with pytest.raises(UserError, match="holds a pixel-space model"):
         latent.train_latent(sp, tmp_path / "sp")
@@ -272,6 +272,6 @@ def test_weights_of_the_other_family_are_refused(
     from perceptual_diffusion.export import export_diffusers
 
     with pytest.raises(UserError, match="latent text-to-image .* use it with the `latent` commands"):
-        ckpt.read_weights(latent.export_latent(tmp_path / "lat", tmp_path / "lat-export"))
+        loading.read_weights(latent.export_latent(tmp_path / "lat", tmp_path / "lat-export"))
     with pytest.raises(UserError, match="is a UNet2DModel, not a text-conditioned"):
         latent.read_unet_weights(export_diffusers(trained_mse_run, tmp_path / "px-export"))

@@ -11,7 +11,7 @@ import pytest
 from _runs import CLI_TINY, evil_pickles, tiny_config
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, training
+from perceptual_diffusion import cli, loading, training
 from perceptual_diffusion.errors import UserError
 
 
@@ -83,7 +83,7 @@ def test_evil_pickle_as_model_file_is_refused(
 def test_evil_pickle_as_run_dir_snapshot_is_refused(tmp_path: Path, evil: dict[str, Path], marker: Path) -> None:
     shutil.copy(evil["torch-zip"], tmp_path / ckpt.WEIGHTS_NAME)
     with pytest.raises(UserError, match="not a safetensors weights file"):
-        training.load_model(tmp_path)
+        loading.load_model(tmp_path)
     assert not marker.exists()
 
 

@@ -16,6 +16,7 @@ import torch
 from _runs import tiny_config
 
 from perceptual_diffusion import checkpoint as ckpt
+from perceptual_diffusion import loading
 from perceptual_diffusion.training import train
 
 LOSS_RTOL = 1e-5  # per-step loss, relative
@@ -61,7 +62,7 @@ def test_gradient_checkpointing_is_bit_identical_on_cpu(plain_run: Path, tmp_pat
 def test_channels_last_trains_to_the_same_weights_and_saves_plain_ones(plain_run: Path, tmp_path: Path) -> None:
     train(tiny_config(batch_size=4, channels_last=True), tmp_path)
     _assert_same_trajectory(tmp_path, plain_run, LOSS_RTOL, WEIGHT_ATOL)
-    weights, _, _ = ckpt.read_weights(tmp_path)  # safetensors needs contiguous tensors: the EMA stays plain
+    weights, _, _ = loading.read_weights(tmp_path)  # safetensors needs contiguous tensors: the EMA stays plain
     assert all(w.is_contiguous() for w in weights.values())
 
 

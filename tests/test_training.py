@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from perceptual_diffusion import checkpoint as ckpt
+from perceptual_diffusion import loading
 from perceptual_diffusion.config import LossConfig
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.loading import load_model
 from perceptual_diffusion.networks import DiffusionUNet
-from perceptual_diffusion.training import load_model, train
+from perceptual_diffusion.training import train
 from perceptual_diffusion.trainstep import ema_beta, learning_rate, step_seed
 
 
@@ -118,7 +120,7 @@ def test_stage2_records_the_teacher_path_and_sha256(stage2_run: Path, trained_ms
     # The online model starts from the teacher's weights (the paper's recipe).
     assert saved["train"]["init_from"] == str(weights)
     # The config travels inside the inference weights too.
-    _, config, step = ckpt.read_weights(stage2_run)
+    _, config, step = loading.read_weights(stage2_run)
     assert config.loss.teacher_sha256 == ckpt.sha256_file(weights) and step == 2
 
 
@@ -135,12 +137,12 @@ def test_teacher_weights_never_enter_the_student_checkpoint(stage2_run: Path) ->
     assert not any("teacher" in k for k in state["model"])
     # The optimiser holds state for the student's parameters only.
     assert len(state["optimizer"]["state"]) == sum(1 for _ in student.parameters())
-    weights, _, _ = ckpt.read_weights(stage2_run)
+    weights, _, _ = loading.read_weights(stage2_run)
     assert set(weights) == expected_keys
 
 
 def test_stage2_trains_the_student_away_from_the_teacher(stage2_run: Path, trained_mse_run: Path) -> None:
-    teacher_weights, _, _ = ckpt.read_weights(trained_mse_run)
+    teacher_weights, _, _ = loading.read_weights(trained_mse_run)
     state = ckpt.load_state(ckpt.list_states(stage2_run)[-1])
     assert any(not torch.equal(state["model"][k], teacher_weights[k]) for k in teacher_weights)
     log = [json.loads(line) for line in (stage2_run / "log.jsonl").read_text().splitlines()]
@@ -152,9 +154,9 @@ def test_initial_weights_depend_on_the_seed_only(tmp_path: Path, tiny_run_config
     train(tiny_run_config(steps=1), tmp_path / "a")
     torch.randn(10)  # any unrelated use of the global RNG in between
     train(tiny_run_config(steps=1), tmp_path / "b")
-    a, b = ckpt.read_weights(tmp_path / "a")[0], ckpt.read_weights(tmp_path / "b")[0]
+    a, b = loading.read_weights(tmp_path / "a")[0], loading.read_weights(tmp_path / "b")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # ...and --seed is what decides them.
     train(tiny_run_config(steps=1, seed=1), tmp_path / "c")
-    c = ckpt.read_weights(tmp_path / "c")[0]
+    c = loading.read_weights(tmp_path / "c")[0]
     assert any(not torch.equal(a[k], c[k]) for k in a)

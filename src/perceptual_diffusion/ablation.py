@@ -21,9 +21,10 @@ from .ablation_report import row_key, write_ablation_report
 from .analysis import paired
 from .budgets import Budget
 from .config import LossConfig, SampleConfig
+from .loading import load_model
 from .rundir import is_finished, snapshot_path
 from .stages import stage2_config, train_teacher
-from .training import load_model, train
+from .training import train
 from .workspace import Context, branch_dir, log, make_context, make_out_dir, teacher_dir
 
 SP = LossConfig(kind="self-perceptual", teacher="<teacher>")

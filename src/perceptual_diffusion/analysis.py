@@ -14,11 +14,11 @@ import torch
 
 from . import stats
 from .data import load_dataset
+from .loading import load_model
 from .losses import SelfPerceptualLoss, mse_loss, self_perceptual_loss
 from .networks import frozen_copy
 from .reference import reference_stats
 from .scoring import load_per_sample
-from .training import load_model
 from .variants import PAPER
 from .workspace import branch_dir, model_dir, teacher_dir
 

@@ -178,8 +178,6 @@ def _kind(config: RunConfig | LatentRunConfig) -> str:
 
 def resolve_weights(path: str | Path) -> Path:
     """A run directory or a weights file -> the weights file; a diffusers folder -> itself; else a clear error."""
-    from .export import is_diffusers_folder  # lazy: export imports this module
-
     p = Path(path)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
@@ -205,7 +203,8 @@ def _weights_metadata(p: Path) -> dict[str, str]:
 
 
 def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch.Tensor], Any, int]:
-    """Read (state_dict, config, step) from a run directory or a weights file written by :func:`save_weights`.
+    """Read (state_dict, config, step) from a run directory or a weights file written by :func:`save_weights`
+    (``loading.read_weights`` also reads diffusers folders).
 
     ``kind`` is the model family the caller can use ("pixel": ``RunConfig``, "latent": ``LatentRunConfig``); weights
     of the other family are refused with a message. Only safetensors is read here, never a pickle, so a weights file
@@ -213,12 +212,11 @@ def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch
     """
     p = resolve_weights(path)
     if p.is_dir():  # a diffusers folder (resolve_weights returns no other folder)
-        if kind == "latent":
-            raise UserError(f"{p} is a diffusers folder: latent models read it with latent.read_unet_weights")
-        from .export import read_diffusers
-
-        return read_diffusers(p)
-    config, step = _config_of(p, kind)
+        where = (
+            "latent models read it with latent.read_unet_weights" if kind == "latent" else "use loading.read_weights"
+        )
+        raise UserError(f"{p} is a diffusers folder: {where}")
+    config, step = config_of(p, kind)
     try:
         tensors = load_file(str(p))
     except (SafetensorError, OSError) as exc:
@@ -226,15 +224,7 @@ def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch
     return tensors, config, step
 
 
-def weights_config(path: str | Path, kind: str = "pixel") -> tuple[Any, int]:
-    """(config, step) of perceptual-diffusion weights, from the file's header alone (no tensors read)."""
-    p = resolve_weights(path)
-    if p.is_dir():
-        return read_weights(p, kind)[1:]
-    return _config_of(p, kind)
-
-
-def _config_of(p: Path, kind: str) -> tuple[Any, int]:
+def config_of(p: Path, kind: str) -> tuple[Any, int]:
     meta = _weights_metadata(p)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError(f"{p} is a safetensors file but not perceptual-diffusion weights (no config in its metadata)")
@@ -252,6 +242,11 @@ def _config_of(p: Path, kind: str) -> tuple[Any, int]:
     except UserError as exc:
         raise UserError(f"{p} has an invalid config in its metadata: {exc}") from None
     return config, step
+
+
+def weights_kind(path: Path) -> str:
+    """ "pixel" or "latent", from a weights file's metadata (files of older versions are pixel)."""
+    return _weights_metadata(Path(path)).get("kind", "pixel")
 
 
 def weights_step(path: Path) -> int | None:
@@ -413,3 +408,12 @@ def latest_state(run_dir: Path) -> dict[str, Any] | None:
             "start this run over, or use a new --run-dir"
         )
     return None
+
+
+UNET_DIR = "unet"
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """True for a folder that looks like a diffusers pipeline or model (``model_index.json`` or ``unet/``)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "model_index.json").is_file() or (p / UNET_DIR / "config.json").is_file())

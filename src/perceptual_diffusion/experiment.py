@@ -35,6 +35,7 @@ from .checkpoint import atomic_write_text
 from .config import DataConfig, SampleConfig
 from .errors import UserError
 from .grid import save_grid
+from .loading import load_model
 from .report import write_report
 from .sampling import sample
 from .stages import (
@@ -46,7 +47,6 @@ from .stages import (
     teacher_for,
     train_branches,
 )
-from .training import load_model
 from .workspace import Context, log, make_context, make_out_dir, model_dir, teacher_dir
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,12 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import checkpoint as ckpt
+from .checkpoint import UNET_DIR, is_diffusers_folder
 from .config import PRESETS, DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
 from .errors import UserError
 from .networks import DiffusionUNet, build_unet
 
 CONFIG_FILE = "perceptual_diffusion_config.json"
-UNET_DIR = "unet"
 CONDITIONAL_UNET_DIR = "unet_conditional"
 SCHEDULER_DIR = "scheduler"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -211,7 +211,8 @@ def export_diffusers(
     """Write a trained model as a DDIMPipeline folder, atomically; ``sample_config`` defaults to the run's own."""
     out_dir = Path(out_dir)
     check_export_target(out_dir, force, [weights_or_run_dir])  # before any work: a refused target costs nothing
-    state_dict, config, step = ckpt.read_weights(weights_or_run_dir)
+    source = ckpt.resolve_weights(weights_or_run_dir)
+    state_dict, config, step = read_diffusers(source) if source.is_dir() else ckpt.read_weights(source)
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(
@@ -325,12 +326,6 @@ def publish_folder(out_dir: Path, write: Callable[[Path], None], force: bool = F
 
 # ---------------------------------------------------------------------------------------------------------------
 # Import.
-
-
-def is_diffusers_folder(path: str | Path) -> bool:
-    """True for a folder that looks like a diffusers pipeline or model (``model_index.json`` or ``unet/``)."""
-    p = Path(path)
-    return p.is_dir() and ((p / "model_index.json").is_file() or (p / UNET_DIR / "config.json").is_file())
 
 
 def _read_json(path: Path) -> Any:

@@ -550,7 +550,7 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
 
     out_dir = Path(out_dir)
     # The pretrained folder is an input too (its VAE and text encoder are copied): never replace it with the export.
-    pretrained = ckpt.weights_config(run, kind="latent")[0].model.pretrained
+    pretrained = ckpt.config_of(ckpt.resolve_weights(run), "latent")[0].model.pretrained
     check_export_target(out_dir, force, [run, pretrained])
     model, parts, config, step = load_latent_model(run)
 

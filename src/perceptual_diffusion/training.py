@@ -28,6 +28,7 @@ from .config import LatentRunConfig, RunConfig, TrainConfig, config_diff
 from .data import Dataset, load_dataset
 from .errors import TrainingDiverged, UserError
 from .grid import class_rows, save_grid
+from .loading import load_model, read_weights
 from .losses import build_loss
 from .networks import DiffusionUNet, frozen_copy
 from .rundir import RunDir, with_teacher_hash
@@ -58,14 +59,6 @@ class TrainResult:
     images_per_second: float
     last_loss: float
     seconds: float
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[DiffusionUNet, RunConfig, int]:
-    """A trained model (EMA weights) from a run directory or weights file, in eval mode."""
-    state_dict, config, step = ckpt.read_weights(path)
-    model = DiffusionUNet(config.model, config.schedule)
-    ckpt.load_state_dict_checked(model, state_dict, str(path))
-    return model.to(device).eval(), config, step
 
 
 def _check_fits(config: RunConfig, data: Dataset) -> None:
@@ -154,7 +147,7 @@ class PixelTask:
             torch.manual_seed(init_seed(config.train.seed))
             model = DiffusionUNet(config.model, config.schedule).to(device)
         if config.train.init_from is not None:
-            init_state, init_config, _ = ckpt.read_weights(config.train.init_from)
+            init_state, init_config, _ = read_weights(config.train.init_from)
             where = f"--init-from {config.train.init_from}"
             _check_same_network(init_config, config, where, "train with its settings")
             ckpt.load_state_dict_checked(model, init_state, config.train.init_from)

@@ -18,8 +18,9 @@ from .budgets import Budget
 from .config import DataConfig, SampleConfig
 from .errors import UserError
 from .features import auto_extractor
+from .loading import load_model
 from .scoring import Criterion, criterion_for, evaluate_cached, load_per_sample
-from .training import load_model, resolve_device
+from .training import resolve_device
 
 SELECTION_SEED_BASE = 1_000_000  # sampling seeds of curves and lr selection: disjoint from the headline rows' seeds
 

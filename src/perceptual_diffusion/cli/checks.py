@@ -35,7 +35,6 @@ def _is_run_dir(folder: Path) -> bool:
 
 def _is_model_file(target: Path, model: str | Path) -> bool:
     """True when writing ``target`` would replace a file the model is read from, or a file of its run."""
-    from ..export import is_diffusers_folder
 
     t = target.resolve()
     source = Path(model).resolve()
@@ -47,7 +46,7 @@ def _is_model_file(target: Path, model: str | Path) -> bool:
     if _is_run_dir(folder) or (folder / ckpt.WEIGHTS_NAME).is_file():
         rel = t.relative_to(folder)
         return rel.parts[0] in _RUN_FOLDERS or (len(rel.parts) == 1 and rel.name in _RUN_FILES)
-    return source.is_dir() and is_diffusers_folder(source)  # an exported folder: every file in it is the model
+    return source.is_dir() and ckpt.is_diffusers_folder(source)  # an exported folder: every file in it is the model
 
 
 def check_output_file(path: str | Path, option: str, model: str | Path | None = None) -> Path:

@@ -35,8 +35,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from ..checkpoint import atomic_write
     from ..data import to_uint8
     from ..grid import class_rows, save_grid
+    from ..loading import load_model
     from ..sampling import labels_for_seeds, sample
-    from ..training import load_model, resolve_device
+    from ..training import resolve_device
     from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
 
     check_sample_counts(args, args.n)
@@ -47,7 +48,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if target:
             check_output_file(target, option, args.model)
     device = resolve_device(args.device)
-    model, config, _ = load_model(args.model, device)
+    model, config, _ = load_model(args.model, device, kind="pixel")
     check_finite_model(model, args.model)
     cfg = run_sample_config(args, config.sample)
     if cfg.steps > config.schedule.num_train_timesteps:
@@ -139,7 +140,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ..distributed import launched_rank, process_group
     from ..evaluate import evaluate_model, format_table
     from ..features import make_extractor
-    from ..training import load_model, resolve_device
+    from ..loading import load_model
+    from ..training import resolve_device
     from .checks import check_finite_model, check_output_file, refusing_non_finite
 
     check_sample_counts(args, args.n)
@@ -148,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:  # every output path is checked before the work: a bad one must not cost the evaluation
         check_output_file(args.json, "--json", args.model)
     device = resolve_device(args.device)
-    model, config, _ = load_model(args.model, device)
+    model, config, _ = load_model(args.model, device, kind="pixel")
     check_finite_model(model, args.model)
     data = config.data if args.data_path is None else dataclasses.replace(config.data, path=args.data_path)
     kind = args.features
@@ -215,8 +217,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from ..checkpoint import weights_config
     from ..export import check_export_target, export_diffusers
+    from ..loading import weights_config
 
     check_export_target(Path(args.out), args.force, [args.model])  # before reading anything: a refusal costs nothing
     overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}

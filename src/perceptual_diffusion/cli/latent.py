@@ -103,7 +103,8 @@ def cmd_latent_cache(args: argparse.Namespace) -> None:
 
 def cmd_latent_sample(args: argparse.Namespace) -> None:
     from ..grid import save_grid
-    from ..latent import load_latent_model, sample_latent
+    from ..latent import sample_latent
+    from ..loading import load_model
     from ..training import resolve_device
     from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
 
@@ -114,7 +115,8 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
     check_sample_counts(args, count)
     check_output_file(args.out, "--out", args.model)
     device = resolve_device(args.device)
-    model, parts, config, _ = load_latent_model(args.model, device)
+    model, config, _ = load_model(args.model, device, kind="latent")
+    parts = model.parts
     check_finite_model(model, args.model)
     check_fits_in_memory(count, 3, config.model.resolution, grid=True, what="-n x prompts")
     cfg = run_sample_config(args, config.sample)
