@@ -207,7 +207,7 @@ def test_evaluate_uses_the_runs_sampler_names_it_and_writes_the_named_json(
     assert "eval-EXTRACTOR-nN.json" in helps["json"] and "domain-shapes16" in helps["json"]
     assert "the model's own sampling setting" in helps["sample_steps"]
     args = evaluate.parse_args([str(run), "--steps", "7"])
-    from perceptual_diffusion.cli.options import run_sample_config
+    from perceptual_diffusion.cli.sampling_options import run_sample_config
     from perceptual_diffusion.config import SampleConfig
 
     assert run_sample_config(args, SampleConfig(steps=3, eta=0.5), cfg_scale=2.0) == SampleConfig(

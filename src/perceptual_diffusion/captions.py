@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from .config import CaptionFormat
-from .data import IMAGE_SUFFIXES, _to_8bit
+from .data import IMAGE_SUFFIXES, to_8bit
 from .errors import UserError
 
 CAPTION_FORMATS = typing.get_args(CaptionFormat)
@@ -188,7 +188,7 @@ def _decode(data: bytes, source: str, resolution: int) -> Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not loaded
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                img = _to_8bit(img).convert("RGB")
+                img = to_8bit(img).convert("RGB")
         w, h = img.size
         scale = resolution / min(w, h)
         nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))

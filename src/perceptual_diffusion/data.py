@@ -174,7 +174,7 @@ def load_fashion_mnist(path: str | None = None, split: str = "train", image_size
 # Any folder of images; class labels from sub-folders when there are any.
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def to_8bit(img: Image.Image) -> Image.Image:
     """Any mode -> L, RGB or RGBA with 8 bits per channel, scaling deep images by their type's range, not clipping."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit grey: 65535 is white in a 16-bit file; 32-bit files holding 8-bit values keep them.
@@ -204,7 +204,7 @@ def load_image(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not loaded
             with Image.open(path) as img:
                 img.load()
-                img = _to_8bit(img).convert("L" if grayscale else "RGB")
+                img = to_8bit(img).convert("L" if grayscale else "RGB")
         w, h = img.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2

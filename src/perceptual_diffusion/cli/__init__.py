@@ -14,17 +14,13 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from ..config import SampleConfig
 from ..errors import TrainingDiverged, UserError
 from . import commands
+from .budget_options import add_budget_options
 from .latent import add_latent_parser
-from .options import (
-    add_budget_options,
-    add_report_to_option,
-    add_run_dir_options,
-    add_sample_options,
-    add_train_options,
-    use_run_sampling_defaults,
-)
+from .options import add_report_to_option, add_run_dir_options, add_train_options, choices
+from .sampling_options import add_sample_options, use_run_sampling_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +208,7 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument(
         "--spacing",
-        choices=["trailing", "leading", "linspace"],
+        choices=choices(SampleConfig, "spacing"),
         default=None,
         help="the scheduler's timestep spacing (default: the run's sampling setting)",
     )

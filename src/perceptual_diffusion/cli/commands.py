@@ -10,15 +10,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .options import (
-    budget_from_args,
-    check_image_count,
-    check_sample_counts,
-    describe_sampler,
-    parse_seeds,
-    run_config,
-    run_sample_config,
-)
+from .budget_options import budget_from_args, parse_seeds
+from .options import run_config
+from .sampling_options import check_image_count, check_sample_counts, describe_sampler, run_sample_config
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -9,28 +9,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import CaptionDataConfig
 from ..errors import UserError
 from .options import (
     add_report_to_option,
     add_run_dir_options,
-    add_sample_options,
     add_schedule_options,
     add_training_options,
-    check_image_count,
-    check_sample_counts,
-    describe_sampler,
+    choices,
     loss_config,
-    run_sample_config,
     sample_config,
     schedule_config,
     train_config,
+)
+from .sampling_options import (
+    add_sample_options,
+    check_image_count,
+    check_sample_counts,
+    describe_sampler,
+    run_sample_config,
     use_run_sampling_defaults,
 )
 
 
-def _data_config(args: argparse.Namespace):
-    from ..config import CaptionDataConfig
-
+def _data_config(args: argparse.Namespace) -> CaptionDataConfig:
     return CaptionDataConfig(
         path=args.data_path,
         format=args.data_format,
@@ -159,7 +161,7 @@ def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = T
     )
     g.add_argument(
         "--data-format",
-        choices=["auto", "folder", "jsonl", "webdataset"],
+        choices=choices(CaptionDataConfig, "format"),
         default="auto",
         help="how --data-path is laid out (default auto: from what it is)",
     )
@@ -175,7 +177,7 @@ def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = T
     )
     g.add_argument(
         "--on-bad-image",
-        choices=["skip", "error"],
+        choices=choices(CaptionDataConfig, "on_bad_image"),
         default="skip",
         help="unreadable images: skip with a warning (default) or stop",
     )

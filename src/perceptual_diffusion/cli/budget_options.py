@@ -1,0 +1,101 @@
+"""Options of the experiment commands (``compare``, ``ablate``): output folder, named budget and its overrides.
+
+Nothing here imports torch: the budgets are plain data (``budgets.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import replace
+
+from ..budgets import BUDGET_NOTES, BUDGETS, Budget
+from ..config import PRESETS
+from ..errors import UserError
+from .options import add_data_options, data_config
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,2`` -> [0, 2]; None when not given."""
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    """The named budget with the command line's overrides applied."""
+
+    overrides = {
+        k: v
+        for k, v in (
+            ("finetune_steps", args.finetune_steps),
+            ("eval_samples", args.eval_samples),
+            ("curve_samples", args.curve_samples),
+            ("eval_repeats", args.eval_repeats),
+            ("training_seeds", args.training_seeds),
+            ("batch_size", args.batch_size),
+            ("bootstrap", args.bootstrap),
+        )
+        if v is not None
+    }
+    for name, value in {**overrides, "steps": args.steps or 1}.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.extras is not None:
+        overrides["extras"] = args.extras
+    budget = replace(BUDGETS[args.budget], **overrides)
+    if args.steps is not None:  # the step cap of each stage-1 phase, in whole chunks
+        chunk = min(budget.stage1.chunk_steps, args.steps)
+        chunks = max(math.ceil(args.steps / chunk), 1)
+        budget = replace(
+            budget,
+            stage1=replace(budget.stage1, chunk_steps=chunk, max_chunks=chunks, min_chunks=min(2, chunks)),
+        )
+    if args.teacher_from is not None:
+        budget = replace(budget, teacher=args.teacher_from)
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        budget = replace(budget, preset=args.preset)
+    if args.data is not None:
+        budget = replace(budget, data=data_config(args))
+    return budget
+
+
+def add_budget_options(p: argparse.ArgumentParser) -> None:
+    """Options of the experiment commands: output folder, budget preset and its overrides, data."""
+    p.add_argument("--out", required=True, help="output folder; rerunning resumes it")
+    p.add_argument(
+        "--budget",
+        choices=list(BUDGETS),
+        default="cpu-demo",
+        help="; ".join(f"{name}: {note}" for name, note in BUDGET_NOTES.items()),
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the step cap of each stage-1 phase")
+    p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's stage-2 steps")
+    p.add_argument("--preset", default=None, help=f"override the budget's U-Net size ({', '.join(PRESETS)})")
+    p.add_argument("--batch-size", type=int, default=None, help="override the budget's batch size")
+    p.add_argument("--eval-samples", type=int, default=None, help="override the samples per evaluation")
+    p.add_argument("--curve-samples", type=int, default=None, help="override the samples per curve/sweep point")
+    p.add_argument("--eval-repeats", type=int, default=None, help="override the number of sampling-seed repeats")
+    p.add_argument("--training-seeds", type=int, default=None, help="override the number of training seeds")
+    p.add_argument("--bootstrap", type=int, default=None, help="override the bootstrap replicates (default 1000)")
+    p.add_argument("--seeds", default=None, help="only these training seeds, e.g. 0 or 0,1 (to run seeds in parallel)")
+    p.add_argument(
+        "--teacher-from",
+        default=None,
+        help="your own converged MSE model (run directory or weights) as teacher and starting point: skips stage 1",
+    )
+    p.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also evaluate beyond the paper: self-perceptual + CFG, autoguidance by the teacher, the null label "
+        "(default: the budget's setting)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_data_options(p)
+    p.set_defaults(data=None)

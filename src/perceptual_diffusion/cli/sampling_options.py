@@ -1,0 +1,121 @@
+"""The sampling options (DDIM, guidance), defaults that are the model's own settings, and bounds on image counts.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+from ..config import SampleConfig
+from ..errors import UserError
+from .options import choices
+
+# The most images one sampling or evaluation command draws. It bounds -n as --seed is bounded: far above any real
+# use (FID is usually measured on 50,000), far below what would exhaust memory in per-image bookkeeping alone.
+MAX_IMAGES = 10_000_000
+
+
+def add_sample_options(
+    p: argparse.ArgumentParser, steps_flag: str = "--steps", several_scales: bool = False, clip_flag: bool = True
+) -> None:
+    """DDIM and guidance options; ``several_scales``: --cfg-scale takes one or more values (evaluate: a row each);
+    ``clip_flag=False``: no --no-clip-x0, x0 is never clamped (latent models: latents are not bounded)."""
+    g = p.add_argument_group("sampling (DDIM, classifier-free guidance)")
+    g.add_argument(
+        steps_flag,
+        dest="sample_steps",
+        type=int,
+        default=SampleConfig.steps,
+        help="DDIM steps (default %(default)s, the paper's)",
+    )
+    g.add_argument(
+        "--spacing",
+        choices=choices(SampleConfig, "spacing"),
+        default=SampleConfig.spacing,
+        help="timestep spacing; trailing starts at t=T-1, pure noise under zero terminal SNR (default)",
+    )
+    g.add_argument(
+        "--eta", type=float, default=SampleConfig.eta, help="DDIM eta: 0 deterministic (default), 1 DDPM-like"
+    )
+    g.add_argument(
+        "--cfg-scale",
+        type=float,
+        nargs="+" if several_scales else None,
+        default=[SampleConfig.cfg_scale] if several_scales else SampleConfig.cfg_scale,
+        help="classifier-free guidance scale w; 1 means no guidance and costs one forward per step"
+        + ("; several values give one table row each" if several_scales else ""),
+    )
+    g.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=SampleConfig.guidance_rescale,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2023; the paper's CFG baseline uses 0.7)",
+    )
+    if not clip_flag:
+        p.set_defaults(clip_x0=False)
+        return
+    g.add_argument(
+        "--no-clip-x0",
+        dest="clip_x0",
+        action="store_false",
+        help="do not clamp the predicted x0 to [-1, 1] at each step",
+    )
+
+
+# (option dest, SampleConfig field) of the sampling options whose default is the run's own setting.
+_RUN_SAMPLING = (
+    ("sample_steps", "steps"),
+    ("spacing", "spacing"),
+    ("eta", "eta"),
+    ("guidance_rescale", "guidance_rescale"),
+    ("clip_x0", "clip_x0"),
+)
+
+
+def use_run_sampling_defaults(p: argparse.ArgumentParser) -> None:
+    """Make the sampling options of ``p`` (added by ``add_sample_options``) default to the model's own settings,
+    the ``sample`` section of its run config, and say so in their help."""
+    dests = {dest for dest, _ in _RUN_SAMPLING}
+    for action in p._actions:
+        if action.dest in dests:
+            action.default = None
+            # The fixed default the help named no longer holds.
+            text = re.sub(r" \(default(?: %\(default\)s)?[^)]*\)", "", action.help or "")
+            action.help = f"{text} (default: the model's own sampling setting)"
+
+
+def run_sample_config(args: argparse.Namespace, run: SampleConfig, cfg_scale: float | None = None) -> SampleConfig:
+    """The model's own sampling settings (``run``), with the options given on the command line over them."""
+    given = {field: getattr(args, dest) for dest, field in _RUN_SAMPLING if getattr(args, dest, None) is not None}
+    scale = args.cfg_scale if cfg_scale is None else cfg_scale
+    return dataclasses.replace(run, cfg_scale=scale, **given)
+
+
+def describe_sampler(cfg: SampleConfig, guidance: bool = True) -> str:
+    """One phrase naming every sampler setting that changes the numbers (``guidance``: the CFG scale too, and the
+    rescale where guidance is on), for a line beside samples or a table of metrics."""
+    text = f"DDIM {cfg.steps} steps, {cfg.spacing} spacing, eta {cfg.eta:g}, clip x0 {'on' if cfg.clip_x0 else 'off'}"
+    if guidance:
+        text += f", CFG scale {cfg.cfg_scale:g}"
+    if cfg.guidance_rescale and (not guidance or cfg.cfg_scale != 1):
+        text += f", guidance rescale {cfg.guidance_rescale:g}"
+    return text
+
+
+def check_image_count(n: int, option: str = "-n") -> None:
+    """Bound a number of images before anything is allocated for it."""
+    if not 1 <= n <= MAX_IMAGES:
+        raise UserError(f"{option} must be in [1, {MAX_IMAGES}], got {n}")
+
+
+def check_sample_counts(args: argparse.Namespace, images: int) -> None:
+    """-n, --batch-size and --seed of a sampling command that draws ``images`` images with seeds seed..seed+images-1."""
+    if args.n < 1:
+        raise UserError(f"-n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed <= 2**63 - 1 - images:
+        raise UserError(f"--seed must be in [0, 2**63 - 1 - {images}], got {args.seed}")
