@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perceptual_diffusion import budgets, experiment, latent, testing
+from perceptual_diffusion import budgets, experiment, latent, latent_training, testing
 from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.config import LossConfig, SampleConfig
 from perceptual_diffusion.loading import load_model
@@ -152,9 +152,9 @@ def latent_runs(tmp: Path) -> dict[str, list[float]]:
             sample=SampleConfig(steps=2, clip_x0=False),
         )
 
-    latent.train_latent(config(), tmp / "mse")
+    latent_training.train_latent(config(), tmp / "mse")
     sp = replace(config(init_from=str(tmp / "mse")), loss=LossConfig(kind="self-perceptual", teacher=str(tmp / "mse")))
-    latent.train_latent(sp, tmp / "sp")
+    latent_training.train_latent(sp, tmp / "sp")
     model, parts, _, _ = latent.load_latent_model(tmp / "mse")
     images = latent.sample_latent(
         model, parts, ["a red disc", "a blue cross"], [0, 1], SampleConfig(steps=3, cfg_scale=2.0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import latent, loading, testing
+from perceptual_diffusion import latent, latent_training, loading, testing
 from perceptual_diffusion.config import (
     CaptionDataConfig,
     LatentModelConfig,
@@ -170,13 +170,13 @@ def test_sampler_matches_stable_diffusion_pipeline(
 
 def test_two_stages_resume_cache_and_export(tiny_sd: Path, captions: Path, tmp_path: Path) -> None:
     mse_cfg = run_config(tiny_sd, captions, tmp_path)
-    latent.train_latent(mse_cfg, tmp_path / "mse")
+    latent_training.train_latent(mse_cfg, tmp_path / "mse")
     caches = sorted((tmp_path / "cache").glob("latents-*/chunk-*.safetensors"))
     assert len(caches) == 1  # 40 images: one chunk
     stamp = caches[0].stat().st_mtime_ns
 
     sp_cfg = replace(mse_cfg, loss=LossConfig(kind="self-perceptual", teacher=str(tmp_path / "mse")))
-    straight = latent.train_latent(sp_cfg, tmp_path / "sp")
+    straight = latent_training.train_latent(sp_cfg, tmp_path / "sp")
     assert straight.step == 4 and caches[0].stat().st_mtime_ns == stamp  # the cache is reused, not rewritten
     log = [json.loads(line) for line in (tmp_path / "sp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["perceptual"] > 0 for r in log)
@@ -186,8 +186,8 @@ def test_two_stages_resume_cache_and_export(tiny_sd: Path, captions: Path, tmp_p
     assert all(k.startswith("unet.") for k in state["model"])  # the teacher, VAE and text encoder are not saved
 
     # Stop after 2 steps, resume to 4: the same weights as the uninterrupted run.
-    latent.train_latent(replace(sp_cfg, train=replace(sp_cfg.train, steps=2)), tmp_path / "sp2")
-    latent.train_latent(sp_cfg, tmp_path / "sp2")
+    latent_training.train_latent(replace(sp_cfg, train=replace(sp_cfg.train, steps=2)), tmp_path / "sp2")
+    latent_training.train_latent(sp_cfg, tmp_path / "sp2")
     a, _, _ = loading.read_weights(tmp_path / "sp", kind="latent")
     b, _, _ = loading.read_weights(tmp_path / "sp2", kind="latent")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -202,18 +202,18 @@ def test_two_stages_resume_cache_and_export(tiny_sd: Path, captions: Path, tmp_p
     assert (scheduler["prediction_type"], scheduler["timestep_spacing"]) == ("v_prediction", "trailing")
     assert scheduler["rescale_betas_zero_snr"] is True
     cont = replace(mse_cfg, train=replace(mse_cfg.train, steps=1, init_from=str(out)))
-    assert latent.train_latent(cont, tmp_path / "from-export").step == 1
+    assert latent_training.train_latent(cont, tmp_path / "from-export").step == 1
 
 
 def test_cached_and_on_the_fly_latents_agree(
     tiny_sd: Path, captions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(latent.LatentCache, "CHUNK", 16)  # 40 images: chunks of 16, 16 and 8
+    monkeypatch.setattr(latent_training.LatentCache, "CHUNK", 16)  # 40 images: chunks of 16, 16 and 8
     config = run_config(tiny_sd, captions, tmp_path)
-    task = latent.LatentTask(config)
+    task = latent_training.LatentTask(config)
     task.load()
     cached = task.source(torch.device("cpu"))
-    task_fly = latent.LatentTask(replace(config, data=replace(config.data, cache_latents=False)))
+    task_fly = latent_training.LatentTask(replace(config, data=replace(config.data, cache_latents=False)))
     task_fly.load()
     fly = task_fly.source(torch.device("cpu"))
     assert fly.latents is None and cached.latents is not None
@@ -230,7 +230,7 @@ def test_cached_and_on_the_fly_latents_agree(
     stamp = chunks[1].stat().st_mtime_ns
     chunks[0].unlink()
     chunks[2].write_bytes(b"not safetensors")
-    again = latent.LatentTask(config)
+    again = latent_training.LatentTask(config)
     again.load()
     rebuilt = again.source(torch.device("cpu"))
     assert chunks[1].stat().st_mtime_ns == stamp and rebuilt.latents.missing_chunks() == []
@@ -251,7 +251,7 @@ def test_bad_input_is_one_clear_line(tiny_sd: Path, captions: Path, tmp_path: Pa
     config = run_config(tiny_sd, captions, tmp_path)
     bad_res = replace(config, model=replace(config.model, resolution=10))
     with pytest.raises(UserError, match="does not fit .* multiple of 4"):
-        latent.LatentTask(bad_res).load()
+        latent_training.LatentTask(bad_res).load()
     with pytest.raises(UserError, match="clipping x0"):
         replace(config, sample=SampleConfig(clip_x0=True))
 
@@ -262,12 +262,12 @@ def test_weights_of_the_other_family_are_refused(
     with pytest.raises(UserError, match="holds a pixel-space model"):
         loading.read_weights(trained_mse_run, kind="latent")
     config = run_config(tiny_sd, captions, tmp_path, steps=1)
-    latent.train_latent(config, tmp_path / "lat")
+    latent_training.train_latent(config, tmp_path / "lat")
     with pytest.raises(UserError, match="holds a latent text-to-image model"):
         loading.read_weights(tmp_path / "lat")
     sp = replace(config, loss=LossConfig(kind="self-perceptual", teacher=str(trained_mse_run)))
     with pytest.raises(UserError, match="holds a pixel-space model"):
-        latent.train_latent(sp, tmp_path / "sp")
+        latent_training.train_latent(sp, tmp_path / "sp")
     # The same for diffusers folders: a Stable Diffusion export in a pixel command, a pixel export in a latent one.
     from perceptual_diffusion.export import export_diffusers
 

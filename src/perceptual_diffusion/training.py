@@ -105,7 +105,7 @@ def _data_fingerprint(data: Dataset) -> str:
 
 
 class Task(Protocol):
-    """What the training loop needs to know about a model family (``PixelTask``, ``latent.LatentTask``)."""
+    """What the training loop needs to know about a model family (``PixelTask``, ``latent_training.LatentTask``)."""
 
     config: RunConfig | LatentRunConfig
 
@@ -122,7 +122,7 @@ class PixelTask:
 
     A task is what the one training loop needs to know about a model family: its data as a
     :class:`BatchSource`, how to build the online model and the teacher, and how to draw a grid.
-    ``latent.LatentTask`` is the other one.
+    ``latent_training.LatentTask`` is the other one.
     """
 
     def __init__(self, config: RunConfig) -> None:
@@ -220,7 +220,7 @@ class Progress:
 
 
 def run_task(task: Task, run_dir: str | Path, override_config: bool = False) -> TrainResult:
-    """The training loop for any task (``PixelTask``, ``latent.LatentTask``): set up, resume, step."""
+    """The training loop for any task (``PixelTask``, ``latent_training.LatentTask``): set up, resume, step."""
     run = RunDir(run_dir)
     config = task.config
     device = resolve_device(config.train.device)

@@ -150,9 +150,9 @@ def refusing_non_finite(extractor: Any, source: str | Path) -> Any:
 
 
 def train_and_report(train_fn: Callable[..., Any], config: Any, args: argparse.Namespace) -> None:
-    """Run a training function (``training.train``, ``latent.train_latent``) into --run-dir, mirrored to TensorBoard
-    with --report-to tensorboard, and print one line from rank 0 (under torchrun); a run that had nothing left to
-    train says so, rather than reporting a speed of nan images/s."""
+    """Run a training function (``training.train``, ``latent_training.train_latent``) into --run-dir, mirrored to
+    TensorBoard with --report-to tensorboard, and print one line from rank 0 (under torchrun); a run that had nothing
+    left to train says so, rather than reporting a speed of nan images/s."""
     from ..distributed import launched_rank
     from ..tracking import mirror
 

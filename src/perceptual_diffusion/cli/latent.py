@@ -82,7 +82,7 @@ def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_train(args: argparse.Namespace) -> None:
-    from ..latent import train_latent
+    from ..latent_training import train_latent
     from .checks import train_and_report
 
     train_and_report(train_latent, latent_run_config(args), args)
@@ -91,7 +91,7 @@ def cmd_latent_train(args: argparse.Namespace) -> None:
 def cmd_latent_cache(args: argparse.Namespace) -> None:
     from ..config import LatentModelConfig, LatentRunConfig, TrainConfig
     from ..distributed import launched_rank
-    from ..latent import precompute_latents
+    from ..latent_training import precompute_latents
 
     config = LatentRunConfig(
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
