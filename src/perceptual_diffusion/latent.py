@@ -9,7 +9,8 @@ The pieces here plug into the same training loop, losses and sampler as the pixe
   encoder's hidden states (None: the empty prompt), ``features(x_t, t, cond, taps)`` running only the encoder half
   (``networks.encoder_features``, shared with the pixel U-Net), ``schedule`` and ``null_condition``;
 - ``latent_training.LatentTask`` is the loop's task (caption data as its batch source, latents cached once);
-- :func:`sample_latent` is the one sampling loop (``sampling.sample_stream``) in latent space, then the VAE decoder; a test
+- :func:`sample_latent` is the one sampling loop (``sampling.sample_stream``) in latent space, then the VAE
+  decoder; a test
   checks it against diffusers' ``StableDiffusionPipeline``;
 - :func:`export_latent` writes a ``StableDiffusionPipeline`` folder that diffusers loads as is.
 """
