@@ -10,8 +10,7 @@ The pieces here plug into the same training loop, losses and sampler as the pixe
   (``networks.encoder_features``, shared with the pixel U-Net), ``schedule`` and ``null_condition``;
 - ``latent_training.LatentTask`` is the loop's task (caption data as its batch source, latents cached once);
 - :func:`sample_latent` is the one sampling loop (``sampling.sample_stream``) in latent space, then the VAE
-  decoder; a test
-  checks it against diffusers' ``StableDiffusionPipeline``;
+  decoder; a test checks it against diffusers' ``StableDiffusionPipeline``;
 - :func:`export_latent` writes a ``StableDiffusionPipeline`` folder that diffusers loads as is.
 """
 
