@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .captions import CaptionData, load_captions
+from .caption_formats import load_captions
+from .captions import CaptionData
 from .config import LatentRunConfig
 from .errors import UserError
 from .grid import save_grid
