@@ -2,8 +2,9 @@
 
 Three layouts are read (``caption_formats.py``): a folder of images each with a same-stem ``.txt`` caption, a JSONL
 file (HuggingFace imagefolder's ``metadata.jsonl``), and WebDataset ``.tar`` shards; this module holds what they
-share: the index, image checks and on-demand decoding. Everything is indexed once at load time -- captions read, every image checked -- so an index names the same
-sample for the whole run and the training loop can pick indices from a seeded generator. Pixels are decoded on demand.
+share: the index, image checks and on-demand decoding. Everything is indexed once at load time (captions read,
+every image checked), so an index names the same sample for the whole run and the training loop can pick indices
+from a seeded generator. Pixels are decoded on demand.
 """
 
 from __future__ import annotations
