@@ -30,7 +30,7 @@ N = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference implementation (PAPER.md, 'The self-perceptual objective').
+# Reference implementation (arXiv 2401.00110, Algorithm 1).
 
 
 def _alpha_sigma(model: DiffusionUNet, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

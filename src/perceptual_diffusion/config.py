@@ -78,7 +78,8 @@ def _check_choice(obj: Any) -> None:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The discrete-time forward process and what the network predicts (PAPER.md, 'Diffusion setting')."""
+    """The discrete-time forward process and what the network predicts (arXiv 2401.00110, Sec. 4: zero terminal
+    SNR and v-prediction, after Lin et al. 2023)."""
 
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = "scaled_linear"
@@ -260,7 +261,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """DDIM sampling (PAPER.md: trailing spacing, eta 0) and classifier-free guidance."""
+    """DDIM sampling (arXiv 2401.00110, Sec. 4: 50 steps, trailing spacing, eta 0) and classifier-free guidance."""
 
     steps: int = 50
     spacing: Spacing = "trailing"

@@ -1,7 +1,7 @@
 """All noise-schedule math in one place: betas, alpha_t / sigma_t, the forward process and the v / x0 / eps
 conversions, and the sampler's timestep spacings.
 
-Notation follows PAPER.md: x_t = alpha_t * x0 + sigma_t * eps with alpha_t = sqrt(alpha_bar_t) and
+Notation follows arXiv 2401.00110 (Sec. 3): x_t = alpha_t * x0 + sigma_t * eps with alpha_t = sqrt(alpha_bar_t) and
 sigma_t = sqrt(1 - alpha_bar_t); v = alpha_t * eps - sigma_t * x0.
 """
 
