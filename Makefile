@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh Debian machine with Python 3.10+:
 #   make demo   - the main job: the two-stage recipe on the built-in shapes data (CPU, under 10 minutes)
 #   make test   - lint, format check and the test suite
+#   make test-fast - the edit-test loop: the tests not marked slow (no end-to-end training runs)
 # TORCH can be overridden, e.g. `make test TORCH=torch` on a machine with a CUDA wheel index.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ lint: setup
 
 test: setup data lint
 	$(BIN)/python -m pytest -n 2 --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

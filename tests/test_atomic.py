@@ -169,6 +169,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_real_full_disk_during_checkpoint_is_one_line_and_keeps_files_consistent(tmp_path: Path) -> None:
     """On real, small tmpfs filesystems (mounted in a user and mount namespace, so no root is needed; skipped where
     that is not allowed): torch's zip writer and safetensors fail as they do on a real full disk."""

@@ -150,6 +150,7 @@ def test_every_subcommand_has_help_that_documents_every_option(capsys) -> None:
             assert label in text, f"{name} --help does not mention {label}"
 
 
+@pytest.mark.slow
 def test_console_script_reports_user_errors_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("perceptual-diffusion")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "perceptual_diffusion.cli"]

@@ -73,6 +73,9 @@ def _torchrun(args: list[str], env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+pytestmark = pytest.mark.slow  # every test here starts processes with torchrun
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same run trained by 1 process with batch 8 and by 2 processes with batch 4 each."""
@@ -88,7 +91,6 @@ def _log(run_dir: Path) -> list[dict]:
 
 
 @needs_gloo
-@pytest.mark.slow
 def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(runs: dict[str, Path]) -> None:
     one, two = _log(runs["one"]), _log(runs["two"])
     assert [r["step"] for r in two] == list(range(1, 11)), "rank 0 alone writes the log, one line per step"
@@ -107,7 +109,6 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(runs: dict[
 
 
 @needs_gloo
-@pytest.mark.slow
 def test_evaluation_gives_the_same_numbers_with_one_and_two_processes(
     runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,7 +153,6 @@ def test_sharded_sampling_in_one_process_is_plain_sampling(tiny_model) -> None:
 
 
 @needs_gloo
-@pytest.mark.slow
 def test_latent_self_perceptual_with_two_processes_follows_one_process(tmp_path: Path) -> None:
     """The latent path under torchrun: the latent cache built by rank 0, the text encoder and the frozen teacher on
     every rank (never in DDP), and the same loss trajectory as one process with the same global batch."""
