@@ -152,41 +152,13 @@ def score(
     acc = _Accumulator(data, ds, extractor, n, max_features, nearest_train, per_sample_path is not None, seconds)
     for images, out in featurised:
         acc.update(images, out, None if labels is None else labels[acc.done : acc.done + len(out["features"])])
-    t0 = time.perf_counter()
-    fake = torch.cat(acc.kept)
-    mu, cov = acc.stats.mean_cov()
-    kid_mean, kid_std, kid_m = kid(ref.features, fake, kid_subsets, kid_subset_size)
-    block_mean, kid_se, blocks, block_real, block_fake = kid_blocks(ref.features, fake, kid_se_blocks)
-    prdc = precision_recall(ref.features, fake, PR_K)
-    is_mean, is_std = acc.is_stats.compute() if acc.is_stats is not None else (None, None)
-    seconds["metrics"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    memorisation = acc.memo.compute() if acc.memo is not None else None
-    seconds["memorisation"] += time.perf_counter() - t0
     row = {
         "n_samples": n,
         "seeds": f"{seeds[0]}..{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + n)) else "custom",
         "extractor": {"name": extractor.name, "key": extractor.key, "description": extractor.description},
         "reference": {"data": ds.name, "split": reference_split, "n": ref.n, "cache": ref.path},
         "sampling": sampling,
-        "fid": fid_from_stats(mu, cov, ref.mu, ref.cov),
-        "kid": {
-            "mean": kid_mean,
-            "std": kid_std,
-            "subsets": kid_subsets,
-            "subset_size": kid_m,
-            "se": kid_se,
-            "block_mean": block_mean,
-            "se_blocks": blocks,
-            "se_based_on": f"std(ddof=1)/sqrt(B) of the unbiased MMD^2 on B={blocks} disjoint blocks of "
-            f"{block_real} real and {block_fake} fake feature rows",
-        },
-        "inception_score": None
-        if is_mean is None
-        else {"mean": is_mean, "std": is_std, "splits": IS_SPLITS, "data_mean": ref.is_mean, "data_std": ref.is_std},
-        "precision_recall": {**prdc, "k": PR_K, "n_fake": len(fake), "n_real": len(ref.features)},
-        "realism": acc.realism.compute() if acc.realism is not None else None,
-        "memorisation": memorisation,
+        **_metrics(acc, ref, kid_subsets, kid_subset_size, kid_se_blocks),
         "per_sample": None if per_sample_path is None else str(per_sample_path),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
@@ -228,6 +200,41 @@ class _Accumulator:
         if self.memo is not None:
             self.memo.update(images)
             self.seconds["memorisation"] += time.perf_counter() - t1
+
+
+def _metrics(acc: _Accumulator, ref: Any, kid_subsets: int, kid_subset_size: int, kid_se_blocks: int) -> dict:
+    """Every metric of the accumulated samples against the reference, timed into ``acc.seconds``."""
+    t0 = time.perf_counter()
+    fake = torch.cat(acc.kept)
+    mu, cov = acc.stats.mean_cov()
+    kid_mean, kid_std, kid_m = kid(ref.features, fake, kid_subsets, kid_subset_size)
+    block_mean, kid_se, blocks, block_real, block_fake = kid_blocks(ref.features, fake, kid_se_blocks)
+    prdc = precision_recall(ref.features, fake, PR_K)
+    is_mean, is_std = acc.is_stats.compute() if acc.is_stats is not None else (None, None)
+    acc.seconds["metrics"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    memorisation = acc.memo.compute() if acc.memo is not None else None
+    acc.seconds["memorisation"] += time.perf_counter() - t0
+    return {
+        "fid": fid_from_stats(mu, cov, ref.mu, ref.cov),
+        "kid": {
+            "mean": kid_mean,
+            "std": kid_std,
+            "subsets": kid_subsets,
+            "subset_size": kid_m,
+            "se": kid_se,
+            "block_mean": block_mean,
+            "se_blocks": blocks,
+            "se_based_on": f"std(ddof=1)/sqrt(B) of the unbiased MMD^2 on B={blocks} disjoint blocks of "
+            f"{block_real} real and {block_fake} fake feature rows",
+        },
+        "inception_score": None
+        if is_mean is None
+        else {"mean": is_mean, "std": is_std, "splits": IS_SPLITS, "data_mean": ref.is_mean, "data_std": ref.is_std},
+        "precision_recall": {**prdc, "k": PR_K, "n_fake": len(fake), "n_real": len(ref.features)},
+        "realism": acc.realism.compute() if acc.realism is not None else None,
+        "memorisation": memorisation,
+    }
 
 
 def _check_seeds(seeds: list[int] | None, n: int) -> list[int]:

@@ -126,8 +126,7 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run (or resume) the whole comparison into ``out``; returns the results dictionary (empty rows when some
     seeds' work is left to other processes)."""
-    out = Path(out)
-    data = data or budget.data
+    out, data = Path(out), data or budget.data
     all_seeds = list(range(budget.training_seeds))
     my_seeds = all_seeds if seeds is None else seeds
     bad = sorted(set(my_seeds) - set(all_seeds))
@@ -137,43 +136,64 @@ def run_compare(
     atomic_write_text(out / "budget.json", json.dumps(asdict(budget), indent=2, default=str))
     t0 = time.perf_counter()
     ctx = make_context(out, budget, data, device)
-
     teachers = check_teachers(ctx, my_seeds, require_plateau)
-    sweep = {b: budget.finetune_lrs for b in branch_losses(budget)}
-    for seed in my_seeds:
-        train_branches(ctx, seed, sweep)
-    if len(budget.finetune_lrs) > 1:
-        for seed in my_seeds:
-            sweep_points(ctx, [seed])
-    waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s)]
-    if waiting:
-        log(f"seeds {waiting} have not finished their sweep: rerun without --seeds (or with theirs) to continue")
+    points, chosen = _sweep(ctx, my_seeds, all_seeds)
+    if chosen is None:
         return {"rows": []}
-    points = sweep_points(ctx, all_seeds) if len(budget.finetune_lrs) > 1 else {}
-    chosen = choose_lrs(ctx.criterion, points) if points else {b: budget.finetune_lrs[0] for b in sweep}
-    log(f"stage-2 learning rates: {chosen}")
     rows = plan_rows(budget)
-    per_seed: dict[int, dict[str, Any]] = {}
-    for seed in my_seeds:
-        extra = {v: (chosen["self-perceptual"],) for v in budget.variants}
-        train_branches(ctx, seed, extra)
-        if budget.unconditional:
-            teachers[f"seed{seed}/uncond"] = teacher_for(ctx, seed, unconditional=True)
-            train_branches(ctx, seed, {b: (lr,) for b, lr in chosen.items()}, unconditional=True)
-        if evaluate:
-            per_seed[seed] = evaluate_rows(ctx, seed, rows, chosen)
+    per_seed = {seed: _finish_seed(ctx, seed, rows, chosen, teachers, evaluate) for seed in my_seeds}
     if seeds is not None:  # the report is the gathering call's: parallel processes never write it twice
         log("this process's seeds are done; rerun without --seeds to gather the report")
         return {"rows": []}
     if not evaluate:
         return {"rows": []}
+    results = _gather(ctx, rows, chosen, points, teachers, per_seed)
+    results["seconds"] = time.perf_counter() - t0
+    write_report(out, results)
+    log(f"report: {out / 'report.md'}")
+    return results
 
-    dev = ctx.dev
+
+def _sweep(ctx: Context, my_seeds: list[int], all_seeds: list[int]) -> tuple[dict, dict[str, float] | None]:
+    """Stage 2 at every learning rate of the sweep for this process's seeds; the chosen rates once every seed's
+    sweep is done (None while other processes still have sweeps to finish)."""
+    lrs = ctx.budget.finetune_lrs
+    sweep = {b: lrs for b in branch_losses(ctx.budget)}
+    for seed in my_seeds:
+        train_branches(ctx, seed, sweep)
+    if len(lrs) > 1:
+        for seed in my_seeds:
+            sweep_points(ctx, [seed])
+    waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s)]
+    if waiting:
+        log(f"seeds {waiting} have not finished their sweep: rerun without --seeds (or with theirs) to continue")
+        return {}, None
+    points = sweep_points(ctx, all_seeds) if len(lrs) > 1 else {}
+    chosen = choose_lrs(ctx.criterion, points) if points else {b: lrs[0] for b in sweep}
+    log(f"stage-2 learning rates: {chosen}")
+    return points, chosen
+
+
+def _finish_seed(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float], teachers: dict, evaluate: bool):
+    """The rest of one training seed: variant arms, the unconditional pair, then every row's evaluation."""
+    budget = ctx.budget
+    train_branches(ctx, seed, {v: (chosen["self-perceptual"],) for v in budget.variants})
+    if budget.unconditional:
+        teachers[f"seed{seed}/uncond"] = teacher_for(ctx, seed, unconditional=True)
+        train_branches(ctx, seed, {b: (lr,) for b, lr in chosen.items()}, unconditional=True)
+    return evaluate_rows(ctx, seed, rows, chosen) if evaluate else {}
+
+
+def _gather(ctx: Context, rows: list[Row], chosen: dict, points: dict, teachers: dict, per_seed: dict) -> dict:
+    """Every number the report renders: rows per seed, paired differences, fixed-batch losses, curves, grids."""
+    budget, out = ctx.budget, ctx.out
+    all_seeds = list(range(budget.training_seeds))
     log("writing sample grids")
-    grids = write_grids(ctx, chosen, dev)
+    grids = write_grids(ctx, chosen, ctx.dev)
+    models = [r.model for r in rows if r.guidance == "none"]
     results: dict[str, Any] = {
         "budget": asdict(budget),
-        "data": asdict(data),
+        "data": asdict(ctx.data),
         "criterion": asdict(ctx.criterion),
         "extractor": ctx.extractor.description,
         "reference_split": ctx.reference_split,
@@ -183,21 +203,15 @@ def run_compare(
         "rows": [asdict(r) | {"key": r.key} for r in rows],
         "evaluations": {str(s): {k: [r["metrics"] for r in v] for k, v in per_seed[s].items()} for s in all_seeds},
         "fixed_batch_losses": {
-            str(s): losses_on_fixed_batch(
-                ctx, s, chosen, [r.model for r in rows if r.guidance == "none"], budget.loss_batch
-            )
-            for s in all_seeds
+            str(s): losses_on_fixed_batch(ctx, s, chosen, models, budget.loss_batch) for s in all_seeds
         },
         "grids": [str(p.relative_to(out)) for p in grids],
-        "seconds": time.perf_counter() - t0,
     }
     results["paired"] = {
         title: {"a": a, "b": b, "metrics": paired(ctx, all_seeds, a, b, budget.bootstrap)}
         for title, a, b in paired_pairs(results)
     }
     results["training_losses"] = training_losses(ctx, chosen)
-    write_report(out, results)
-    log(f"report: {out / 'report.md'}")
     return results
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .budget_options import budget_from_args, parse_seeds
@@ -24,13 +25,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
-    import torch
 
     from ..checkpoint import atomic_write
     from ..data import to_uint8
-    from ..grid import class_rows, save_grid
+    from ..grid import save_grid
     from ..loading import load_model
-    from ..sampling import labels_for_seeds, sample
+    from ..sampling import sample
     from ..training import resolve_device
     from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
 
@@ -50,23 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     mc = model.model_config
     check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
     seeds = range(args.seed, args.seed + args.n)  # a range, not a list: nothing is built per image before sampling
-    k = model.num_classes
-    if args.label == "none" or k == 0:
-        labels = None
-        if args.label not in ("none", "random", "rows") and k == 0:
-            raise UserError("this model is unconditional: use --label none")
-    elif args.label == "random":
-        labels = labels_for_seeds(seeds, torch.full((k,), 1.0 / k))
-    elif args.label == "rows":
-        labels = class_rows(args.n, k)
-    else:
-        try:
-            label = int(args.label)
-        except ValueError:
-            raise UserError(f"--label must be none, random, rows or a class index, got {args.label!r}") from None
-        if not 0 <= label < k:
-            raise UserError(f"--label {label} is out of range: this model has classes 0..{k - 1}")
-        labels = torch.full((args.n,), label)
+    labels = _labels_option(args, model.num_classes, seeds)
     if labels is None and cfg.cfg_scale != 1.0:
         raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1")
     images = sample(model, seeds, labels, cfg, args.batch_size, device, progress=True)
@@ -89,6 +73,30 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC; {describe_sampler(cfg)})")
     except OSError as exc:
         raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
+
+
+def _labels_option(args: argparse.Namespace, k: int, seeds: range) -> Any:
+    """The labels --label asks for: none, random (uniform), rows (class c fills row c) or one class index."""
+    import torch
+
+    from ..grid import class_rows
+    from ..sampling import labels_for_seeds
+
+    if args.label == "none" or k == 0:
+        if args.label not in ("none", "random", "rows") and k == 0:
+            raise UserError("this model is unconditional: use --label none")
+        return None
+    if args.label == "random":
+        return labels_for_seeds(seeds, torch.full((k,), 1.0 / k))
+    if args.label == "rows":
+        return class_rows(args.n, k)
+    try:
+        label = int(args.label)
+    except ValueError:
+        raise UserError(f"--label must be none, random, rows or a class index, got {args.label!r}") from None
+    if not 0 <= label < k:
+        raise UserError(f"--label {label} is out of range: this model has classes 0..{k - 1}")
+    return torch.full((args.n,), label)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -130,10 +138,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
     from ..checkpoint import atomic_write_text, resolve_weights
-    from ..classifier import SHIPPED
     from ..distributed import launched_rank, process_group
     from ..evaluate import evaluate_model, format_table
-    from ..features import make_extractor
     from ..loading import load_model
     from ..training import resolve_device
     from .checks import check_finite_model, check_output_file, refusing_non_finite
@@ -147,14 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     model, config, _ = load_model(args.model, device, kind="pixel")
     check_finite_model(model, args.model)
     data = config.data if args.data_path is None else dataclasses.replace(config.data, path=args.data_path)
-    kind = args.features
-    if kind == "auto":
-        # The shipped classifiers know shapes at 16 px and Fashion-MNIST at 28 px; anything else needs Inception.
-        builtin = data.source in SHIPPED and data.image_size == {"shapes": 16, "fashion-mnist": 28}[data.source]
-        kind = "domain" if builtin else "inception"
-    extractor = make_extractor(
-        kind, data.source, data.image_size, args.inception_weights, args.download_inception, device
-    )
+    extractor = _extractor_option(args, data, device)
     out = Path(args.json) if args.json else weights.parent / f"eval-{extractor.name}-n{args.n}.json"
     if not args.json:
         check_output_file(out, "--json", args.model)
@@ -196,6 +195,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     except OSError as exc:
         raise UserError(f"cannot write {out} ({exc.strerror or exc}); the numbers are printed above") from None
     print(f"wrote {out}")
+
+
+def _extractor_option(args: argparse.Namespace, data: Any, device: Any) -> Any:
+    """The feature extractor --features names; auto: the shipped domain classifier for the built-in data at its
+    size (shapes 16 px, Fashion-MNIST 28 px), else Inception."""
+    from ..classifier import SHIPPED, SHIPPED_SIZE
+    from ..features import make_extractor
+
+    kind = args.features
+    if kind == "auto":
+        kind = "domain" if data.source in SHIPPED and data.image_size == SHIPPED_SIZE[data.source] else "inception"
+    return make_extractor(kind, data.source, data.image_size, args.inception_weights, args.download_inception, device)
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
