@@ -128,11 +128,19 @@ def losses_table(results: dict[str, Any]) -> tuple[str, str]:
 def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Sentences computed from the numbers: winner without guidance, teacher plateau, CFG, unconditional."""
     crit = results["criterion"]["key"]
-    label = LABELS.get(crit, (crit, True))[0]
-    n_seeds = results["budget"]["training_seeds"]
     head = next(iter(diffs.values()))  # the paper's headline pair comes first
+    teachers = {k: v for k, v in results["teachers"].items() if "uncond" not in k}
+    return [
+        *_headline(head, crit, results["budget"]["training_seeds"]),
+        _teacher_sentence(results, teachers),
+        *_residual_sentence(results, diffs, crit, teachers),
+        *_baseline_sentences(diffs, crit),
+    ]
+
+
+def _headline(head: dict[str, dict[str, Any]], crit: str, n_seeds: int) -> list[str]:
+    label, higher = LABELS.get(crit, (crit, True))
     d = head[crit]
-    higher = LABELS.get(crit, (crit, True))[1]
     sp_better = (d["estimate"] > 0) == higher
     agree = sum(1 for v in d["per_seed"] if (v > 0) == (d["estimate"] > 0) and v != 0)
     spread = f"95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], {agree} of {len(d['per_seed'])} seeds agree"
@@ -154,34 +162,45 @@ def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]
         f"Among the other metrics, self-perceptual is significantly better on {', '.join(better) or 'none'} and "
         f"worse on {', '.join(worse) or 'none'} (paired over {n_seeds} training seed(s), same sampling seeds)."
     )
-    teachers = {k: v for k, v in results["teachers"].items() if "uncond" not in k}
+    return out
+
+
+def _teacher_sentence(results: dict[str, Any], teachers: dict[str, Any]) -> str:
     if results["budget"].get("teacher"):
-        out.append(
+        return (
             f"The teacher was brought by the user ({results['budget']['teacher']}); its plateau was not measured here."
         )
-    elif all(t["at_plateau"] for t in teachers.values()):
-        out.append(
-            "The teacher reached a measured plateau in every seed ("
-            + "; ".join(f"{k}: {t['phase_ends'][-1]}" for k, t in teachers.items())
-            + ")."
-        )
-    else:
-        bad = [k for k, t in teachers.items() if not t["at_plateau"]]
-        out.append(
-            f"**Warning: the teacher is NOT converged** in {', '.join(bad)} (stage 1 ended at its step cap), "
-            "so stage 2 partly measures further convergence, not the objective; the fair results are the "
-            "`cpu-fair` runs in the repository's results/shapes-fair/report.md."
-        )
+    if all(t["at_plateau"] for t in teachers.values()):
+        ends = "; ".join(f"{k}: {t['phase_ends'][-1]}" for k, t in teachers.items())
+        return f"The teacher reached a measured plateau in every seed ({ends})."
+    bad = [k for k, t in teachers.items() if not t["at_plateau"]]
+    return (
+        f"**Warning: the teacher is NOT converged** in {', '.join(bad)} (stage 1 ended at its step cap), "
+        "so stage 2 partly measures further convergence, not the objective; the fair results are the "
+        "`cpu-fair` runs in the repository's results/shapes-fair/report.md."
+    )
+
+
+def _residual_sentence(results: dict[str, Any], diffs: dict, crit: str, teachers: dict[str, Any]) -> list[str]:
+    """Whether MSE continued still gains on a teacher the criterion called converged."""
+    label, higher = LABELS.get(crit, (crit, True))
     residual = diffs.get("MSE continued vs the teacher", {}).get(crit)
     converged = all(t["at_plateau"] for t in teachers.values()) and not results["budget"].get("teacher")
-    if converged and residual is not None and _significant(residual) and (residual["estimate"] > 0) == higher:
-        vs_teacher = diffs.get("self-perceptual vs its teacher", {}).get(crit)
-        out.append(
-            f"MSE continued still gains on its teacher ({label} {_fmt_diff(residual)}): the plateau criterion at "
-            f"{results['budget']['curve_samples']} samples per point does not exclude gains of this size, so part of "
-            "the headline difference may be further convergence"
-            + (f"; against the same teacher, self-perceptual moves by {_fmt_diff(vs_teacher)}." if vs_teacher else ".")
-        )
+    if not (converged and residual is not None and _significant(residual) and (residual["estimate"] > 0) == higher):
+        return []
+    vs_teacher = diffs.get("self-perceptual vs its teacher", {}).get(crit)
+    return [
+        f"MSE continued still gains on its teacher ({label} {_fmt_diff(residual)}): the plateau criterion at "
+        f"{results['budget']['curve_samples']} samples per point does not exclude gains of this size, so part of "
+        "the headline difference may be further convergence"
+        + (f"; against the same teacher, self-perceptual moves by {_fmt_diff(vs_teacher)}." if vs_teacher else ".")
+    ]
+
+
+def _baseline_sentences(diffs: dict, crit: str) -> list[str]:
+    """Self-perceptual without guidance against MSE + CFG, and the unconditional pair."""
+    label, higher = LABELS.get(crit, (crit, True))
+    out = []
     cfg_title = next((t for t in diffs if t.startswith("self-perceptual (no guidance) vs MSE + CFG")), None)
     if cfg_title:
         c = diffs[cfg_title][crit]
@@ -294,7 +313,6 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         plot_cfg(results, out / "fid_vs_cfg.png", "fid"),
     ]
     loss_table, loss_note = losses_table(results)
-    n = budget["eval_samples"]
     lines = [
         f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}",
         "",
@@ -302,15 +320,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "",
         " ".join(verdict(results, diffs)),
         "",
-        "**How to read this.** Each row is sampled with the same "
-        f"{n} sampling seeds (and labels) in every training seed; table cells are means over "
-        f"{len(seeds)} training seed(s), with ± the standard deviation over seeds only when there are at least 3. "
-        "Differences are paired per training seed (same teacher, same sampling seeds); intervals are 95% "
-        "percentile intervals of a hierarchical bootstrap (training seeds, then samples within a seed). A difference "
-        "whose interval contains 0 is within the noise of this experiment. KID is the unbiased estimator, so it is "
-        "negative when two sets are closer than its sampling noise. "
-        f"The criterion that stopped stage 1 and chose the stage-2 learning rates is {LABELS.get(crit, (crit,))[0]}, "
-        "measured on held-out sampling seeds, never on the seeds of this table.",
+        _how_to_read(results, len(seeds)),
         "",
         f"Feature extractor: {results['extractor']}. Reference images: the {results['reference_split']} split.",
         "",
@@ -334,7 +344,30 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
             "",
         ]
         lines += [f"**{Path(g).stem}**\n\n![{Path(g).stem}]({g})\n" for g in results["grids"]]
-    lines += [
+    lines += _limits(results)
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    return out / "report.md"
+
+
+def _how_to_read(results: dict[str, Any], n_seeds: int) -> str:
+    crit, n = results["criterion"]["key"], results["budget"]["eval_samples"]
+    criterion = LABELS.get(crit, (crit,))[0]
+    return (
+        f"**How to read this.** Each row is sampled with the same {n} sampling seeds (and labels) in every training "
+        f"seed; table cells are means over {n_seeds} training seed(s), with ± the standard deviation over seeds only "
+        "when there are at least 3. Differences are paired per training seed (same teacher, same sampling seeds); "
+        "intervals are 95% percentile intervals of a hierarchical bootstrap (training seeds, then samples within a "
+        "seed). A difference whose interval contains 0 is within the noise of this experiment. KID is the unbiased "
+        "estimator, so it is negative when two sets are closer than its sampling noise. The criterion that stopped "
+        f"stage 1 and chose the stage-2 learning rates is {criterion}, measured on held-out sampling seeds, never on "
+        "the seeds of this table."
+    )
+
+
+def _limits(results: dict[str, Any]) -> list[str]:
+    budget = results["budget"]
+    return [
         "## What this does not show",
         "",
         "The paper fine-tunes a converged 865 M-parameter latent text-to-image model on LAION for many thousands of "
@@ -347,9 +380,6 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         f"Wall time of the call that wrote this report: {results['seconds'] / 60:.1f} minutes (finished stages and "
         "cached evaluations are not redone; see results/README.md for the times of the full runs).",
     ]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
-    return out / "report.md"
 
 
 def _protocol_section(results: dict[str, Any]) -> list[str]:
