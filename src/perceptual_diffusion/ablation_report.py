@@ -54,13 +54,10 @@ def ablation_verdict(result: dict[str, Any]) -> list[str]:
 
 def write_ablation_report(out: Path, result: dict[str, Any]) -> Path:
     """ablation.md (verdict first) and ablation.json in ``out``, from ``ablation.run_ablation``'s result alone."""
-    budget = result["budget"]
+    budget, variants = result["budget"], result["variants"]
     crit = result["criterion"]["key"]
-    variants = result["variants"]
     metrics = [m for m in (crit, "exact_precision", "noise_rms", "fid", "precision", "coverage") if m in LABELS]
-    names = ["teacher"] + (["teacher/early"] if any(v["teacher"] == "early" for v in variants) else [])
-    names += [v["name"] for v in variants]
-    seeds = list(result["evaluations"])
+    lrs = ", ".join(f"{k} {v:g}" for k, v in result["chosen_lrs"].items())
     lines = [
         f"# Ablation under the fair protocol ({budget['name']} budget, {budget['data']['source']})",
         "",
@@ -70,49 +67,28 @@ def write_ablation_report(out: Path, result: dict[str, Any]) -> Path:
         "",
         f"Teacher: stage 1 trained to its plateau (see report.md of `compare` in the same folder); stage 2: "
         f"{budget['finetune_steps']} steps unless the variant says otherwise, at the learning rates chosen by "
-        f"`compare`'s sweep ({', '.join(f'{k} {v:g}' for k, v in result['chosen_lrs'].items())}) times the "
-        f"variant's factor; {len(seeds)} training seed(s); {budget['eval_samples']} samples per evaluation on the "
-        "same sampling seeds as the comparison, DDIM "
+        f"`compare`'s sweep ({lrs}) times the variant's factor; {len(result['evaluations'])} training seed(s); "
+        f"{budget['eval_samples']} samples per evaluation on the same sampling seeds as the comparison, DDIM "
         f"{budget['sample_steps']} steps, no guidance. ± is the standard deviation over at least 3 training seeds.",
         "",
-        "| model | " + " | ".join(LABELS[m][0] for m in metrics) + " |",
-        "|---|" + "---|" * len(metrics),
-    ]
-    for name in names:
-        cells = [
-            format_cell(
-                [
-                    result["evaluations"][s][row_key(name)][0][m]
-                    for s in seeds
-                    if m in result["evaluations"][s][row_key(name)][0]
-                ]
-            )
-            for m in metrics
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
+        *_values_table(result, metrics),
         "",
         "## Paired differences against the MSE baseline",
         "",
         "Variant minus the MSE run from the same teacher for the same steps, per training seed (same sampling seeds), "
         "averaged over seeds, with the 95% hierarchical bootstrap interval and the per-seed values.",
         "",
-        "| variant - baseline | " + " | ".join(f"Δ {LABELS[m][0]}" for m in metrics) + " |",
-        "|---|" + "---|" * len(metrics),
-    ]
-    for name, p in result["paired"].items():
-        cells = []
-        for m in metrics:
-            d = p["metrics"].get(m)
-            cells.append(
-                "-"
-                if d is None
-                else f"{d['estimate']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
-                f"({', '.join(f'{x:+.3f}' for x in d['per_seed'])})"
-            )
-        lines.append(f"| {name} - {p['baseline']} | " + " | ".join(cells) + " |")
-    lines += ["", "| variant | what changes |", "|---|---|"] + [f"| {v['name']} | {v['note']} |" for v in variants]
-    lines += [
+        *_paired_table(result, metrics),
+        "",
+        "| variant | what changes |",
+        "|---|---|",
+        *[f"| {v['name']} | {v['note']} |" for v in variants],
+        "",
+        "## What this does not show",
+        "",
+        "Each variant changes one thing from the paper's defaults at this scale (the teacher, data, U-Net size and "
+        "metrics of the comparison in the same folder); combinations of changes, other learning rates for MSE, and "
+        "large latent models are not tested here.",
         "",
         f"Wall time of the call that wrote this file: {result['seconds'] / 60:.1f} minutes (cached work is "
         "not redone).",
@@ -120,3 +96,32 @@ def write_ablation_report(out: Path, result: dict[str, Any]) -> Path:
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "ablation.json", json.dumps(result, indent=2, default=str))
     return out / "ablation.md"
+
+
+def _values_table(result: dict[str, Any], metrics: list[str]) -> list[str]:
+    variants, seeds = result["variants"], list(result["evaluations"])
+    names = ["teacher"] + (["teacher/early"] if any(v["teacher"] == "early" for v in variants) else [])
+    names += [v["name"] for v in variants]
+    lines = ["| model | " + " | ".join(LABELS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name in names:
+        rows = [result["evaluations"][s][row_key(name)][0] for s in seeds]
+        cells = [format_cell([r[m] for r in rows if m in r]) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired_table(result: dict[str, Any], metrics: list[str]) -> list[str]:
+    lines = [
+        "| variant - baseline | " + " | ".join(f"Δ {LABELS[m][0]}" for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name, p in result["paired"].items():
+        cells = []
+        for m in metrics:
+            d = p["metrics"].get(m)
+            per_seed = ", ".join(f"{x:+.4f}" for x in d["per_seed"]) if d else ""
+            cells.append(
+                "-" if d is None else f"{d['estimate']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] ({per_seed})"
+            )
+        lines.append(f"| {name} - {p['baseline']} | " + " | ".join(cells) + " |")
+    return lines

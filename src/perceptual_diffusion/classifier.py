@@ -222,9 +222,29 @@ def train_classifier(
         source, full.image_size, full.channels, full.num_classes, data_hash=str(description["hash"])
     )
     model = DomainClassifier(config).to(device)
+    start = time.perf_counter()
+    _fit(model, train_set, steps, batch_size, g, device)
+    if isinstance(data, str):
+        command = f"perceptual-diffusion train-classifier --data {data} --epochs {epochs} --seed {seed} --out {out}"
+    else:
+        command = (
+            f"perceptual_diffusion.classifier.train_classifier({data!r}, {str(out)!r}, epochs={epochs}, seed={seed})"
+        )
+    result = _scores(model, train_set, test_set, seed) | {
+        "steps": steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "command": command,
+    }
+    meta = {"config": json.dumps(asdict(config)), "result": json.dumps(result), "data": json.dumps(description)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(Path(out), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return result
+
+
+def _fit(model: DomainClassifier, train_set: Dataset, steps: int, batch_size: int, g: torch.Generator, device) -> None:
+    """AdamW with a one-cycle schedule on noisy images (noise std 0.3: the classifier must read noisy samples)."""
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    start = time.perf_counter()
     model.train()
     for _ in range(steps):
         # Batches and noise come from the CPU generator on any device, so the seed fixes them everywhere.
@@ -235,31 +255,18 @@ def train_classifier(
         loss.backward()
         opt.step()
         sched.step()
+
+
+def _scores(model: DomainClassifier, train_set: Dataset, test_set: Dataset, seed: int) -> dict[str, float | int]:
     g_test = torch.Generator().manual_seed(seed + 1)
-    if isinstance(data, str):
-        command = f"perceptual-diffusion train-classifier --data {data} --epochs {epochs} --seed {seed} --out {out}"
-    else:
-        command = (
-            f"perceptual_diffusion.classifier.train_classifier({data!r}, {str(out)!r}, epochs={epochs}, seed={seed})"
-        )
-    result: dict[str, float | int | str] = {
+    noisy = (test_set.images + 0.2 * torch.randn(test_set.images.shape, generator=g_test)).clamp(-1, 1)
+    return {
         "test_accuracy": accuracy(model, test_set.images, test_set.labels),
-        "test_accuracy_noise_0.2": accuracy(
-            model,
-            (test_set.images + 0.2 * torch.randn(test_set.images.shape, generator=g_test)).clamp(-1, 1),
-            test_set.labels,
-        ),
+        "test_accuracy_noise_0.2": accuracy(model, noisy, test_set.labels),
         "train_accuracy": accuracy(model, train_set.images, train_set.labels),
         "test_images": len(test_set),
         "train_images": len(train_set),
-        "steps": steps,
-        "seconds": round(time.perf_counter() - start, 1),
-        "command": command,
     }
-    meta = {"config": json.dumps(asdict(config)), "result": json.dumps(result), "data": json.dumps(description)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(Path(out), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return result
 
 
 def load_classifier(path: str | Path) -> tuple[DomainClassifier, dict]:

@@ -20,8 +20,8 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
     """Write a randomly initialised, tiny Stable-Diffusion-style folder (0.8 M parameters in all): a character-level
     CLIP tokenizer and 2-layer text encoder, a 2-level ``UNet2DConditionModel`` with cross-attention, and a VAE
     that downsamples 2x. Its images are noise until trained; it exists to run the latent path end to end offline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     from .export import publish_folder, scheduler_config
@@ -38,44 +38,7 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
         (words / "vocab.json").write_text(json.dumps(vocab))
         (words / "merges.txt").write_text("#version: 0.2\n")
         tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(vocab),
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_attention_heads=4,
-                    num_hidden_layers=2,
-                    max_position_embeddings=32,
-                    projection_dim=32,
-                    bos_token_id=0,
-                    eos_token_id=1,
-                    pad_token_id=1,
-                )
-            )
-            unet = UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32,
-                attention_head_dim=8,
-                norm_num_groups=8,
-            )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2,
-                block_out_channels=(16, 32),
-                latent_channels=4,
-                norm_num_groups=8,
-                sample_size=16,
-            )
+        text_encoder, unet, vae = _tiny_components(len(vocab), seed)
         scheduler = DDIMScheduler(**scheduler_config(ScheduleConfig(), SampleConfig(clip_x0=False)))
         pipe = sd_pipeline(
             vae=vae,
@@ -107,3 +70,49 @@ def write_shapes_captions(out_dir: str | Path, image_size: int = 16, every: int 
         Image.fromarray(pixels[i]).save(out / f"{i:06d}.png")
         (out / f"{i:06d}.txt").write_text(f"a {colour} {SHAPE_CLASSES[int(data.labels[i])]}\n")
     return out
+
+
+def _tiny_components(vocab_size: int, seed: int) -> tuple:
+    """A 2-layer CLIP text encoder, a 2-level UNet2DConditionModel with cross-attention and a 2x VAE, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=32,
+                projection_dim=32,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=16,
+        )
+    return text_encoder, unet, vae
