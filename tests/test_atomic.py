@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,18 @@ def test_keeps_last_k_checkpoints(tmp_path: Path) -> None:
     training.train(tiny_config(steps=7, checkpoint_every=1, keep_checkpoints=3), tmp_path)
     assert [p.name for p in ckpt.list_states(tmp_path)] == [f"state-0000000{s}.pt" for s in (5, 6, 7)]
     assert ckpt.weights_step(tmp_path / "model.safetensors") == 7
+
+
+def test_a_kill_between_a_states_rename_and_the_pruning_is_pruned_on_resume(tmp_path: Path) -> None:
+    """SIGKILL after the newest state is renamed into place but before the old ones are deleted leaves one state too
+    many; the rerun (nothing left to train) prunes it, so the folder ends as an uninterrupted run's."""
+    config = tiny_config(steps=4, checkpoint_every=1, keep_checkpoints=2)
+    training.train(config, tmp_path)
+    extra = ckpt.state_path(tmp_path, 2)
+    shutil.copy(ckpt.state_path(tmp_path, 3), extra)  # what the kill leaves: an old state not yet deleted
+    assert len(ckpt.list_states(tmp_path)) == 3
+    training.train(config, tmp_path)
+    assert [p.name for p in ckpt.list_states(tmp_path)] == ["state-00000003.pt", "state-00000004.pt"]
 
 
 def _poison(monkeypatch, at_call: int, how: str) -> None:

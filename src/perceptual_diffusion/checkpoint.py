@@ -310,9 +310,15 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Pa
     """
     path = state_path(run_dir, step)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+    prune_states(run_dir, keep)
+    return path
+
+
+def prune_states(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` training states (also on resume: a kill between a new state's rename and
+    this deletion leaves one state too many)."""
     for old in list_states(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
-    return path
 
 
 def _pickled_callables(path: Path, limit: int = 64 << 20) -> list[str]:

@@ -167,6 +167,8 @@ class RunDir:
         step = 0
         if state is not None:
             step = self._load_state(state, config, fingerprint, override, model, ema, optimizer)
+            if ckpt.state_step(ckpt.list_states(self.path)[-1]) == step:  # the newest state loaded: none damaged
+                ckpt.prune_states(self.path, config.train.keep_checkpoints)
         self._trim_log(step)
         if state is not None and ckpt.weights_step(self.weights) != step:  # killed between state and snapshot
             with self.guard("inference snapshot", step):
