@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import CaptionDataConfig
 from ..errors import UserError
 from .options import (
+    add_on_bad_image_option,
     add_report_to_option,
     add_run_dir_options,
     add_schedule_options,
@@ -175,12 +176,7 @@ def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = T
     g.add_argument(
         "--cache-dir", default=None, help="latent cache folder (default ~/.cache/perceptual-diffusion/latents)"
     )
-    g.add_argument(
-        "--on-bad-image",
-        choices=choices(CaptionDataConfig, "on_bad_image"),
-        default="skip",
-        help="unreadable images: skip with a warning (default) or stop",
-    )
+    add_on_bad_image_option(g, CaptionDataConfig, "unreadable images")
 
 
 def add_latent_parser(sub: argparse._SubParsersAction) -> None:

@@ -60,11 +60,16 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         help="image side in pixels (default: 16 for shapes, 28 for fashion-mnist, 32 for folders)",
     )
     g.add_argument("--grayscale", action="store_true", help="read folder images as one-channel grey")
+    add_on_bad_image_option(g, DataConfig, "unreadable files in a folder")
+
+
+def add_on_bad_image_option(g: argparse._ActionsContainer, config: type, what: str) -> None:
+    """--on-bad-image, the same for image folders and caption data."""
     g.add_argument(
         "--on-bad-image",
-        choices=choices(DataConfig, "on_bad_image"),
+        choices=choices(config, "on_bad_image"),
         default="skip",
-        help="unreadable files in a folder: skip with a warning (default) or stop",
+        help=f"{what}: skip with a warning (default) or stop",
     )
 
 
