@@ -146,7 +146,6 @@ def score(
     / recall / density / coverage, the exact shapes metrics, and (``nearest_train``) each sample's RMS distance to
     its nearest training image. ``per_sample_path`` writes per-sample arrays in seed order to an .npz. Returns a
     JSON-ready dict that names the extractor and the sample count next to every number."""
-    check_split(data, reference_split)
     ref = reference_stats(data, extractor, max_features, reference_n, progress=progress, split=reference_split)
     ds, _ = dataset_and_hash(data)
     acc = _Accumulator(data, ds, extractor, n, max_features, nearest_train, per_sample_path is not None, seconds)

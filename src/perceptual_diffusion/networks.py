@@ -38,8 +38,6 @@ def build_unet(model: ModelConfig) -> UNet2DModel:
 
 M = TypeVar("M", bound=nn.Module)
 
-FEATURE_TAPS = ("down0", "down1", "down2", "down3", "mid")
-
 
 def encoder_taps(num_down_blocks: int) -> tuple[str, ...]:
     """The feature taps of a U-Net's encoder half: one per down block, then the mid block."""

@@ -44,9 +44,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, config, _ = load_model(args.model, device, kind="pixel")
     check_finite_model(model, args.model)
-    cfg = run_sample_config(args, config.sample)
-    if cfg.steps > config.schedule.num_train_timesteps:
-        raise UserError(f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps")
+    cfg = run_sample_config(args, config.sample, max_steps=config.schedule.num_train_timesteps)
     mc = model.model_config
     check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
     seeds = range(args.seed, args.seed + args.n)  # a range, not a list: nothing is built per image before sampling
@@ -160,11 +158,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     extractor = refusing_non_finite(extractor, args.model)
     # The model's own sampling settings unless options override them: its reports used those, so the same model gets
     # the same numbers here.
-    configs = [run_sample_config(args, config.sample, cfg_scale=scale) for scale in args.cfg_scale]
-    if configs[0].steps > config.schedule.num_train_timesteps:
-        raise UserError(
-            f"--steps {configs[0].steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps"
-        )
+    timesteps = config.schedule.num_train_timesteps
+    configs = [run_sample_config(args, config.sample, scale, timesteps) for scale in args.cfg_scale]
     seeds = range(args.seed, args.seed + args.n)
     rows = []
     with process_group(device):  # under torchrun: each process samples its share of the seeds

@@ -122,9 +122,7 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
     parts = model.parts
     check_finite_model(model, args.model)
     check_fits_in_memory(count, 3, config.model.resolution, grid=True, what="-n x prompts")
-    cfg = run_sample_config(args, config.sample)
-    if cfg.steps > config.schedule.num_train_timesteps:
-        raise UserError(f"--steps {cfg.steps} exceeds the model's {config.schedule.num_train_timesteps} timesteps")
+    cfg = run_sample_config(args, config.sample, max_steps=config.schedule.num_train_timesteps)
     prompts = [p for p in args.prompt for _ in range(args.n)]  # prompt i fills row i
     seeds = range(args.seed, args.seed + count)
     images = sample_latent(model, parts, prompts, seeds, cfg, batch_size=args.batch_size)

@@ -87,11 +87,17 @@ def use_run_sampling_defaults(p: argparse.ArgumentParser) -> None:
             action.help = f"{text} (default: the model's own sampling setting)"
 
 
-def run_sample_config(args: argparse.Namespace, run: SampleConfig, cfg_scale: float | None = None) -> SampleConfig:
-    """The model's own sampling settings (``run``), with the options given on the command line over them."""
+def run_sample_config(
+    args: argparse.Namespace, run: SampleConfig, cfg_scale: float | None = None, max_steps: int | None = None
+) -> SampleConfig:
+    """The model's own sampling settings (``run``), with the options given on the command line over them;
+    ``max_steps`` (the model's training timesteps) bounds the DDIM steps."""
     given = {field: getattr(args, dest) for dest, field in _RUN_SAMPLING if getattr(args, dest, None) is not None}
     scale = args.cfg_scale if cfg_scale is None else cfg_scale
-    return dataclasses.replace(run, cfg_scale=scale, **given)
+    config = dataclasses.replace(run, cfg_scale=scale, **given)
+    if max_steps is not None and config.steps > max_steps:
+        raise UserError(f"--steps {config.steps} exceeds the model's {max_steps} timesteps")
+    return config
 
 
 def describe_sampler(cfg: SampleConfig, guidance: bool = True) -> str:
