@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 
 from perceptual_diffusion.config import LossConfig, ModelConfig, ScheduleConfig
-from perceptual_diffusion.data import shapes_valid_set
-from perceptual_diffusion.losses import MSELoss, SelfPerceptualLoss, draw_timesteps, feature_distance
-from perceptual_diffusion.networks import DiffusionUNet, frozen_copy, unwrap
+from perceptual_diffusion.core.losses import MSELoss, SelfPerceptualLoss, draw_timesteps, feature_distance
+from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy, unwrap
+from perceptual_diffusion.data.datasets import shapes_valid_set
 
 METHODS = ("mse", "self-perceptual", "batched-teacher", "naive")
 Step = Callable[[Tensor, Tensor, torch.Generator], Tensor]

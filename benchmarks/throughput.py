@@ -20,10 +20,10 @@ import time
 import torch
 
 from perceptual_diffusion.config import PRESETS, LossConfig, ModelConfig, SampleConfig, ScheduleConfig
-from perceptual_diffusion.data import shapes_valid_set
-from perceptual_diffusion.losses import MSELoss
-from perceptual_diffusion.networks import DiffusionUNet, count_parameters
-from perceptual_diffusion.sampling import sample
+from perceptual_diffusion.core.losses import MSELoss
+from perceptual_diffusion.core.networks import DiffusionUNet, count_parameters
+from perceptual_diffusion.core.sampling import sample
+from perceptual_diffusion.data.datasets import shapes_valid_set
 
 # Natural data size per preset: 16x16 shapes for the CPU presets, 32x32 shapes for the GPU ones.
 IMAGE_SIZE = {"tiny": 16, "small": 16, "medium": 16, "base": 32, "large": 32}

@@ -21,13 +21,13 @@ from dataclasses import replace
 
 import torch
 
-from perceptual_diffusion import distributed
 from perceptual_diffusion.config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
-from perceptual_diffusion.data import load_dataset
-from perceptual_diffusion.losses import build_loss
-from perceptual_diffusion.networks import DiffusionUNet, count_parameters
-from perceptual_diffusion.training import apply_speed_options, resolve_device
-from perceptual_diffusion.trainstep import TensorSource, accumulate_gradients, draw_global_batch, grad_norm
+from perceptual_diffusion.core.losses import build_loss
+from perceptual_diffusion.core.networks import DiffusionUNet, count_parameters
+from perceptual_diffusion.data.datasets import load_dataset
+from perceptual_diffusion.runtime import distributed
+from perceptual_diffusion.training.loop import apply_speed_options, resolve_device
+from perceptual_diffusion.training.step import TensorSource, accumulate_gradients, draw_global_batch, grad_norm
 
 # name -> (TrainConfig changes, bf16 autocast)
 VARIANTS: dict[str, tuple[dict, bool]] = {

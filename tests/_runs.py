@@ -16,8 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import loading
 from perceptual_diffusion.config import (
     DataConfig,
     LossConfig,
@@ -27,7 +25,9 @@ from perceptual_diffusion.config import (
     ScheduleConfig,
     TrainConfig,
 )
-from perceptual_diffusion.networks import DiffusionUNet
+from perceptual_diffusion.core.networks import DiffusionUNet
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
 
 # A CLI training run small enough for tests: tiny U-Net on 8x8 shapes, 2 images per step, 2-step sample grids.
 CLI_TINY = [

@@ -22,8 +22,8 @@ from perceptual_diffusion.config import (
     ScheduleConfig,
     TrainConfig,
 )
-from perceptual_diffusion.networks import DiffusionUNet
-from perceptual_diffusion.schedule import NoiseSchedule
+from perceptual_diffusion.core.networks import DiffusionUNet
+from perceptual_diffusion.core.schedule import NoiseSchedule
 
 # Unit tests do not need more; a fixed thread count keeps timings stable when two xdist workers share 2 cores.
 torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def tiny_run_config() -> Callable[..., RunConfig]:
 @pytest.fixture(scope="session")
 def trained_mse_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MSE run directory (3 steps), made once per session; use it read-only (e.g. as a teacher)."""
-    from perceptual_diffusion.training import train
+    from perceptual_diffusion.training.loop import train
 
     run_dir = tmp_path_factory.mktemp("mse-run")
     train(_tiny_run_config(), run_dir)

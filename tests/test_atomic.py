@@ -18,9 +18,11 @@ import torch
 from _runs import CLI_TINY, assert_same_run, tiny_config, torch_threads_env
 from safetensors import SafetensorError
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, loading, training
+from perceptual_diffusion import cli
 from perceptual_diffusion.errors import TrainingDiverged, UserError
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training import loop as training
 
 
 def _disk_full_after(nbytes: int):
@@ -154,7 +156,8 @@ def test_full_disk_during_training_stops_cleanly_and_resume_matches(case, tmp_pa
 _REAL_FULL_DISK = """
 import contextlib, io, json, sys
 from pathlib import Path
-from perceptual_diffusion import checkpoint as ckpt, cli
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion import cli
 out = {}
 for mount in sys.argv[1:]:
     err = io.StringIO()

@@ -24,10 +24,12 @@ from _runs import CLI_TINY, image_folder, save_png, tiny_config, write_weights
 from PIL import Image
 from safetensors.torch import save_file
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, loading, training
+from perceptual_diffusion import cli
 from perceptual_diffusion.config import DataConfig, ModelConfig
-from perceptual_diffusion.data import load_folder, load_image
+from perceptual_diffusion.data.datasets import load_folder, load_image
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training import loop as training
 
 
 @pytest.fixture(scope="module")
@@ -527,8 +529,8 @@ def test_unusable_cache_dir_costs_a_warning_not_the_statistics(how: str, tmp_pat
     """$PD_CACHE_DIR that is a file or read-only: the reference statistics just computed are used, not thrown away."""
     import errno
 
-    from perceptual_diffusion import reference
-    from perceptual_diffusion.features import domain_extractor
+    from perceptual_diffusion.evaluation import reference
+    from perceptual_diffusion.evaluation.features import domain_extractor
 
     cache = tmp_path / "cache"
     if how == "a-file":

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptual_diffusion.caption_formats import load_captions
-from perceptual_diffusion.captions import CaptionData, CaptionItem
+from perceptual_diffusion.data.caption_formats import load_captions
+from perceptual_diffusion.data.captions import CaptionData, CaptionItem
 from perceptual_diffusion.errors import UserError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

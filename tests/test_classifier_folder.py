@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from perceptual_diffusion import classifier, features
-from perceptual_diffusion.classifier import (
+from perceptual_diffusion.config import DataConfig
+from perceptual_diffusion.data.datasets import Dataset
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.evaluation import classifier, features
+from perceptual_diffusion.evaluation.classifier import (
     ClassifierConfig,
     DomainClassifier,
     default_folder_epochs,
@@ -23,10 +26,7 @@ from perceptual_diffusion.classifier import (
     load_classifier,
     train_classifier,
 )
-from perceptual_diffusion.config import DataConfig
-from perceptual_diffusion.data import Dataset
-from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.features import INCEPTION_ENV, auto_extractor, domain_extractor
+from perceptual_diffusion.evaluation.features import INCEPTION_ENV, auto_extractor, domain_extractor
 
 SIZE = 16
 PER_CLASS = 30

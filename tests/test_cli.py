@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceptual_diffusion import checkpoint as ckpt
 from perceptual_diffusion.cli import build_parser, main
+from perceptual_diffusion.runtime import checkpoint as ckpt
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

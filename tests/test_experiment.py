@@ -8,13 +8,14 @@ from dataclasses import replace
 
 import pytest
 
-from perceptual_diffusion import ablation, budgets, experiment, stages
-from perceptual_diffusion.ablation_report import ablation_verdict
-from perceptual_diffusion.budgets import PlateauSchedule
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import LossConfig
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.scoring import Criterion
+from perceptual_diffusion.evaluation.scoring import Criterion
+from perceptual_diffusion.experiments import ablation, budgets, stages
+from perceptual_diffusion.experiments import compare as experiment
+from perceptual_diffusion.experiments.ablation_report import ablation_verdict
+from perceptual_diffusion.experiments.budgets import PlateauSchedule
 
 TINY = budgets.Budget(
     name="test",
@@ -115,8 +116,8 @@ def test_compare_runs_seeds_in_parallel_calls_then_reports_a_verdict_and_resumes
         raise AssertionError("a finished stage or evaluation was run again")
 
     monkeypatch.setattr(stages, "train", refuse)
-    monkeypatch.setattr("perceptual_diffusion.teacher.train", refuse)
-    monkeypatch.setattr("perceptual_diffusion.evaluate.evaluate_model", refuse)
+    monkeypatch.setattr("perceptual_diffusion.experiments.teacher.train", refuse)
+    monkeypatch.setattr("perceptual_diffusion.evaluation.evaluate.evaluate_model", refuse)
     again = experiment.run_compare(out, TINY, device="cpu")
     assert again["evaluations"] == results["evaluations"]
 

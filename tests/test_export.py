@@ -14,21 +14,21 @@ from _runs import CLI_TINY
 from conftest import make_model
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import loading
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
+from perceptual_diffusion.core.networks import DiffusionUNet
+from perceptual_diffusion.core.sampling import sample
+from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.export import (
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.models.export import (
     CONDITIONAL_UNET_DIR,
     CONFIG_FILE,
     export_diffusers,
     import_diffusers,
     read_diffusers,
 )
-from perceptual_diffusion.networks import DiffusionUNet
-from perceptual_diffusion.sampling import sample
-from perceptual_diffusion.schedule import NoiseSchedule, sampling_timesteps
+from perceptual_diffusion.runtime import checkpoint as ckpt
 
 SEEDS = [0, 1, 2, 3]
 STEPS = 10  # divides T = 1000: diffusers' DDIMScheduler then visits exactly our timesteps
@@ -236,7 +236,7 @@ def test_an_export_never_replaces_or_enters_the_folder_it_reads(exported, capsys
 def test_latent_export_never_replaces_its_run_or_the_pretrained_folder(tmp_path: Path) -> None:
     """The latent export reads the run and the pretrained folder (its VAE and text encoder): neither may be replaced."""
     from perceptual_diffusion.config import CaptionDataConfig, LatentModelConfig, LatentRunConfig
-    from perceptual_diffusion.latent import export_latent, read_unet_weights
+    from perceptual_diffusion.models.latent import export_latent, read_unet_weights
     from perceptual_diffusion.testing import make_tiny_pipeline
 
     pretrained = make_tiny_pipeline(tmp_path / "sd")

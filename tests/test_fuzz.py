@@ -19,10 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, loading, training
-from perceptual_diffusion.data import load_folder, load_image
+from perceptual_diffusion import cli
+from perceptual_diffusion.data.datasets import load_folder, load_image
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training import loop as training
 
 # PD_FUZZ_EXAMPLES raises the example count for a longer hunt (the default keeps the suite fast).
 FUZZ = settings(

@@ -20,14 +20,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perceptual_diffusion import budgets, experiment, latent, latent_training, testing
-from perceptual_diffusion.budgets import PlateauSchedule
+from perceptual_diffusion import testing
 from perceptual_diffusion.config import LossConfig, SampleConfig
-from perceptual_diffusion.loading import load_model
-from perceptual_diffusion.losses import mse_loss, self_perceptual_loss
-from perceptual_diffusion.networks import frozen_copy
-from perceptual_diffusion.sampling import sample
-from perceptual_diffusion.training import train
+from perceptual_diffusion.core.losses import mse_loss, self_perceptual_loss
+from perceptual_diffusion.core.networks import frozen_copy
+from perceptual_diffusion.core.sampling import sample
+from perceptual_diffusion.experiments import budgets
+from perceptual_diffusion.experiments import compare as experiment
+from perceptual_diffusion.experiments.budgets import PlateauSchedule
+from perceptual_diffusion.models import latent
+from perceptual_diffusion.models.loading import load_model
+from perceptual_diffusion.training import latent as latent_training
+from perceptual_diffusion.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import tiny_config  # noqa: E402
@@ -112,7 +116,7 @@ def pixel_runs(tmp: Path) -> dict[str, list[float]]:
 def fixed_batch_losses() -> dict[str, list[float]]:
     """Both objectives of one model against a frozen teacher on a fixed batch (x0, label, t, eps, t')."""
     from perceptual_diffusion.config import ModelConfig, ScheduleConfig
-    from perceptual_diffusion.networks import DiffusionUNet
+    from perceptual_diffusion.core.networks import DiffusionUNet
 
     def model(seed: int) -> DiffusionUNet:
         torch.manual_seed(seed)

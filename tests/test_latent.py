@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import latent, latent_training, loading, testing
+from perceptual_diffusion import testing
 from perceptual_diffusion.config import (
     CaptionDataConfig,
     LatentModelConfig,
@@ -23,9 +22,12 @@ from perceptual_diffusion.config import (
     SampleConfig,
     TrainConfig,
 )
+from perceptual_diffusion.core.losses import SelfPerceptualLoss, self_perceptual_loss
+from perceptual_diffusion.core.networks import frozen_copy
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.losses import SelfPerceptualLoss, self_perceptual_loss
-from perceptual_diffusion.networks import frozen_copy
+from perceptual_diffusion.models import latent, loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training import latent as latent_training
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +271,7 @@ def test_weights_of_the_other_family_are_refused(
     with pytest.raises(UserError, match="holds a pixel-space model"):
         latent_training.train_latent(sp, tmp_path / "sp")
     # The same for diffusers folders: a Stable Diffusion export in a pixel command, a pixel export in a latent one.
-    from perceptual_diffusion.export import export_diffusers
+    from perceptual_diffusion.models.export import export_diffusers
 
     with pytest.raises(UserError, match="latent text-to-image .* use it with the `latent` commands"):
         loading.read_weights(latent.export_latent(tmp_path / "lat", tmp_path / "lat-export"))

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from perceptual_diffusion.config import LossConfig
-from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.losses import (
+from perceptual_diffusion.core.losses import (
     MSELoss,
     SelfPerceptualLoss,
     build_loss,
     mse_loss,
     self_perceptual_loss,
 )
-from perceptual_diffusion.networks import DiffusionUNet, frozen_copy
+from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy
+from perceptual_diffusion.errors import UserError
 
 T = 1000
 N = 4
@@ -309,7 +309,7 @@ def test_self_perceptual_loss_refuses_a_trainable_teacher_or_missing_tap(online,
 
 
 def test_channel_normalised_features_have_unit_length_and_keep_the_oracle_at_zero(teacher) -> None:
-    from perceptual_diffusion.losses import feature_distance, normalise_channels
+    from perceptual_diffusion.core.losses import feature_distance, normalise_channels
 
     f = torch.randn(2, 8, 4, 4) * torch.linspace(0.1, 10, 8).view(1, 8, 1, 1)
     assert torch.allclose(normalise_channels(f).pow(2).sum(1), torch.ones(2, 4, 4), atol=1e-5)

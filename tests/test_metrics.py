@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from perceptual_diffusion.metrics import (
+from perceptual_diffusion.evaluation.metrics import (
     FeatureStats,
     InceptionScoreStats,
     fid,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perceptual_diffusion.networks import DiffusionUNet, frozen_copy, unwrap
+from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy, unwrap
 
 
 def _inputs(model: DiffusionUNet, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

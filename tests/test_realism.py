@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from perceptual_diffusion.data import BACKGROUND, PALETTE, shapes_valid_set
-from perceptual_diffusion.realism import (
+from perceptual_diffusion.data.datasets import BACKGROUND, PALETTE, shapes_valid_set
+from perceptual_diffusion.evaluation.realism import (
     THRESHOLD_FRACTION,
     NearestTrainDistance,
     ShapesRealism,

@@ -24,8 +24,10 @@ import pytest
 import torch
 from _runs import CLI_TINY, assert_same_run, log_records, tiny_config, torch_threads_env
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, training, trainstep
+from perceptual_diffusion import cli
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training import loop as training
+from perceptual_diffusion.training import step as trainstep
 
 STEPS = 16
 KILLS = 4  # random SIGKILL points per test run (the kill log below says where each landed)

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from _runs import CLI_TINY, evil_pickles, tiny_config
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import cli, loading, training
+from perceptual_diffusion import cli
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training import loop as training
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ import torch
 from diffusers import DDIMScheduler
 
 from perceptual_diffusion.config import SampleConfig
-from perceptual_diffusion.networks import DiffusionUNet
-from perceptual_diffusion.sampling import (
+from perceptual_diffusion.core.networks import DiffusionUNet
+from perceptual_diffusion.core.sampling import (
     ddim_sample,
     ddim_step,
     guided_denoiser,
     rescale_guidance,
     sample,
 )
-from perceptual_diffusion.schedule import NoiseSchedule, sampling_timesteps
+from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
 
 STEPS = 50
 

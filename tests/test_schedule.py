@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from perceptual_diffusion.config import ScheduleConfig
-from perceptual_diffusion.schedule import NoiseSchedule, sampling_timesteps
+from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
 
 DIFFUSERS_NAME = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 # Many t, including both ends: t = T-1 is alpha = 0 under zero terminal SNR, t = 0 is almost clean.

@@ -15,9 +15,9 @@ import pytest
 import torch
 from _runs import tiny_config
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import loading
-from perceptual_diffusion.training import train
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training.loop import train
 
 LOSS_RTOL = 1e-5  # per-step loss, relative
 WEIGHT_ATOL = 5e-4  # final weights after 6 AdamW steps at lr 1e-3, absolute

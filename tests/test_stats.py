@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from perceptual_diffusion.metrics import fid, mean_cov, mmd_unbiased, precision_recall
-from perceptual_diffusion.stats import (
+from perceptual_diffusion.evaluation.metrics import fid, mean_cov, mmd_unbiased, precision_recall
+from perceptual_diffusion.evaluation.stats import (
     PairedDifference,
     coverage_against,
     fid_against,

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from perceptual_diffusion import teacher
-from perceptual_diffusion.budgets import PlateauSchedule
-from perceptual_diffusion.scoring import Criterion
-from perceptual_diffusion.teacher import CurvePoint, is_plateau, train_to_plateau
-from perceptual_diffusion.trainstep import learning_rate
+from perceptual_diffusion.evaluation.scoring import Criterion
+from perceptual_diffusion.experiments import teacher
+from perceptual_diffusion.experiments.budgets import PlateauSchedule
+from perceptual_diffusion.experiments.teacher import CurvePoint, is_plateau, train_to_plateau
+from perceptual_diffusion.training.step import learning_rate
 
 UP = Criterion("structure_precision", True)
 DOWN = Criterion("fid", False)

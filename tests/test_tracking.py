@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from _runs import CLI_TINY
 
-from perceptual_diffusion import cli, tracking
+from perceptual_diffusion import cli
+from perceptual_diffusion.runtime import tracking
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceptual_diffusion import checkpoint as ckpt
-from perceptual_diffusion import loading
 from perceptual_diffusion.config import LossConfig
+from perceptual_diffusion.core.networks import DiffusionUNet
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.loading import load_model
-from perceptual_diffusion.networks import DiffusionUNet
-from perceptual_diffusion.training import train
-from perceptual_diffusion.trainstep import ema_beta, learning_rate, step_seed
+from perceptual_diffusion.models import loading
+from perceptual_diffusion.models.loading import load_model
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.training.loop import train
+from perceptual_diffusion.training.step import ema_beta, learning_rate, step_seed
 
 
 def _log_steps(run_dir: Path) -> list[int]:

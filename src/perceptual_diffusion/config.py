@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import UserError
+from perceptual_diffusion.errors import UserError
 
 BetaSchedule = Literal["scaled_linear", "linear", "cosine"]
 PredictionType = Literal["v", "eps", "x0"]
@@ -225,7 +225,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     # Every this many steps the EMA weights are also kept as snapshots/ema-STEP.safetensors (0: never), so a
-    # training curve of any sample metric can be measured after the run (experiment.py, the teacher's plateau).
+    # training curve of any sample metric can be measured after the run (experiments/compare.py, the teacher's plateau).
     snapshot_every: int = 0
     device: str = "auto"
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"

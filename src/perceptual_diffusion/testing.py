@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import SampleConfig, ScheduleConfig
-from .latent import quiet_libraries, sd_pipeline
+from perceptual_diffusion.config import SampleConfig, ScheduleConfig
+from perceptual_diffusion.models.latent import quiet_libraries, sd_pipeline
 
 
 def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
@@ -24,7 +24,7 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from .export import publish_folder, scheduler_config
+    from perceptual_diffusion.models.export import publish_folder, scheduler_config
 
     chars = list(bytes_to_unicode().values())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -59,7 +59,7 @@ def write_shapes_captions(out_dir: str | Path, image_size: int = 16, every: int 
     ``every``-th valid image: caption data that ships with the project."""
     from PIL import Image
 
-    from .data import PALETTE_NAMES, SHAPE_CLASSES, shapes_valid_set, to_uint8
+    from perceptual_diffusion.data.datasets import PALETTE_NAMES, SHAPE_CLASSES, shapes_valid_set, to_uint8
 
     data = shapes_valid_set(image_size)
     out = Path(out_dir)

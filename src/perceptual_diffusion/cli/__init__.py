@@ -14,13 +14,13 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from ..config import SampleConfig
-from ..errors import TrainingDiverged, UserError
-from . import commands
-from .budget_options import add_budget_options
-from .latent import add_latent_parser
-from .options import add_report_to_option, add_run_dir_options, add_train_options, choices
-from .sampling_options import add_sample_options, use_run_sampling_defaults
+from perceptual_diffusion.cli import commands
+from perceptual_diffusion.cli.budget_options import add_budget_options
+from perceptual_diffusion.cli.latent import add_latent_parser
+from perceptual_diffusion.cli.options import add_report_to_option, add_run_dir_options, add_train_options, choices
+from perceptual_diffusion.cli.sampling_options import add_sample_options, use_run_sampling_defaults
+from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.errors import TrainingDiverged, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

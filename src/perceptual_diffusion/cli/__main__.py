@@ -2,6 +2,6 @@
 
 import sys
 
-from . import main
+from perceptual_diffusion.cli import main
 
 sys.exit(main())

@@ -9,10 +9,10 @@ import argparse
 import math
 from dataclasses import replace
 
-from ..budgets import BUDGET_NOTES, BUDGETS, Budget
-from ..config import PRESETS
-from ..errors import UserError
-from .options import add_data_options, data_config
+from perceptual_diffusion.cli.options import add_data_options, data_config
+from perceptual_diffusion.config import PRESETS
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budget
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt
-from ..errors import UserError
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.runtime import checkpoint as ckpt
 
 # Files of a run directory that no output option may replace (samples/ grids are outputs themselves).
 _RUN_FILES = {ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "log.jsonl", ".lock"}
@@ -150,11 +150,11 @@ def refusing_non_finite(extractor: Any, source: str | Path) -> Any:
 
 
 def train_and_report(train_fn: Callable[..., Any], config: Any, args: argparse.Namespace) -> None:
-    """Run a training function (``training.train``, ``latent_training.train_latent``) into --run-dir, mirrored to
+    """Run a training function (``training.loop.train``, ``training.latent.train_latent``) into --run-dir, mirrored to
     TensorBoard with --report-to tensorboard, and print one line from rank 0 (under torchrun); a run that had nothing
     left to train says so, rather than reporting a speed of nan images/s."""
-    from ..distributed import launched_rank
-    from ..tracking import mirror
+    from perceptual_diffusion.runtime.distributed import launched_rank
+    from perceptual_diffusion.runtime.tracking import mirror
 
     if not args.run_dir.strip():
         raise UserError("--run-dir must name a folder")

@@ -10,15 +10,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .budget_options import budget_from_args, parse_seeds
-from .options import run_config
-from .sampling_options import check_image_count, check_sample_counts, describe_sampler, run_sample_config
+from perceptual_diffusion.cli.budget_options import budget_from_args, parse_seeds
+from perceptual_diffusion.cli.options import run_config
+from perceptual_diffusion.cli.sampling_options import (
+    check_image_count,
+    check_sample_counts,
+    describe_sampler,
+    run_sample_config,
+)
+from perceptual_diffusion.errors import UserError
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..training import train
-    from .checks import train_and_report
+    from perceptual_diffusion.cli.checks import train_and_report
+    from perceptual_diffusion.training.loop import train
 
     train_and_report(train, run_config(args), args)
 
@@ -26,13 +31,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from ..checkpoint import atomic_write
-    from ..data import to_uint8
-    from ..grid import save_grid
-    from ..loading import load_model
-    from ..sampling import sample
-    from ..training import resolve_device
-    from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
+    from perceptual_diffusion.cli.checks import (
+        check_finite_model,
+        check_finite_samples,
+        check_fits_in_memory,
+        check_output_file,
+    )
+    from perceptual_diffusion.core.sampling import sample
+    from perceptual_diffusion.data.datasets import to_uint8
+    from perceptual_diffusion.data.grid import save_grid
+    from perceptual_diffusion.models.loading import load_model
+    from perceptual_diffusion.runtime.checkpoint import atomic_write
+    from perceptual_diffusion.training.loop import resolve_device
 
     check_sample_counts(args, args.n)
     check_image_count(args.n)
@@ -77,8 +87,8 @@ def _labels_option(args: argparse.Namespace, k: int, seeds: range) -> Any:
     """The labels --label asks for: none, random (uniform), rows (class c fills row c) or one class index."""
     import torch
 
-    from ..grid import class_rows
-    from ..sampling import labels_for_seeds
+    from perceptual_diffusion.core.sampling import labels_for_seeds
+    from perceptual_diffusion.data.grid import class_rows
 
     if args.label == "none" or k == 0:
         if args.label not in ("none", "random", "rows") and k == 0:
@@ -98,13 +108,13 @@ def _labels_option(args: argparse.Namespace, k: int, seeds: range) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from ..experiment import run_demo
+    from perceptual_diffusion.experiments.compare import run_demo
 
     run_demo(Path(args.out), steps=args.steps, finetune_steps=args.finetune_steps, device=args.device)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from ..experiment import run_compare
+    from perceptual_diffusion.experiments.compare import run_compare
 
     run_compare(
         Path(args.out),
@@ -116,7 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from ..ablation import default_variants, run_ablation
+    from perceptual_diffusion.experiments.ablation import default_variants, run_ablation
 
     seeds = parse_seeds(args.seeds)
     variants = default_variants()
@@ -135,12 +145,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import dataclasses
     import json
 
-    from ..checkpoint import atomic_write_text, resolve_weights
-    from ..distributed import launched_rank, process_group
-    from ..evaluate import evaluate_model, format_table
-    from ..loading import load_model
-    from ..training import resolve_device
-    from .checks import check_finite_model, check_output_file, refusing_non_finite
+    from perceptual_diffusion.cli.checks import check_finite_model, check_output_file, refusing_non_finite
+    from perceptual_diffusion.evaluation.evaluate import evaluate_model, format_table
+    from perceptual_diffusion.models.loading import load_model
+    from perceptual_diffusion.runtime.checkpoint import atomic_write_text, resolve_weights
+    from perceptual_diffusion.runtime.distributed import launched_rank, process_group
+    from perceptual_diffusion.training.loop import resolve_device
 
     check_sample_counts(args, args.n)
     check_image_count(args.n)
@@ -195,8 +205,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def _extractor_option(args: argparse.Namespace, data: Any, device: Any) -> Any:
     """The feature extractor --features names; auto: the shipped domain classifier for the built-in data at its
     size (shapes 16 px, Fashion-MNIST 28 px), else Inception."""
-    from ..classifier import SHIPPED, SHIPPED_SIZE
-    from ..features import make_extractor
+    from perceptual_diffusion.evaluation.classifier import SHIPPED, SHIPPED_SIZE
+    from perceptual_diffusion.evaluation.features import make_extractor
 
     kind = args.features
     if kind == "auto":
@@ -205,7 +215,7 @@ def _extractor_option(args: argparse.Namespace, data: Any, device: Any) -> Any:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    from ..classifier import train_classifier
+    from perceptual_diffusion.evaluation.classifier import train_classifier
 
     result = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed)
     print(
@@ -217,8 +227,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from ..export import check_export_target, export_diffusers
-    from ..loading import weights_config
+    from perceptual_diffusion.models.export import check_export_target, export_diffusers
+    from perceptual_diffusion.models.loading import weights_config
 
     check_export_target(Path(args.out), args.force, [args.model])  # before reading anything: a refusal costs nothing
     overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}

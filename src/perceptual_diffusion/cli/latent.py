@@ -1,7 +1,8 @@
 """``perceptual-diffusion latent ...``: the latent text-to-image commands, a thin layer over ``latent``'s functions.
 
-Each subcommand turns its options into the typed configs and calls one function of :mod:`perceptual_diffusion.latent`;
-bad input raises ``UserError`` (one ``error:`` line, exit code 2, printed by ``cli.main``).
+Each subcommand turns its options into the typed configs and calls one function of
+:mod:`perceptual_diffusion.models.latent`; bad input raises ``UserError`` (one ``error:`` line, exit code 2,
+printed by ``cli.main``).
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import CaptionDataConfig
-from ..errors import UserError
-from .options import (
+from perceptual_diffusion.cli.options import (
     add_on_bad_image_option,
     add_report_to_option,
     add_run_dir_options,
@@ -23,7 +22,7 @@ from .options import (
     schedule_config,
     train_config,
 )
-from .sampling_options import (
+from perceptual_diffusion.cli.sampling_options import (
     add_sample_options,
     check_image_count,
     check_sample_counts,
@@ -31,6 +30,8 @@ from .sampling_options import (
     run_sample_config,
     use_run_sampling_defaults,
 )
+from perceptual_diffusion.config import CaptionDataConfig
+from perceptual_diffusion.errors import UserError
 
 
 def _data_config(args: argparse.Namespace) -> CaptionDataConfig:
@@ -45,7 +46,7 @@ def _data_config(args: argparse.Namespace) -> CaptionDataConfig:
 
 def latent_run_config(args: argparse.Namespace):
     """The LatentRunConfig of parsed ``latent train`` options."""
-    from ..config import LatentModelConfig, LatentRunConfig
+    from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig
 
     return LatentRunConfig(
         schedule=schedule_config(args),
@@ -58,7 +59,7 @@ def latent_run_config(args: argparse.Namespace):
 
 
 def cmd_latent_tiny(args: argparse.Namespace) -> None:
-    from ..testing import make_tiny_pipeline
+    from perceptual_diffusion.testing import make_tiny_pipeline
 
     out = make_tiny_pipeline(args.out, seed=args.seed, force=args.force)
     print(
@@ -68,7 +69,7 @@ def cmd_latent_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
-    from ..testing import write_shapes_captions
+    from perceptual_diffusion.testing import write_shapes_captions
 
     if args.every < 1:
         raise UserError(f"--every must be >= 1, got {args.every}")
@@ -83,16 +84,16 @@ def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_train(args: argparse.Namespace) -> None:
-    from ..latent_training import train_latent
-    from .checks import train_and_report
+    from perceptual_diffusion.cli.checks import train_and_report
+    from perceptual_diffusion.training.latent import train_latent
 
     train_and_report(train_latent, latent_run_config(args), args)
 
 
 def cmd_latent_cache(args: argparse.Namespace) -> None:
-    from ..config import LatentModelConfig, LatentRunConfig, TrainConfig
-    from ..distributed import launched_rank
-    from ..latent_training import precompute_latents
+    from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig, TrainConfig
+    from perceptual_diffusion.runtime.distributed import launched_rank
+    from perceptual_diffusion.training.latent import precompute_latents
 
     config = LatentRunConfig(
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
@@ -105,11 +106,16 @@ def cmd_latent_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_sample(args: argparse.Namespace) -> None:
-    from ..grid import save_grid
-    from ..latent import sample_latent
-    from ..loading import load_model
-    from ..training import resolve_device
-    from .checks import check_finite_model, check_finite_samples, check_fits_in_memory, check_output_file
+    from perceptual_diffusion.cli.checks import (
+        check_finite_model,
+        check_finite_samples,
+        check_fits_in_memory,
+        check_output_file,
+    )
+    from perceptual_diffusion.data.grid import save_grid
+    from perceptual_diffusion.models.latent import sample_latent
+    from perceptual_diffusion.models.loading import load_model
+    from perceptual_diffusion.training.loop import resolve_device
 
     # Bounded before the prompt list is built: -n 10**12 must be an error, not a list of a trillion strings.
     count = args.n * len(args.prompt)
@@ -138,7 +144,7 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
-    from ..latent import export_latent
+    from perceptual_diffusion.models.latent import export_latent
 
     out = export_latent(args.model, args.out, force=args.force)
     print(

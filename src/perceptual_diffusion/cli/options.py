@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from ..config import (
+from perceptual_diffusion.config import (
     PRESETS,
     DataConfig,
     LossConfig,
@@ -278,7 +278,7 @@ def add_bookkeeping_options(p: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """Build the RunConfig from parsed ``train`` options; the data decides channels and classes."""
-    from ..data import data_shape
+    from perceptual_diffusion.data.datasets import data_shape
 
     data = data_config(args)
     channels, num_classes = data_shape(data)

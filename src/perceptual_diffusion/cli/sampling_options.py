@@ -9,9 +9,9 @@ import argparse
 import dataclasses
 import re
 
-from ..config import SampleConfig
-from ..errors import UserError
-from .options import choices
+from perceptual_diffusion.cli.options import choices
+from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.errors import UserError
 
 # The most images one sampling or evaluation command draws. It bounds -n as --seed is bounded: far above any real
 # use (FID is usually measured on 50,000), far below what would exhaust memory in per-image bookkeeping alone.

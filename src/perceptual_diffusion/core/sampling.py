@@ -1,0 +1,205 @@
+"""DDIM sampling (Song et al. 2021) with classifier-free guidance and guidance rescale (Lin et al. 2023).
+
+Every sampler takes the same denoiser callable ``model(x_t, t, cond) -> prediction``. Every image gets its own seed:
+its initial noise (and, for eta > 0, its per-step noise) comes from a generator seeded with that seed alone, so an
+image does not depend on the batch it is drawn in, the batch size, or the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.core.networks import DiffusionModel, DiffusionUNet
+from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
+from perceptual_diffusion.runtime import distributed
+
+Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    pred: Tensor,
+    x_t: Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    clip_x0: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12); returns (x_prev, x0_hat).
+
+    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - s^2) eps_hat + s z,
+    s = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev); t_prev = -1 is the clean end (ab = 1).
+    """
+    n = x_t.shape[0]
+    tt = torch.full((n,), t, dtype=torch.long, device=x_t.device)
+    x0_hat, eps_hat = schedule.to_x0_eps(pred, x_t, tt)
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    ab_t = schedule.alphas_cumprod[t].item()
+    ab_prev = schedule.alpha_bar_prev(torch.tensor(t_prev)).item()
+    s = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5 if eta > 0 else 0.0
+    x_prev = ab_prev**0.5 * x0_hat + max(1 - ab_prev - s**2, 0.0) ** 0.5 * eps_hat
+    if s > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs per-step noise")
+        x_prev = x_prev + s * noise
+    return x_prev, x0_hat
+
+
+def rescale_guidance(guided: Tensor, cond_pred: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2023, eq. 15-16: rescale the guided prediction to the conditional per-sample std, blend by phi."""
+    if phi == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond_pred.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def guided_denoiser(
+    model: DiffusionModel, scale: float, rescale: float = 0.0, guide: DiffusionModel | None = None
+) -> Denoiser:
+    """CFG: pred = guide + w (cond - guide), where guide is the same model on the null label (or a weaker model,
+    autoguidance, Karras et al. 2024). w = 1 is plain conditional sampling and costs one forward, not two."""
+
+    def denoise(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        if scale == 1.0:
+            return model(x_t, t, cond)
+        if guide is None:
+            # One batched forward over [conditional; unconditional]: the same work, half the launches.
+            null = model.null_condition(cond)
+            both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+            cond_pred, guide_pred = both.chunk(2)
+        else:
+            cond_pred, guide_pred = model(x_t, t, cond), guide(x_t, t, cond)
+        guided = guide_pred + scale * (cond_pred - guide_pred)
+        return rescale_guidance(guided, cond_pred, rescale)
+
+    return denoise
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _randn_each(gens: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+@torch.inference_mode()
+def ddim_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    shape: tuple[int, int, int],
+    seeds: Sequence[int],
+    cond: Tensor | None,
+    config: SampleConfig,
+    device: torch.device | str = "cpu",
+    clamp: bool = True,
+) -> Tensor:
+    """Sample one batch: one image per seed, shape (C, H, W) each; returns x0 on the CPU, clamped to [-1, 1] unless
+    ``clamp`` is False (latents are not bounded)."""
+    gens = _generators(seeds)
+    x = _randn_each(gens, shape).to(device)
+    cond = None if cond is None else cond.to(device)
+    timesteps = sampling_timesteps(schedule.num_train_timesteps, config.steps, config.spacing)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+        pred = denoiser(x, tt, cond).float()
+        noise = _randn_each(gens, shape).to(device) if config.eta > 0 else None
+        x, _ = ddim_step(schedule, pred, x.float(), t, t_prev, config.eta, noise, config.clip_x0)
+    return (x.clamp(-1, 1) if clamp else x).cpu()
+
+
+def sample_stream(
+    model: DiffusionModel,
+    shape: tuple[int, ...],
+    seeds: Sequence[int],
+    cond_of: Callable[[int, int], Tensor | None],
+    config: SampleConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    guide: DiffusionModel | None = None,
+    progress: bool = False,
+    clamp: bool = True,
+) -> Iterator[Tensor]:
+    """The one sampling loop, for every model kind: DDIM (with CFG or autoguidance) over batches of ``seeds``, each
+    image of ``shape``; ``cond_of(start, end)`` is the condition of ``seeds[start:end]`` (class labels, a text
+    encoder's hidden states, or None). Latent models decode what this yields (``latent.sample_latent``)."""
+    denoiser = guided_denoiser(model, config.cfg_scale, config.guidance_rescale, guide)
+    starts = range(0, len(seeds), batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
+        end = min(start + batch_size, len(seeds))
+        yield ddim_sample(denoiser, model.schedule, shape, seeds[start:end], cond_of(start, end), config, device, clamp)
+
+
+def sample_batches(
+    model: DiffusionUNet,
+    seeds: Sequence[int],
+    labels: Tensor | None,
+    config: SampleConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    guide: DiffusionUNet | None = None,
+    progress: bool = False,
+) -> Iterator[Tensor]:
+    """Batches of samples of a pixel model for ``seeds`` (labels: one per seed, or None for unconditional)."""
+    mc = model.model_config
+    if labels is not None and mc.num_classes == 0:
+        raise ValueError("labels given, but the model is unconditional")
+    if config.cfg_scale != 1.0 and mc.num_classes == 0 and guide is None:
+        raise ValueError("classifier-free guidance needs a class-conditional model (or a guide model)")
+    if config.cfg_scale != 1.0 and labels is None and guide is None:
+        raise ValueError("classifier-free guidance needs labels; unconditional samples use --cfg-scale 1")
+    shape = (mc.channels, mc.image_size, mc.image_size)
+    cond_of = (lambda start, end: None) if labels is None else (lambda start, end: labels[start:end])
+    yield from sample_stream(model, shape, seeds, cond_of, config, batch_size, device, guide, progress)
+
+
+def sample(
+    model: DiffusionUNet,
+    seeds: Sequence[int],
+    labels: Tensor | None,
+    config: SampleConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    guide: DiffusionUNet | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """All samples for ``seeds`` as one tensor (N, C, H, W) in [-1, 1]; use :func:`sample_batches` to stream."""
+    batches = sample_batches(model, seeds, labels, config, batch_size, device, guide, progress)
+    return torch.cat(list(batches))
+
+
+def sample_sharded(
+    model: DiffusionUNet,
+    seeds: Sequence[int],
+    labels: Tensor | None,
+    config: SampleConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    guide: DiffusionUNet | None = None,
+) -> Tensor | None:
+    """Under torchrun, each process samples seeds[rank::world] and rank 0 gets all samples in seed order (the
+    others None); in a single process, the same as :func:`sample`. Per-image seeds make the split exact."""
+    local_labels = None if labels is None else labels[distributed.rank() :: distributed.world_size()]
+    local = sample(model, distributed.seed_shard(seeds), local_labels, config, batch_size, device, guide)
+    return distributed.gather_seed_order(local)
+
+
+def labels_for_seeds(seeds: Sequence[int], class_probs: Tensor) -> Tensor:
+    """A label per image drawn from the data's class proportions, seeded by the image's own seed (offset so the
+    label draw is independent of the image's noise draw)."""
+    # One generator, reseeded per image: the same draws as a generator per seed, without holding n generators (each
+    # keeps kilobytes of state) at once.
+    gen = torch.Generator()
+    labels = torch.empty(len(seeds), dtype=torch.long)
+    for i, s in enumerate(seeds):
+        labels[i] = torch.multinomial(class_probs, 1, generator=gen.manual_seed(int(s) + 0x5EED))[0]
+    return labels

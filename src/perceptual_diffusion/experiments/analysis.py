@@ -1,0 +1,157 @@
+"""Numbers computed from a finished comparison's runs and cached evaluations, for the report to render: paired
+differences with hierarchical bootstrap intervals (``stats.py``), both losses of every model on one fixed batch,
+and the training-loss series of both stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perceptual_diffusion.core.losses import SelfPerceptualLoss, mse_loss, self_perceptual_loss
+from perceptual_diffusion.core.networks import frozen_copy
+from perceptual_diffusion.data.datasets import load_dataset
+from perceptual_diffusion.evaluation import stats
+from perceptual_diffusion.evaluation.reference import reference_stats
+from perceptual_diffusion.evaluation.scoring import load_per_sample
+from perceptual_diffusion.experiments.variants import PAPER
+from perceptual_diffusion.experiments.workspace import branch_dir, model_dir, teacher_dir
+from perceptual_diffusion.models.loading import load_model
+
+
+def _statistics(ctx: Any, per_sample: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-sample statistics available for this data: name -> function of per-sample arrays."""
+
+    ref = reference_stats(ctx.data, ctx.extractor, split=ctx.reference_split)
+    out: dict[str, Any] = {}
+    for key, array in (
+        ("structure_precision", "structure"),
+        ("exact_precision", "exact"),
+        ("noise_rms", "noise_rms"),
+        ("class_accuracy", "class_match"),
+        ("nearest_train_rms", "nearest_train_rms"),
+    ):
+        if array in per_sample:
+            out[key] = stats.mean_of(array)
+    out["fid"] = stats.fid_against(ref.mu, ref.cov)
+    out["kid"] = stats.kid_against(ref.features)
+    out["precision"] = stats.precision_against(ref.features)
+    out["coverage"] = stats.coverage_against(ref.features)
+    return out
+
+
+def paired(ctx: Any, seeds: list[int], key_a: str, key_b: str, n_boot: int = 1000) -> dict[str, dict[str, Any]]:
+    """Every available metric of row ``key_a`` minus row ``key_b``, paired per training seed."""
+    load = lambda key, s: load_per_sample(ctx.cache(f"{key}-rep0", s))  # noqa: E731
+    a = [load(key_a, s) for s in seeds]
+    b = [load(key_b, s) for s in seeds]
+    out = {}
+    for metric, statistic in _statistics(ctx, a[0]).items():
+        # Set statistics (FID, KID, k-NN precision and coverage) cost far more per replicate than means of
+        # per-sample values: 200 replicates put their interval ends within a few percent of the width.
+        boot = n_boot if metric not in ("fid", "precision", "coverage", "kid") else min(n_boot, 200)
+        diff = stats.paired_bootstrap(a, b, statistic, n_boot=boot)
+        out[metric] = diff.to_dict()
+    return out
+
+
+def paired_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(title, row A, row B) for every pair the report discusses, the paper's headline first."""
+    keys = {r["key"] for r in results["rows"]}
+    pairs = [
+        (
+            "self-perceptual vs MSE continued, no guidance (the paper's claim)",
+            "self-perceptual/none",
+            "mse-continued/none",
+        ),
+        ("self-perceptual vs its teacher", "self-perceptual/none", "stage1-mse/none"),
+        ("MSE continued vs the teacher", "mse-continued/none", "stage1-mse/none"),
+    ]
+    cfg = sorted(k for k in keys if k.startswith("mse-continued/cfg-") and k.endswith("phi0.7"))
+    if cfg:
+        pairs.append(
+            (
+                f"self-perceptual (no guidance) vs MSE + {row_label(cfg[0]).split(', ')[1]}",
+                "self-perceptual/none",
+                cfg[0],
+            )
+        )
+    if "uncond/self-perceptual/none" in keys:
+        pairs.append(
+            (
+                "unconditional: self-perceptual vs MSE continued",
+                "uncond/self-perceptual/none",
+                "uncond/mse-continued/none",
+            )
+        )
+    for v in results["budget"]["variants"]:
+        pairs.append((f"{v} vs MSE continued (beyond the paper)", f"{v}/none", "mse-continued/none"))
+    return [p for p in pairs if p[1] in keys and p[2] in keys]
+
+
+@torch.no_grad()
+def losses_on_fixed_batch(ctx: Any, seed: int, chosen: dict[str, float], models: list[str], n: int = 512) -> dict:
+    """Self-perceptual loss (against the seed's teacher) and MSE loss of each model on one fixed batch: the same x0,
+    labels, t, eps and t' for every model, so the numbers compare directly."""
+
+    teacher = frozen_copy(load_model(teacher_dir(ctx, seed), ctx.dev)[0])
+    data = load_dataset(ctx.data)
+    g = torch.Generator().manual_seed(12345)
+    idx = torch.randint(len(data), (n,), generator=g)
+    x0 = data.images[idx].to(ctx.dev)
+    labels = data.labels[idx].to(ctx.dev) if teacher.num_classes else None
+    noise = SelfPerceptualLoss(PAPER, teacher).draw(x0.shape, teacher.schedule.num_train_timesteps, g)
+    t, eps, t_prime = (noise[k].to(ctx.dev) for k in ("t", "eps", "t_prime"))
+    out = {}
+    for name in [m for m in models if not m.startswith("uncond/")]:
+        model = load_model(model_dir(ctx, seed, name, chosen), ctx.dev)[0]
+        sp = self_perceptual_loss(model, teacher, x0, labels, t, eps, t_prime).mean()
+        out[name] = {
+            "self_perceptual": float(sp),
+            "mse": float(mse_loss(model, teacher.schedule, x0, labels, t, eps).mean()),
+        }
+    return out
+
+
+def row_label(key: str) -> str:
+    """A row key as the report names it: "self-perceptual, CFG w=3 φ=0.7"."""
+    model, _, guidance = key.rpartition("/")
+    if guidance == "none":
+        return f"{model}, no guidance"
+    if guidance == "null-label":
+        return f"{model}, null label"
+    kind, w, phi = guidance.split("-")
+    name = "CFG" if kind == "cfg" else "autoguidance"
+    return f"{model}, {name} w={w[1:]} φ={phi[3:]}"
+
+
+def training_losses(ctx: Any, chosen: dict[str, float], seed: int = 0) -> dict[str, list[list[float]]]:
+    """The training MSE of one training seed vs images seen: stage 1 over its phases (images counted on), then each
+    stage-2 branch at its chosen learning rate starting where stage 1 ended. ``{name: [images, losses]}``."""
+    root = ctx.root(seed)
+    xs_all: list[float] = []
+    ys_all: list[float] = []
+    offset = 0
+    for run in sorted(root.glob("stage1-phase*")) + [root / "stage1-mse"]:
+        xs, ys = _log_series(run / "log.jsonl", "mse")
+        if xs:
+            xs_all += [offset + x for x in xs]
+            ys_all += ys
+            offset += xs[-1]
+    out = {"stage1": [xs_all, ys_all]}
+    for branch in ("mse-continued", "self-perceptual"):
+        xs, ys = _log_series(branch_dir(root, branch, chosen[branch]) / "log.jsonl", "mse")
+        out[branch] = [[offset + x for x in xs], ys]
+    return out
+
+
+def _log_series(path: Path, key: str) -> tuple[list[int], list[float]]:
+    if not path.is_file():
+        return [], []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if key in r]
+    return [r["images_seen"] for r in records], [r[key] for r in records]

@@ -1,0 +1,261 @@
+"""The paper's comparison as one resumable workflow (``compare``; ``demo`` is its CPU-sized default).
+
+The fair protocol (arXiv 2401.00110, Sec. 4, read as an experiment about a *converged* teacher):
+
+1. **Stage 1** trains a class-conditional MSE model (condition dropout 0.1, so it also samples with CFG) to a
+   measured plateau (``teacher.py``), or takes a user's converged MSE model (``Budget.teacher``).
+2. **Stage 2** starts both branches, self-perceptual fine-tuning against the frozen teacher and MSE continued
+   training, from the teacher's EMA weights, with the same warm-up, constant learning rate, EMA half-life and step
+   count, and a seed distinct from stage 1's. Every branch is trained at every learning rate of
+   ``finetune_lrs``; the learning rate with the best criterion (``scoring.criterion_for``), averaged over training
+   seeds on held-out sampling seeds, is the one each branch is compared at.
+3. **Rows**: every model without guidance; MSE + CFG over a scale sweep, with guidance rescale 0 and 0.7 (the paper's
+   baseline); a genuinely unconditional pair (teacher trained without labels, both branches unconditional); beyond
+   the paper, self-perceptual + CFG, autoguidance by the teacher and the loss variants of ``variants.py``.
+4. ``report.py`` pairs the models per training seed (same teacher, same sampling seeds), bootstraps intervals and
+   writes the verdict.
+
+Work for some training seeds can run in parallel processes (``seeds=[...]``); a final call without ``seeds``
+gathers everything from the caches and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perceptual_diffusion.config import DataConfig, SampleConfig
+from perceptual_diffusion.core.sampling import sample
+from perceptual_diffusion.data.grid import save_grid
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.experiments.analysis import losses_on_fixed_batch, paired, paired_pairs, training_losses
+from perceptual_diffusion.experiments.budgets import BUDGETS, Budget
+from perceptual_diffusion.experiments.report import write_report
+from perceptual_diffusion.experiments.stages import (
+    branch_losses,
+    check_teachers,
+    choose_lrs,
+    sweep_done,
+    sweep_points,
+    teacher_for,
+    train_branches,
+)
+from perceptual_diffusion.experiments.workspace import Context, log, make_context, make_out_dir, model_dir, teacher_dir
+from perceptual_diffusion.models.loading import load_model
+from perceptual_diffusion.runtime.checkpoint import atomic_write_text
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run configurations.
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workflow.
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated (model, guidance) combination; ``model`` names a model of the seed's folder."""
+
+    model: str  # stage1-mse, mse-continued, self-perceptual, a variant, or uncond/<one of the first three>
+    guidance: str = "none"  # "none", "cfg", "null-label", "autoguidance"
+    cfg_scale: float = 1.0
+    guidance_rescale: float = 0.0
+
+    @property
+    def key(self) -> str:
+        if self.guidance in ("none", "null-label"):
+            return f"{self.model}/{self.guidance}"
+        return f"{self.model}/{self.guidance}-w{self.cfg_scale:g}-phi{self.guidance_rescale:g}"
+
+
+def plan_rows(budget: Budget) -> list[Row]:
+    """The table's rows, the paper's first, then those beyond it."""
+    rows = [Row(m) for m in ("stage1-mse", "mse-continued", "self-perceptual")]
+    rows += [Row("mse-continued", "cfg", w, phi) for phi in budget.guidance_rescales for w in budget.cfg_scales]
+    if budget.unconditional:
+        rows += [Row(f"uncond/{m}") for m in ("stage1-mse", "mse-continued", "self-perceptual")]
+    rows += [Row(v) for v in budget.variants]
+    if budget.extras:
+        rows += [Row("self-perceptual", "cfg", w, max(budget.guidance_rescales)) for w in budget.cfg_scales[:2]]
+        rows += [Row("mse-continued", "autoguidance", w, 0.0) for w in budget.cfg_scales[:2]]
+        rows += [Row(m, "null-label") for m in ("mse-continued", "self-perceptual")]
+    return rows
+
+
+def evaluate_rows(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Every row for one training seed and every sampling repeat: ``{row key: [result per repeat]}``."""
+    out: dict[str, Any] = {}
+    n = ctx.budget.eval_samples
+    for row in rows:
+        path = model_dir(ctx, seed, row.model, chosen)
+        guide = teacher_dir(ctx, seed) if row.guidance == "autoguidance" else None
+        out[row.key] = []
+        for rep in range(ctx.budget.eval_repeats):
+            started = time.perf_counter()
+            cfg = SampleConfig(
+                steps=ctx.budget.sample_steps, cfg_scale=row.cfg_scale, guidance_rescale=row.guidance_rescale
+            )
+            res = ctx.evaluate(
+                f"{row.key}-rep{rep}",
+                seed,
+                lambda p=path: load_model(p, ctx.dev)[0],
+                cfg,
+                list(range(rep * n, (rep + 1) * n)),  # the same seeds (and labels) for every row: paired
+                guide=(lambda g=guide: load_model(g, ctx.dev)[0]) if guide else None,
+                use_labels=row.guidance != "null-label" and not row.model.startswith("uncond/"),
+            )
+            if time.perf_counter() - started > 1:
+                log(f"seed {seed}: evaluated {row.key} repeat {rep} ({n} samples)")
+            out[row.key].append(res)
+    return out
+
+
+def run_compare(
+    out: str | Path,
+    budget: Budget,
+    data: DataConfig | None = None,
+    device: str = "auto",
+    evaluate: bool = True,
+    seeds: list[int] | None = None,
+    require_plateau: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the whole comparison into ``out``; returns the results dictionary (empty rows when some
+    seeds' work is left to other processes)."""
+    out, data = Path(out), data or budget.data
+    all_seeds = list(range(budget.training_seeds))
+    my_seeds = all_seeds if seeds is None else seeds
+    bad = sorted(set(my_seeds) - set(all_seeds))
+    if bad:
+        raise UserError(f"--seeds {bad} are outside the budget's training seeds 0..{budget.training_seeds - 1}")
+    make_out_dir(out)
+    atomic_write_text(out / "budget.json", json.dumps(asdict(budget), indent=2, default=str))
+    t0 = time.perf_counter()
+    ctx = make_context(out, budget, data, device)
+    teachers = check_teachers(ctx, my_seeds, require_plateau)
+    points, chosen = _sweep(ctx, my_seeds, all_seeds)
+    if chosen is None:
+        return {"rows": []}
+    rows = plan_rows(budget)
+    per_seed = {}
+    for seed in my_seeds:
+        per_seed[seed], uncond_teacher = _finish_seed(ctx, seed, rows, chosen, evaluate)
+        if uncond_teacher is not None:
+            teachers[f"seed{seed}/uncond"] = uncond_teacher
+    if seeds is not None:  # the report is the gathering call's: parallel processes never write it twice
+        log("this process's seeds are done; rerun without --seeds to gather the report")
+        return {"rows": []}
+    if not evaluate:
+        return {"rows": []}
+    results = _gather(ctx, rows, chosen, points, teachers, per_seed)
+    results["seconds"] = time.perf_counter() - t0
+    write_report(out, results)
+    log(f"report: {out / 'report.md'}")
+    return results
+
+
+def _sweep(ctx: Context, my_seeds: list[int], all_seeds: list[int]) -> tuple[dict, dict[str, float] | None]:
+    """Stage 2 at every learning rate of the sweep for this process's seeds; the chosen rates once every seed's
+    sweep is done (None while other processes still have sweeps to finish)."""
+    lrs = ctx.budget.finetune_lrs
+    sweep = {b: lrs for b in branch_losses(ctx.budget)}
+    for seed in my_seeds:
+        train_branches(ctx, seed, sweep)
+    if len(lrs) > 1:
+        for seed in my_seeds:
+            sweep_points(ctx, [seed])
+    waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s)]
+    if waiting:
+        log(f"seeds {waiting} have not finished their sweep: rerun without --seeds (or with theirs) to continue")
+        return {}, None
+    points = sweep_points(ctx, all_seeds) if len(lrs) > 1 else {}
+    chosen = choose_lrs(ctx.criterion, points) if points else {b: lrs[0] for b in sweep}
+    log(f"stage-2 learning rates: {chosen}")
+    return points, chosen
+
+
+def _finish_seed(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float], evaluate: bool) -> tuple:
+    """The rest of one training seed: variant arms, the unconditional pair, then every row's evaluation. Returns
+    (the evaluations by row, the unconditional teacher or None)."""
+    budget = ctx.budget
+    train_branches(ctx, seed, {v: (chosen["self-perceptual"],) for v in budget.variants})
+    uncond_teacher = None
+    if budget.unconditional:
+        uncond_teacher = teacher_for(ctx, seed, unconditional=True)
+        train_branches(ctx, seed, {b: (lr,) for b, lr in chosen.items()}, unconditional=True)
+    return (evaluate_rows(ctx, seed, rows, chosen) if evaluate else {}), uncond_teacher
+
+
+def _gather(ctx: Context, rows: list[Row], chosen: dict, points: dict, teachers: dict, per_seed: dict) -> dict:
+    """Every number the report renders: rows per seed, paired differences, fixed-batch losses, curves, grids."""
+    budget, out = ctx.budget, ctx.out
+    all_seeds = list(range(budget.training_seeds))
+    log("writing sample grids")
+    grids = write_grids(ctx, chosen, ctx.dev)
+    models = [r.model for r in rows if r.guidance == "none"]
+    results: dict[str, Any] = {
+        "budget": asdict(budget),
+        "data": asdict(ctx.data),
+        "criterion": asdict(ctx.criterion),
+        "extractor": ctx.extractor.description,
+        "reference_split": ctx.reference_split,
+        "teachers": {k: asdict(v) for k, v in teachers.items()},
+        "sweep": {b: {f"{lr:g}": v for lr, v in by_lr.items()} for b, by_lr in points.items()},
+        "chosen_lrs": chosen,
+        "rows": [asdict(r) | {"key": r.key} for r in rows],
+        "evaluations": {str(s): {k: [r["metrics"] for r in v] for k, v in per_seed[s].items()} for s in all_seeds},
+        "fixed_batch_losses": {
+            str(s): losses_on_fixed_batch(ctx, s, chosen, models, budget.loss_batch) for s in all_seeds
+        },
+        "grids": [str(p.relative_to(out)) for p in grids],
+    }
+    results["paired"] = {
+        title: {"a": a, "b": b, "metrics": paired(ctx, all_seeds, a, b, budget.bootstrap)}
+        for title, a, b in paired_pairs(results)
+    }
+    results["training_losses"] = training_losses(ctx, chosen)
+    return results
+
+
+def write_grids(ctx: Context, chosen: dict[str, float], device: torch.device, n_per_class: int = 4) -> list[Path]:
+    """Side-by-side grids of training seed 0 under the same sampling seeds: one row per class."""
+    paths = []
+    models = {
+        m: load_model(model_dir(ctx, 0, m, chosen), device)[0]
+        for m in ("stage1-mse", "mse-continued", "self-perceptual")
+    }
+    k = max(models["stage1-mse"].num_classes, 1)
+    seeds = list(range(10_000, 10_000 + k * n_per_class))
+    labels = torch.arange(k).repeat_interleave(n_per_class) if models["stage1-mse"].num_classes else None
+    mid_scale = ctx.budget.cfg_scales[len(ctx.budget.cfg_scales) // 2]
+    phi = max(ctx.budget.guidance_rescales)
+    for name, model in models.items():
+        settings: list[tuple[str, float, Any]] = [("no-guidance", 1.0, labels)]
+        if labels is not None:
+            settings.append((f"cfg{mid_scale:g}-phi{phi:g}", mid_scale, labels))
+        for tag, scale, lab in settings:
+            cfg = SampleConfig(
+                steps=ctx.budget.sample_steps, cfg_scale=scale, guidance_rescale=phi if scale != 1 else 0
+            )
+            images = sample(model, seeds, lab, cfg, device=device)
+            paths.append(save_grid(images, ctx.out / "grids" / f"{name}-{tag}.png", nrow=n_per_class))
+    if ctx.budget.unconditional:
+        for name in ("stage1-mse", "mse-continued", "self-perceptual"):
+            model = load_model(model_dir(ctx, 0, f"uncond/{name}", chosen), device)[0]
+            images = sample(model, seeds, None, SampleConfig(steps=ctx.budget.sample_steps), device=device)
+            paths.append(save_grid(images, ctx.out / "grids" / f"uncond-{name}.png", nrow=n_per_class))
+    return paths
+
+
+def run_demo(out: Path, steps: int | None = None, finetune_steps: int | None = None, device: str = "auto") -> None:
+    """The main job: the cpu-demo budget on the built-in shapes data."""
+    budget = BUDGETS["cpu-demo"]
+    if steps is not None:
+        budget = replace(budget, stage1=replace(budget.stage1, chunk_steps=max(steps // budget.stage1.max_chunks, 1)))
+    if finetune_steps is not None:
+        budget = replace(budget, finetune_steps=finetune_steps)
+    run_compare(out, budget, device=device)

@@ -1,0 +1,420 @@
+"""The comparison's report: a verdict computed from the numbers, then tables, paired differences, curves and grids.
+
+Every number comes from the cached evaluations of ``compare.run_compare``. A table cell shows "mean ± sd" only
+over at least 3 training seeds (``stats.summary``); differences between models are paired per training seed (same
+teacher, same sampling seeds and labels) with a 95% hierarchical bootstrap interval (``stats.paired_bootstrap``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perceptual_diffusion.evaluation import stats
+from perceptual_diffusion.experiments.analysis import row_label
+from perceptual_diffusion.runtime.checkpoint import atomic_write_text
+
+# (key in evaluation metrics, label, True if higher is better; None: neither, a diagnostic)
+TABLE_METRICS = (
+    ("structure_precision", "structure precision", True),
+    ("exact_precision", "exact precision", True),
+    ("noise_rms", "noise RMS", False),
+    ("class_accuracy", "class match", True),
+    ("fid", "FID", False),
+    ("kid", "KID", False),
+    ("is", "IS", True),
+    ("precision", "precision", True),
+    ("recall", "recall", True),
+    ("coverage", "coverage", True),
+    ("nearest_train_rms", "nearest-train RMS", None),
+)
+LABELS = {k: (label, higher) for k, label, higher in TABLE_METRICS}
+
+
+def _seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
+    """One value per training seed (the mean over its sampling repeats)."""
+    values = []
+    for per_seed in results["evaluations"].values():
+        runs = [r[metric] for r in per_seed.get(key, []) if metric in r]
+        if runs:
+            values.append(float(np.mean(runs)))
+    return values
+
+
+def format_cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    s = stats.summary(values)
+    mean = f"{s['mean']:.3f}" if abs(s["mean"]) < 10 else f"{s['mean']:.4g}"
+    return mean if s.get("std") is None else f"{mean} ± {s['std']:.3f}"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Rows x metrics, mean over training seeds (± sd over seeds only with at least 3 of them)."""
+    keys = [r["key"] for r in results["rows"]]
+    metrics = [(k, label) for k, label, _ in TABLE_METRICS if any(_seed_values(results, key, k) for key in keys)]
+    lines = ["| model, guidance | " + " | ".join(label for _, label in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for key in keys:
+        cells = [format_cell(_seed_values(results, key, k)) for k, _ in metrics]
+        lines.append(f"| {row_label(key)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired differences.
+
+
+def _significant(d: dict[str, Any]) -> bool:
+    return d["ci_low"] > 0 or d["ci_high"] < 0
+
+
+def _fmt_diff(d: dict[str, Any]) -> str:
+    return f"{d['estimate']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+
+
+def paired_table(diffs: dict[str, dict[str, Any]]) -> str:
+    lines = ["| metric | A − B | 95% interval | per training seed | signs agree |", "|---|---|---|---|---|"]
+    for metric, d in diffs.items():
+        label, higher = LABELS.get(metric, (metric, True))
+        arrow = {True: "↑ better", False: "↓ better", None: "diagnostic"}[higher]
+        per_seed = ", ".join(f"{v:+.4f}" for v in d["per_seed"])
+        lines.append(
+            f"| {label} ({arrow}) | {d['estimate']:+.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | "
+            f"{per_seed} | {'yes' if d['signs_agree'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective on a fixed batch.
+
+
+def losses_table(results: dict[str, Any]) -> tuple[str, str]:
+    """The fixed-batch table and one sentence on whether the objective optimised itself."""
+    per_seed = results["fixed_batch_losses"]
+    models = list(next(iter(per_seed.values())))
+    lines = ["| model | self-perceptual loss | MSE loss |", "|---|---|---|"]
+    for m in models:
+        sp = format_cell([per_seed[s][m]["self_perceptual"] for s in per_seed])
+        mse = format_cell([per_seed[s][m]["mse"] for s in per_seed])
+        lines.append(f"| {m} | {sp} | {mse} |")
+    sp_lower = [
+        per_seed[s]["mse-continued"]["self_perceptual"] < per_seed[s]["self-perceptual"]["self_perceptual"]
+        for s in per_seed
+    ]
+    if all(sp_lower):
+        note = (
+            "MSE continued reaches a *lower* self-perceptual loss than the self-perceptual model in every seed: "
+            "the self-perceptual run did not optimise its own objective as well as MSE training did, so its result "
+            "says more about optimisation than about the objective."
+        )
+    elif not any(sp_lower):
+        note = "The self-perceptual model reaches a lower self-perceptual loss than MSE continued in every seed."
+    else:
+        note = (
+            f"MSE continued reaches a lower self-perceptual loss than the self-perceptual model in "
+            f"{sum(sp_lower)} of {len(sp_lower)} seeds."
+        )
+    return "\n".join(lines), note
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdict.
+
+
+def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Sentences computed from the numbers: winner without guidance, teacher plateau, CFG, unconditional."""
+    crit = results["criterion"]["key"]
+    head = next(iter(diffs.values()))  # the paper's headline pair comes first
+    teachers = {k: v for k, v in results["teachers"].items() if "uncond" not in k}
+    return [
+        *_headline(head, crit, results["budget"]["training_seeds"]),
+        _teacher_sentence(results, teachers),
+        *_residual_sentence(results, diffs, crit, teachers),
+        *_baseline_sentences(diffs, crit),
+    ]
+
+
+def _headline(head: dict[str, dict[str, Any]], crit: str, n_seeds: int) -> list[str]:
+    label, higher = LABELS.get(crit, (crit, True))
+    d = head[crit]
+    sp_better = (d["estimate"] > 0) == higher
+    agree = sum(1 for v in d["per_seed"] if (v > 0) == (d["estimate"] > 0) and v != 0)
+    spread = f"95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], {agree} of {len(d['per_seed'])} seeds agree"
+    if _significant(d):
+        winner, loser = ("self-perceptual", "MSE continued") if sp_better else ("MSE continued", "self-perceptual")
+        out = [f"**Without guidance, {winner} beats {loser} on {label}** by {abs(d['estimate']):.4f} ({spread})."]
+    else:
+        out = [
+            f"**Without guidance, self-perceptual and MSE continued are not separated on {label}**: difference "
+            f"{d['estimate']:+.4f} ({spread})."
+        ]
+    # Diagnostics (direction None, e.g. the nearest-train distance) are neither better nor worse.
+    ranked = {
+        m: x for m, x in head.items() if m != crit and _significant(x) and LABELS.get(m, (m, True))[1] is not None
+    }
+    better = [LABELS[m][0] for m, x in ranked.items() if (x["estimate"] > 0) == LABELS[m][1]]
+    worse = [LABELS[m][0] for m, x in ranked.items() if (x["estimate"] > 0) != LABELS[m][1]]
+    out.append(
+        f"Among the other metrics, self-perceptual is significantly better on {', '.join(better) or 'none'} and "
+        f"worse on {', '.join(worse) or 'none'} (paired over {n_seeds} training seed(s), same sampling seeds)."
+    )
+    return out
+
+
+def _teacher_sentence(results: dict[str, Any], teachers: dict[str, Any]) -> str:
+    if results["budget"].get("teacher"):
+        return (
+            f"The teacher was brought by the user ({results['budget']['teacher']}); its plateau was not measured here."
+        )
+    if all(t["at_plateau"] for t in teachers.values()):
+        ends = "; ".join(f"{k}: {t['phase_ends'][-1]}" for k, t in teachers.items())
+        return f"The teacher reached a measured plateau in every seed ({ends})."
+    bad = [k for k, t in teachers.items() if not t["at_plateau"]]
+    return (
+        f"**Warning: the teacher is NOT converged** in {', '.join(bad)} (stage 1 ended at its step cap), "
+        "so stage 2 partly measures further convergence, not the objective; the fair results are the "
+        "`cpu-fair` runs in the repository's results/shapes-fair/report.md."
+    )
+
+
+def _residual_sentence(results: dict[str, Any], diffs: dict, crit: str, teachers: dict[str, Any]) -> list[str]:
+    """Whether MSE continued still gains on a teacher the criterion called converged."""
+    label, higher = LABELS.get(crit, (crit, True))
+    residual = diffs.get("MSE continued vs the teacher", {}).get(crit)
+    converged = all(t["at_plateau"] for t in teachers.values()) and not results["budget"].get("teacher")
+    if not (converged and residual is not None and _significant(residual) and (residual["estimate"] > 0) == higher):
+        return []
+    vs_teacher = diffs.get("self-perceptual vs its teacher", {}).get(crit)
+    return [
+        f"MSE continued still gains on its teacher ({label} {_fmt_diff(residual)}): the plateau criterion at "
+        f"{results['budget']['curve_samples']} samples per point does not exclude gains of this size, so part of "
+        "the headline difference may be further convergence"
+        + (f"; against the same teacher, self-perceptual moves by {_fmt_diff(vs_teacher)}." if vs_teacher else ".")
+    ]
+
+
+def _baseline_sentences(diffs: dict, crit: str) -> list[str]:
+    """Self-perceptual without guidance against MSE + CFG, and the unconditional pair."""
+    label, higher = LABELS.get(crit, (crit, True))
+    out = []
+    cfg_title = next((t for t in diffs if t.startswith("self-perceptual (no guidance) vs MSE + CFG")), None)
+    if cfg_title:
+        c = diffs[cfg_title][crit]
+        rel = "better than" if (c["estimate"] > 0) == higher else "worse than"
+        sig = "" if _significant(c) else " (not significant)"
+        out.append(
+            f"Against {cfg_title.split(' vs ')[1]}, self-perceptual without guidance is {rel} it on {label}: "
+            f"{_fmt_diff(c)}{sig}."
+        )
+    uncond = next((t for t in diffs if t.startswith("unconditional")), None)
+    if uncond:
+        u = diffs[uncond][crit]
+        rel = "better" if (u["estimate"] > 0) == higher else "worse"
+        sig = "" if _significant(u) else ", not significant"
+        out.append(f"Unconditionally, self-perceptual is {rel} than MSE continued on {label}: {_fmt_diff(u)}{sig}.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots and the report file.
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> Path:
+    """Left: the teacher's criterion vs images (each seed), stage 2 starting at the last point. Right: training MSE
+    loss vs images for stage 1 and both stage-2 branches of seed 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    crit = results["criterion"]["key"]
+    for name, t in results["teachers"].items():
+        pts = t["points"]
+        if not pts:
+            continue
+        x = [p["images"] for p in pts]
+        ax.errorbar(
+            x, [p["value"] for p in pts], yerr=[2 * p["se"] for p in pts], marker="o", ms=3, capsize=2, label=name
+        )
+        ax.axvline(x[-1], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("images seen in stage 1")
+    ax.set_ylabel(f"{LABELS.get(crit, (crit,))[0]} (± 2 SE)")
+    ax.set_title("teacher curve; dotted: stage 2 starts")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    series = results.get("training_losses", {})
+    stage1 = series.get("stage1", [[], []])
+    bx.plot(*stage1, color="C0", lw=0.8, label="stage 1 (MSE)")
+    for i, branch in enumerate(("mse-continued", "self-perceptual")):
+        if branch in series:
+            bx.plot(*series[branch], color=f"C{i + 1}", lw=0.8, label=f"stage 2: {branch} (its MSE)")
+    bx.set_yscale("log")
+    bx.set_xlabel("images seen (seed 0)")
+    bx.set_ylabel("training MSE loss (log)")
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cfg(results: dict[str, Any], path: Path, metric: str) -> Path | None:
+    """The metric against the CFG scale for MSE continued (one line per rescale), self-perceptual as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [r for r in results["rows"] if r["model"] == "mse-continued" and r["guidance"] == "cfg"]
+    if not keys or not _seed_values(results, "mse-continued/none", metric):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = float(np.mean(_seed_values(results, "mse-continued/none", metric)))
+    for phi in sorted({r["guidance_rescale"] for r in keys}):
+        pts = sorted(
+            (r["cfg_scale"], float(np.mean(_seed_values(results, r["key"], metric))))
+            for r in keys
+            if r["guidance_rescale"] == phi
+        )
+        x, y = zip(*([(1.0, base)] + pts))
+        ax.plot(x, y, marker="o", label=f"MSE continued + CFG, rescale {phi:g}")
+    sp = _seed_values(results, "self-perceptual/none", metric)
+    if sp:
+        ax.axhline(float(np.mean(sp)), color="C3", label="self-perceptual, no guidance")
+    ax.set_xscale("log")
+    if metric in ("fid", "kid"):
+        ax.set_yscale("log")
+    ax.set_xlabel("CFG scale w (1 = no guidance)")
+    ax.set_ylabel(LABELS.get(metric, (metric,))[0])
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    """report.md (verdict first), results.json and the plots in the comparison's folder ``out``, from ``results``
+    alone (``compare.run_compare`` computes every number in it, ``analysis.py`` the paired differences)."""
+    seeds = sorted(int(s) for s in results["evaluations"])
+    diffs = {title: p["metrics"] for title, p in results["paired"].items()}
+    budget = results["budget"]
+    crit = results["criterion"]["key"]
+    plots = [
+        plot_curves(results, out / "curves.png"),
+        plot_cfg(results, out / f"{crit}_vs_cfg.png", crit),
+        plot_cfg(results, out / "fid_vs_cfg.png", "fid"),
+    ]
+    loss_table, loss_note = losses_table(results)
+    lines = [
+        f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}",
+        "",
+        "## Verdict",
+        "",
+        " ".join(verdict(results, diffs)),
+        "",
+        _how_to_read(results, len(seeds)),
+        "",
+        f"Feature extractor: {results['extractor']}. Reference images: the {results['reference_split']} split.",
+        "",
+        "## Results",
+        "",
+        results_table(results),
+        "",
+    ]
+    for title, p in results["paired"].items():
+        lines += [f"### {title}", "", f"A = `{p['a']}`, B = `{p['b']}`.", "", paired_table(p["metrics"]), ""]
+    lines += ["## Does the objective optimise itself?", "", loss_table, "", loss_note, ""]
+    lines += _protocol_section(results)
+    for plot in plots:
+        if plot is not None:
+            lines += [f"![{plot.stem}]({plot.name})", ""]
+    if results.get("grids"):
+        lines += [
+            "## Samples of training seed 0 under the same sampling seeds",
+            "",
+            "Conditional grids: one class per row; unconditional grids (`uncond-*`): the same seeds, no labels.",
+            "",
+        ]
+        lines += [f"**{Path(g).stem}**\n\n![{Path(g).stem}]({g})\n" for g in results["grids"]]
+    lines += _limits(results)
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    return out / "report.md"
+
+
+def _how_to_read(results: dict[str, Any], n_seeds: int) -> str:
+    crit, n = results["criterion"]["key"], results["budget"]["eval_samples"]
+    criterion = LABELS.get(crit, (crit,))[0]
+    return (
+        f"**How to read this.** Each row is sampled with the same {n} sampling seeds (and labels) in every training "
+        f"seed; table cells are means over {n_seeds} training seed(s), with ± the standard deviation over seeds only "
+        "when there are at least 3. Differences are paired per training seed (same teacher, same sampling seeds); "
+        "intervals are 95% percentile intervals of a hierarchical bootstrap (training seeds, then samples within a "
+        "seed). A difference whose interval contains 0 is within the noise of this experiment. KID is the unbiased "
+        "estimator, so it is negative when two sets are closer than its sampling noise. The criterion that stopped "
+        f"stage 1 and chose the stage-2 learning rates is {criterion}, measured on held-out sampling seeds, never on "
+        "the seeds of this table."
+    )
+
+
+def _limits(results: dict[str, Any]) -> list[str]:
+    budget = results["budget"]
+    return [
+        "## What this does not show",
+        "",
+        "The paper fine-tunes a converged 865 M-parameter latent text-to-image model on LAION for many thousands of "
+        f"steps; this is a `{budget['preset']}` pixel-space U-Net on {results['data']['source']} at "
+        f"{results['data']['image_size']} px, whose mid-block features are a small perceptual space. A result here "
+        "says what the objective does at this scale, on this data, with these metrics; not what it does for large "
+        "latent models. Nothing here was measured with the standard Inception network unless the extractor line "
+        "above says so.",
+        "",
+        f"Wall time of the call that wrote this report: {results['seconds'] / 60:.1f} minutes (finished stages and "
+        "cached evaluations are not redone; see results/README.md for the times of the full runs).",
+    ]
+
+
+def _protocol_section(results: dict[str, Any]) -> list[str]:
+    budget = results["budget"]
+    s1 = budget["stage1"]
+    lines = [
+        "## Protocol",
+        "",
+        f"- **Stage 1** (`{budget['preset']}` U-Net, batch {budget['batch_size']}): MSE with condition dropout 0.1, "
+        f"reduce-on-plateau in phases of constant learning rate {', '.join(f'{lr:g}' for lr in s1['lrs'])}, each "
+        f"evaluated every {s1['chunk_steps']} steps on {budget['curve_samples']} held-out sampling seeds; a phase "
+        f"ends when the gain of one chunk is within {s1['noise_multiple']:g} combined standard errors, or after "
+        f"{s1['max_chunks'] * s1['chunk_steps']} steps.",
+    ]
+    for name, t in results["teachers"].items():
+        lines.append(f"  - {name}: {t['steps']} steps, {t['images']:,} images; phases: {'; '.join(t['phase_ends'])}")
+    lines.append(
+        f"- **Stage 2**: both branches from the teacher's EMA weights, {budget['finetune_steps']} steps, warm-up over "
+        f"{budget['finetune_warmup']:.0%} of the steps then constant, EMA half-life {budget['finetune_ema']:.0%} of "
+        "the images, seed 1000 + training seed. Learning rates swept per branch; the best mean criterion over seeds "
+        "(held-out sampling seeds) is compared:"
+    )
+    for branch, by_lr in results.get("sweep", {}).items():
+        cells = ", ".join(f"lr {lr}: {np.mean(v):.4f}" for lr, v in by_lr.items())
+        chosen = results["chosen_lrs"][branch]
+        grid = sorted(float(lr) for lr in by_lr)
+        edge = (
+            " (an end of the swept range: a learning rate beyond it might do better)"
+            if len(grid) > 1 and chosen in (grid[0], grid[-1])
+            else ""
+        )
+        lines.append(f"  - {branch}: {cells} → **{chosen:g}**{edge}")
+    lines += [
+        f"- Variants and the unconditional pair use the chosen self-perceptual / branch learning rates. DDIM "
+        f"{budget['sample_steps']} steps, trailing spacing, eta 0.",
+        "",
+    ]
+    return lines

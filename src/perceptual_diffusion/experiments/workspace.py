@@ -1,0 +1,125 @@
+"""The folder of one comparison: where each training seed's runs and each cached evaluation live, and what every step
+of ``compare`` and ``ablate`` shares (``Context``: budget, data, device, criterion, feature extractor).
+
+Layout of ``--out``: ``seed{s}/stage1-phase{p}`` and ``seed{s}/stage1-mse`` (stage 1), ``seed{s}/{branch}-lr{lr}``
+(stage 2), ``seed{s}/uncond/...`` (the unconditional pair), ``eval/seed{s}/{name}.json|.npz`` (cached evaluations).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perceptual_diffusion.config import DataConfig, SampleConfig
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.evaluation.features import auto_extractor
+from perceptual_diffusion.evaluation.scoring import Criterion, criterion_for, evaluate_cached, load_per_sample
+from perceptual_diffusion.experiments.budgets import Budget
+from perceptual_diffusion.models.loading import load_model
+from perceptual_diffusion.training.loop import resolve_device
+
+SELECTION_SEED_BASE = 1_000_000  # sampling seeds of curves and lr selection: disjoint from the headline rows' seeds
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Context:
+    """What every step of one comparison needs."""
+
+    out: Path
+    budget: Budget
+    data: DataConfig
+    device: str
+    dev: torch.device
+    criterion: Criterion
+    extractor: Any
+    reference_split: str
+
+    def cache(self, name: str, seed: int) -> Path:
+        """Where the evaluation ``name`` of training seed ``seed`` is cached (``scoring.evaluate_cached`` adds the
+        .json and .npz extensions)."""
+        return self.out / "eval" / f"seed{seed}" / name.replace("/", "__")
+
+    def root(self, seed: int, unconditional: bool = False) -> Path:
+        """The folder of one training seed's runs (``uncond/`` inside it for the unconditional pair)."""
+        return self.out / f"seed{seed}" / ("uncond" if unconditional else "")
+
+    def evaluate(
+        self,
+        name: str,
+        seed: int,
+        model: Any,
+        sample_config: SampleConfig,
+        seeds: list[int],
+        guide: Any = None,
+        use_labels: bool = True,
+    ) -> dict[str, Any]:
+        return evaluate_cached(
+            self.cache(name, seed),
+            model,
+            sample_config,
+            self.data,
+            self.extractor,
+            seeds,
+            self.dev,
+            guide=guide,
+            use_labels=use_labels,
+            reference_split=self.reference_split,
+        )
+
+    def selection_point(self, name: str, seed: int, weights: Path) -> tuple[float, float, dict[str, Any]]:
+        """The criterion of ``weights`` on the held-out selection seeds: (value, standard error, result)."""
+        from perceptual_diffusion.evaluation.reference import reference_stats
+
+        seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + self.budget.curve_samples))
+        res = self.evaluate(
+            name, seed, lambda: load_model(weights, self.dev)[0], SampleConfig(steps=self.budget.sample_steps), seeds
+        )
+        per_sample = load_per_sample(self.cache(name, seed)) if self.criterion.key == "fid" else None
+        reference = reference_stats(self.data, self.extractor, split=self.reference_split) if per_sample else None
+        return self.criterion.value(res), self.criterion.standard_error(res, per_sample, reference), res
+
+
+def make_out_dir(out: Path) -> None:
+    """The experiment's folder, refused in one line when it cannot be one (a file, a folder under a file)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out} ({exc.strerror or exc}); choose another --out") from None
+
+
+def make_context(out: Path, budget: Budget, data: DataConfig, device: str) -> Context:
+
+    dev = resolve_device(device)
+    split = "test" if data.source == "fashion-mnist" else "train"  # held out where the data has a split
+    extractor = auto_extractor(data, out, device=dev)
+    return Context(out, budget, data, device, dev, criterion_for(data), extractor, split)
+
+
+def teacher_dir(ctx: Context, seed: int, unconditional: bool = False) -> Path:
+    if ctx.budget.teacher is not None and not unconditional:
+        return Path(ctx.budget.teacher)
+    return ctx.root(seed, unconditional) / "stage1-mse"
+
+
+def branch_dir(root: Path, branch: str, lr: float) -> Path:
+    return root / f"{branch}-lr{lr:g}"
+
+
+def model_dir(ctx: Context, seed: int, model: str, chosen: dict[str, float]) -> Path:
+    """The run directory a row's model name refers to, at the branch's chosen learning rate."""
+    unconditional = model.startswith("uncond/")
+    name = model.removeprefix("uncond/")
+    root = ctx.root(seed, unconditional)
+    if name == "stage1-mse":
+        return teacher_dir(ctx, seed, unconditional)
+    return branch_dir(root, name, chosen["self-perceptual" if name in ctx.budget.variants else name])

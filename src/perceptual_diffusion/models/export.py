@@ -1,0 +1,427 @@
+"""Export to and import from the diffusers format: a folder that ``DDIMPipeline.from_pretrained`` loads as is.
+
+An exported folder holds:
+    model_index.json, unet/, scheduler/   a DDIMPipeline written by diffusers' own ``save_pretrained`` (safetensors)
+    unet_conditional/                     class-conditional models only: the U-Net with its class embedding
+    perceptual_diffusion_config.json      our RunConfig and step, so that importing the folder is lossless
+    README.md                             how to sample from it with diffusers
+
+``DDIMPipeline`` calls ``unet(x, t)`` without class labels, and a ``UNet2DModel`` with a class embedding refuses
+that call. So for a class-conditional model ``unet/`` holds the model with its null label folded in (see
+:func:`null_label_unet`): the pipeline then draws the same unconditional samples as ``sample --label none``, and
+``unet_conditional/`` holds the model itself for class-conditional sampling and CFG with a short diffusers loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from perceptual_diffusion.config import PRESETS, DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
+from perceptual_diffusion.core.networks import DiffusionUNet, build_unet
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.runtime.checkpoint import UNET_DIR, is_diffusers_folder
+
+CONFIG_FILE = "perceptual_diffusion_config.json"
+CONDITIONAL_UNET_DIR = "unet_conditional"
+SCHEDULER_DIR = "scheduler"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+# Our schedule names -> diffusers' DDIMScheduler names: the one place this mapping lives (the formulas behind both
+# sides are the same; tests compare alphas_cumprod of the two implementations).
+BETA_SCHEDULE_TO_DIFFUSERS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPE_TO_DIFFUSERS = {"v": "v_prediction", "eps": "epsilon", "x0": "sample"}
+_BETA_SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in BETA_SCHEDULE_TO_DIFFUSERS.items()}
+_PREDICTION_TYPE_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TYPE_TO_DIFFUSERS.items()}
+# DDIMScheduler settings our sampler has no counterpart for, with the only values it matches.
+_FIXED_SCHEDULER_FIELDS = {
+    "set_alpha_to_one": True,  # our t_prev = -1 is the clean end, alpha_bar = 1
+    "steps_offset": 0,
+    "clip_sample_range": 1.0,  # clip_x0 clamps x0_hat to the data range [-1, 1]
+    "thresholding": False,
+    "trained_betas": None,
+}
+
+
+def scheduler_config(schedule: ScheduleConfig, sample: SampleConfig) -> dict[str, Any]:
+    """The DDIMScheduler arguments that reproduce our training schedule and DDIM sampler (eta is a call argument)."""
+    return {
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_schedule": BETA_SCHEDULE_TO_DIFFUSERS[schedule.beta_schedule],
+        "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end,
+        "rescale_betas_zero_snr": schedule.zero_terminal_snr,
+        "prediction_type": PREDICTION_TYPE_TO_DIFFUSERS[schedule.prediction_type],
+        "timestep_spacing": sample.spacing,
+        "clip_sample": sample.clip_x0,
+        **_FIXED_SCHEDULER_FIELDS,
+    }
+
+
+def schedule_from_scheduler(config: dict[str, Any], source: str) -> tuple[ScheduleConfig, SampleConfig]:
+    """The inverse of :func:`scheduler_config` for any diffusers scheduler config; unsupported values are errors."""
+    # Missing keys take DDIMScheduler's defaults; read from its signature, as building it fails on unknown schedules.
+    defaults = inspect.signature(DDIMScheduler.__init__).parameters
+    cfg = {k: p.default for k, p in defaults.items() if p.default is not inspect.Parameter.empty} | config
+    if cfg["trained_betas"] is not None or cfg["beta_schedule"] not in _BETA_SCHEDULE_FROM_DIFFUSERS:
+        raise UserError(
+            f"{source} uses beta_schedule {cfg['beta_schedule']!r}"
+            f"{' with trained_betas' if cfg['trained_betas'] is not None else ''}; perceptual-diffusion supports "
+            f"{', '.join(_BETA_SCHEDULE_FROM_DIFFUSERS)}"
+        )
+    if cfg["prediction_type"] not in _PREDICTION_TYPE_FROM_DIFFUSERS:
+        raise UserError(f"{source} has prediction_type {cfg['prediction_type']!r}, which is not supported")
+    other = {k: cfg[k] for k, v in _FIXED_SCHEDULER_FIELDS.items() if cfg[k] != v}
+    if other:  # sampling-only settings: training is unaffected, our sampler just ignores them
+        warnings.warn(f"{source}: scheduler settings {other} are ignored (no counterpart here)", stacklevel=2)
+    try:
+        schedule = ScheduleConfig(
+            num_train_timesteps=cfg["num_train_timesteps"],
+            beta_schedule=_BETA_SCHEDULE_FROM_DIFFUSERS[cfg["beta_schedule"]],
+            beta_start=float(cfg["beta_start"]),
+            beta_end=float(cfg["beta_end"]),
+            zero_terminal_snr=cfg["rescale_betas_zero_snr"],
+            prediction_type=_PREDICTION_TYPE_FROM_DIFFUSERS[cfg["prediction_type"]],
+        )
+        sample = SampleConfig(
+            steps=min(SampleConfig.steps, schedule.num_train_timesteps),
+            spacing=cfg["timestep_spacing"],
+            clip_x0=cfg["clip_sample"],
+        )
+    except UserError as exc:
+        raise UserError(f"{source} has a scheduler perceptual-diffusion cannot use: {exc}") from None
+    return schedule, sample
+
+
+def null_label_unet(model: DiffusionUNet) -> UNet2DModel:
+    """The class-conditional U-Net with its null label folded in: an unconditional UNet2DModel, the same function.
+
+    UNet2DModel adds ``class_embedding(label)`` to the output of ``time_embedding`` (whose last layer is the linear
+    ``linear_2``); for a fixed label that is a constant vector, so it can move into ``linear_2``'s bias.
+    """
+    unet = model.unet
+    if unet.time_embedding.post_act is not None or unet.config.class_embed_type is not None:
+        raise RuntimeError("this diffusers UNet2DModel applies the class embedding differently; cannot fold it")
+    config = {**unet.config, "num_class_embeds": None}
+    folded = UNet2DModel.from_config(config)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    null_embedding = unet.class_embedding.weight[model.null_label].detach()
+    state["time_embedding.linear_2.bias"] = state["time_embedding.linear_2.bias"] + null_embedding
+    folded.load_state_dict(state)
+    return folded
+
+
+def _unet_copy(model: DiffusionUNet) -> UNet2DModel:
+    unet = UNet2DModel.from_config(model.unet.config)
+    unet.load_state_dict(model.unet.state_dict())
+    return unet
+
+
+_README = """# {name}: a perceptual-diffusion model in diffusers format
+
+Exported from `{source}` (step {step}). Full training configuration: `{config_file}`.
+
+```python
+import torch
+from diffusers import DDIMPipeline
+
+pipe = DDIMPipeline.from_pretrained("{name}")
+images = pipe(batch_size=4, num_inference_steps={steps}, eta=0.0, output_type="np").images
+```
+
+`scheduler/` reproduces the training schedule ({schedule}) and perceptual-diffusion's DDIM sampler
+(spacing {spacing}, clip_sample {clip}). With per-image generators,
+`generator=[torch.Generator().manual_seed(s) for s in seeds]`, the pipeline gives the same images as
+`perceptual-diffusion sample --seed S --cfg-scale 1` for the same seeds (to float rounding) when the spacing is
+trailing or leading and `num_inference_steps` divides {T}: otherwise diffusers' DDIMScheduler steps from t to
+t - {T} // steps instead of to the next timestep of its own list.
+{conditional}"""
+
+_CONDITIONAL_README = """
+## Class labels
+
+This model is class-conditional ({k} classes; label {k} is the null label of classifier-free guidance).
+`DDIMPipeline` passes no labels, so `unet/` holds the model with the null label built in: the pipeline draws
+*unconditional* samples. `unet_conditional/` is the model itself; sample class `c` with CFG scale `w` like this:
+
+```python
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+c, w, n = 0, 1.0, 4  # class, CFG scale (1: no guidance), number of images
+unet = UNet2DModel.from_pretrained("{name}", subfolder="unet_conditional")
+scheduler = DDIMScheduler.from_pretrained("{name}", subfolder="scheduler")
+labels = torch.tensor([c] * n)
+null = torch.full_like(labels, {k})
+x = torch.stack([torch.randn(unet.config.in_channels, {size}, {size}, generator=torch.Generator().manual_seed(s))
+                 for s in range(n)])
+scheduler.set_timesteps({steps})
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        cond = unet(x, t, class_labels=labels).sample
+        uncond = unet(x, t, class_labels=null).sample
+        x = scheduler.step(uncond + w * (cond - uncond), t, x).prev_sample
+images = (x / 2 + 0.5).clamp(0, 1)
+```
+"""
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so that the rename publishes complete data."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # not supported for folders on some filesystems: the rename is still atomic
+            pass
+        finally:
+            os.close(fd)
+
+
+def _sibling(folder: Path, tag: str) -> Path:
+    """A new, empty hidden folder beside ``folder`` (same filesystem, so renames between them are atomic)."""
+    path = folder.parent / f".{folder.name}.{tag}.{secrets.token_hex(4)}{ckpt.TMP_SUFFIX}"
+    path.mkdir()  # unlike mkdtemp's 0700, the usual permissions under the umask
+    return path
+
+
+def export_diffusers(
+    weights_or_run_dir: str | Path,
+    out_dir: str | Path,
+    sample_config: SampleConfig | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a trained model as a DDIMPipeline folder, atomically; ``sample_config`` defaults to the run's own."""
+    out_dir = Path(out_dir)
+    check_export_target(out_dir, force, [weights_or_run_dir])  # before any work: a refused target costs nothing
+    source = ckpt.resolve_weights(weights_or_run_dir)
+    state_dict, config, step = read_diffusers(source) if source.is_dir() else ckpt.read_weights(source)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(
+            f"{weights_or_run_dir} holds non-finite weights ({len(bad)} tensors with NaN or inf, e.g. {bad[0]!r}): "
+            "the model produces non-finite samples, so there is nothing worth exporting"
+        )
+    config = replace(config, sample=sample_config or config.sample)
+    model = DiffusionUNet(config.model, config.schedule)
+    ckpt.load_state_dict_checked(model, state_dict, str(weights_or_run_dir))
+    conditional = config.model.num_classes > 0
+
+    scheduler = DDIMScheduler(**scheduler_config(config.schedule, config.sample))
+    unet = null_label_unet(model) if conditional else _unet_copy(model)
+    record = {"format": ckpt.FORMAT, "step": step, "config": config.to_dict()}
+    s, k = config.schedule, config.model.num_classes
+    readme = _README.format(
+        name=out_dir.name,
+        source=weights_or_run_dir,
+        step=step,
+        config_file=CONFIG_FILE,
+        steps=config.sample.steps,
+        schedule=f"{s.beta_schedule} {s.beta_start}-{s.beta_end}, zero terminal SNR {s.zero_terminal_snr}, "
+        f"{s.prediction_type}-prediction",
+        spacing=config.sample.spacing,
+        clip=config.sample.clip_x0,
+        T=s.num_train_timesteps,
+        conditional=_CONDITIONAL_README.format(
+            name=out_dir.name, k=k, size=config.model.image_size, steps=config.sample.steps
+        )
+        if conditional
+        else "",
+    )
+
+    def write(tmp: Path) -> None:
+        DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        if conditional:
+            _unet_copy(model).save_pretrained(tmp / CONDITIONAL_UNET_DIR, safe_serialization=True)
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(readme)
+
+    return publish_folder(out_dir, write, force, checked=True)
+
+
+def _input_folder(source: str | Path) -> Path:
+    """The folder an export must never replace, enclose or write into for this input: the input itself, or for a
+    weights file inside a run directory that whole run (replacing it would take the checkpoints and log along)."""
+    path = Path(source).resolve()
+    if path.is_file() and ((path.parent / ckpt.CONFIG_NAME).is_file() or (path.parent / ckpt.STATE_DIR).is_dir()):
+        return path.parent
+    return path
+
+
+def check_export_target(out_dir: Path, force: bool, sources: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, every target whose replacement could lose something.
+
+    - a file, or (without --force) a folder that holds anything;
+    - with or without --force, any target that is one of ``sources`` (the run or folders the export reads), holds
+      one, or lies inside one: ``--out RUN --force`` would otherwise replace the run with the export;
+    - with --force, a folder that is not an earlier diffusers export: --force is for replacing an export, never a
+      run directory or a folder of runs.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; give a folder to export into")
+    target = out_dir.resolve()
+    for source in sources:
+        protected = _input_folder(source)
+        is_run = (protected / ckpt.CONFIG_NAME).is_file() or (protected / ckpt.STATE_DIR).is_dir()
+        what = f"the run directory {protected}" if is_run else f"the input {source}"
+        if target == protected:
+            where = "is"
+        elif protected in target.parents:
+            where = "lies inside"
+        elif target in protected.parents:
+            where = "holds"
+        else:
+            continue
+        raise UserError(f"--out {out_dir} {where} {what}, which this export reads: export to a folder outside it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
+        if not is_diffusers_folder(out_dir):
+            raise UserError(
+                f"{out_dir} is not an earlier export (it has no model_index.json or unet/): --force replaces only a "
+                "diffusers folder; choose another folder, or move this one away yourself"
+            )
+
+
+def publish_folder(out_dir: Path, write: Callable[[Path], None], force: bool = False, checked: bool = False) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a hidden sibling, which is fsynced and renamed over
+    ``out_dir``; an old folder (``force``) is moved aside first and deleted only after the rename."""
+    if not checked:
+        check_export_target(out_dir, force)
+    tmp = old = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(out_dir, "new")
+        write(tmp)
+        _fsync_tree(tmp)
+        if out_dir.is_dir() and any(out_dir.iterdir()):  # --force: move the old folder aside, delete it after
+            old = _sibling(out_dir, "old")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)  # also replaces an empty folder (POSIX rename)
+    except OSError as exc:
+        raise UserError(f"cannot write {out_dir} ({exc.strerror or exc})") from None
+    finally:
+        for leftover in (tmp, old):  # tmp is gone after a successful rename
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import.
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"cannot read {path} ({exc})") from None
+
+
+def _unet_architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """A UNet2DModel config normalised by the installed diffusers (defaults filled in, lists not tuples)."""
+    with torch.device("meta"):  # no weights allocated: only the resolved config is wanted
+        unet = UNet2DModel.from_config(config)
+    return {k: v for k, v in json.loads(json.dumps(dict(unet.config))).items() if not k.startswith("_")}
+
+
+def _model_config_from_unet(config: dict[str, Any], source: str) -> ModelConfig:
+    """The preset whose U-Net has exactly this config; a :class:`UserError` when none does."""
+    arch = _unet_architecture(config)
+    num_class_embeds = arch.get("num_class_embeds")
+    num_classes = num_class_embeds - 1 if num_class_embeds else 0  # our last label is the null label
+    size = arch["sample_size"]
+    for preset in PRESETS:
+        try:
+            candidate = ModelConfig(preset, size, arch["in_channels"], num_classes)
+        except UserError:
+            continue
+        with torch.device("meta"):
+            built = build_unet(candidate)
+        if _unet_architecture(dict(built.config)) == arch:
+            return candidate
+    raise UserError(
+        f"the U-Net in {source} is not one of perceptual-diffusion's presets ({', '.join(PRESETS)}; "
+        f"its block_out_channels are {arch['block_out_channels']}): only U-Nets this project builds can be trained"
+    )
+
+
+def _read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / UNET_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{folder} has no {UNET_WEIGHTS} (only safetensors weights are read, never pickles)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is a damaged safetensors file ({exc})") from None
+
+
+def read_diffusers(folder: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, int]:
+    """(state_dict of a DiffusionUNet, config, step) from a diffusers folder, the shape ``read_weights`` returns.
+
+    A folder written by :func:`export_diffusers` is read losslessly from its config file; any other folder is
+    accepted when its U-Net is one of our presets, its config built from the U-Net and scheduler configs.
+    """
+    folder = Path(folder)
+    unet_class = (
+        _read_json(folder / UNET_DIR / "config.json").get("_class_name")
+        if (folder / UNET_DIR / "config.json").is_file()
+        else None
+    )
+    if unet_class == "UNet2DConditionModel" or (folder / "text_encoder").is_dir():
+        raise UserError(
+            f"{folder} is a latent text-to-image (Stable Diffusion) folder, not a pixel model; use it with the "
+            "`latent` commands (latent train --pretrained / --init-from / --teacher)"
+        )
+    ours = folder / CONFIG_FILE
+    if ours.is_file():
+        record = _read_json(ours)
+        if not isinstance(record, dict) or record.get("format") != ckpt.FORMAT or "config" not in record:
+            raise UserError(f"{ours} is not a perceptual-diffusion export record")
+        try:
+            config = RunConfig.from_dict(record["config"])
+        except UserError as exc:
+            raise UserError(f"{ours} has an invalid config: {exc}") from None
+        step = record.get("step", 0)
+        unet_dir = folder / (CONDITIONAL_UNET_DIR if config.model.num_classes > 0 else UNET_DIR)
+    else:
+        # A conditional export's unet/ has the null label folded in; the model itself is in unet_conditional/.
+        conditional_dir = folder / CONDITIONAL_UNET_DIR
+        unet_dir = conditional_dir if (conditional_dir / "config.json").is_file() else folder / UNET_DIR
+        if not (unet_dir / "config.json").is_file():
+            raise UserError(f"{folder} has no {UNET_DIR}/config.json: it is not a diffusers pixel-model folder")
+        model = _model_config_from_unet(_read_json(unet_dir / "config.json"), str(unet_dir))
+        scheduler_file = folder / SCHEDULER_DIR / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise UserError(f"{folder} has no {SCHEDULER_DIR}/scheduler_config.json: its noise schedule is unknown")
+        schedule, sample = schedule_from_scheduler(_read_json(scheduler_file), str(folder))
+        data = DataConfig(image_size=model.image_size)  # unknown; training from the folder gives its own data
+        config = RunConfig(schedule=schedule, model=model, data=data, sample=sample)
+        step = 0
+    state_dict = {f"unet.{k}": v for k, v in _read_unet_weights(unet_dir).items()}
+    return state_dict, config, int(step) if isinstance(step, int) else 0
+
+
+def import_diffusers(folder: str | Path) -> tuple[DiffusionUNet, RunConfig]:
+    """A diffusers folder (written by :func:`export_diffusers`, or holding a preset's U-Net) as our model, in eval."""
+    state_dict, config, _ = read_diffusers(folder)
+    model = DiffusionUNet(config.model, config.schedule)
+    ckpt.load_state_dict_checked(model, state_dict, str(folder))
+    return model.eval(), config

@@ -1,0 +1,277 @@
+"""Training latent text-to-image models with the one training loop: caption data as the loop's batch source, latents
+cached once by rank 0 (``LatentCache``), and ``LatentTask``, the loop's task for this model family (see
+``training.PixelTask``). Condition ids are caption indices (-1: the empty prompt), so condition dropout is the pixel
+code's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from perceptual_diffusion.config import LatentRunConfig
+from perceptual_diffusion.core.networks import encoder_taps, frozen_copy
+from perceptual_diffusion.data.caption_formats import load_captions
+from perceptual_diffusion.data.captions import CaptionData
+from perceptual_diffusion.data.grid import save_grid
+from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models.latent import (
+    FrozenParts,
+    TextConditionedUNet,
+    build_model,
+    check_pretrained,
+    load_frozen_parts,
+    read_unet_weights,
+    sample_latent,
+    unet_config,
+    vae_downsample,
+)
+from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.runtime import distributed
+
+GRID_PROMPTS = 4  # captions (the data's first ones) in the periodic sample grids: one row each, as in `latent sample`
+GRID_SEEDS_PER_PROMPT = 4
+
+
+def _default_cache_dir() -> Path:
+    from perceptual_diffusion.runtime.cache import cache_dir
+
+    return cache_dir() / "latents"
+
+
+def _cache_key(fingerprint: str, parts: FrozenParts, resolution: int) -> str:
+    h = hashlib.sha256()
+    for piece in (fingerprint, ckpt.sha256_file(parts.folder / "vae"), str(resolution)):
+        h.update(piece.encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+class LatentCache:
+    """Every item's latent in fixed-size chunk files (``chunk-000000.safetensors``: rows 0..CHUNK-1, ...) under one
+    folder per key, read row by row through safetensors' memory map: memory holds a batch, not the data set.
+
+    Chunks make the cache build resumable (a killed build keeps its finished chunks) and shardable (under torchrun
+    rank r encodes chunks r, r + W, ...); each chunk is written atomically, and a damaged one is encoded again.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, folder: Path, num_items: int, shape: tuple[int, ...]) -> None:
+        self.folder, self.num_items, self.shape = Path(folder), num_items, tuple(shape)
+        self._handles: dict[int, Any] = {}
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_items // self.CHUNK)
+
+    def chunk_path(self, c: int) -> Path:
+        return self.folder / f"chunk-{c:06d}.safetensors"
+
+    def _rows(self, c: int) -> int:
+        return min(self.CHUNK, self.num_items - c * self.CHUNK)
+
+    def _valid(self, c: int) -> bool:
+        try:
+            with safe_open(str(self.chunk_path(c)), framework="pt") as fh:
+                return tuple(fh.get_slice("latents").get_shape()) == (self._rows(c), *self.shape)
+        except Exception:  # noqa: BLE001 - missing, truncated or foreign: encode it again
+            return False
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if not self._valid(c)]
+
+    def build(
+        self,
+        chunks: Sequence[int],
+        data: CaptionData,
+        parts: FrozenParts,
+        resolution: int,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> None:
+        """Encode and write the given chunks (the VAE posterior mean times the scaling factor)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for c in tqdm(chunks, desc="encoding latents", unit="chunk", disable=not progress, leave=False):
+                rows = list(range(c * self.CHUNK, c * self.CHUNK + self._rows(c)))
+                latents = torch.cat(
+                    [
+                        parts.encode_images(data.load_images(rows[i : i + batch_size], resolution)).cpu()
+                        for i in range(0, len(rows), batch_size)
+                    ]
+                ).contiguous()
+                ckpt.atomic_write(self.chunk_path(c), lambda tmp, x=latents: save_file({"latents": x}, str(tmp)))
+        except OSError as exc:
+            raise UserError(
+                f"cannot write the latent cache {self.folder} ({exc.strerror or exc}); set --cache-dir"
+            ) from None
+
+    def __getitem__(self, indices: Tensor) -> Tensor:
+        rows = []
+        for i in indices.tolist():
+            c, r = divmod(int(i), self.CHUNK)
+            if c not in self._handles:
+                self._handles[c] = safe_open(str(self.chunk_path(c)), framework="pt")
+            rows.append(self._handles[c].get_slice("latents")[r : r + 1])
+        return torch.cat(rows)
+
+
+def latent_cache(
+    data: CaptionData,
+    parts: FrozenParts,
+    resolution: int,
+    cache_dir: str | Path | None = None,
+    fingerprint: str | None = None,
+    progress: bool = True,
+) -> LatentCache:
+    """The complete latent cache of ``data``, encoding what is missing. Under torchrun every rank encodes its share
+    of the missing chunks, then all wait for each other; the key (data fingerprint, the VAE's files, the resolution)
+    is computed on rank 0 alone and sent to the others, so a changed input is a new folder, never a stale one."""
+    key = None
+    if distributed.is_main():
+        key = _cache_key(fingerprint or data.fingerprint(), parts, resolution)
+    key = distributed.broadcast_object(key)
+    folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    cache = LatentCache(folder / f"latents-{key}", len(data), parts.latent_shape(resolution))
+    missing = cache.missing_chunks()
+    cache.build(distributed.seed_shard(missing), data, parts, resolution, progress=progress)
+    distributed.barrier()
+    if distributed.is_main() and cache.missing_chunks():
+        raise UserError(f"the latent cache {cache.folder} is incomplete after building it; check the disk")
+    return cache
+
+
+@dataclass
+class LatentSource:
+    """Caption data as the loop's batch source: condition ids are caption indices, -1 the empty prompt."""
+
+    data: CaptionData
+    parts: FrozenParts
+    resolution: int
+    tokens: Tensor  # (N, L) token ids of every caption
+    null_tokens: Tensor  # (1, L) of the empty prompt
+    latents: LatentCache | None  # every item's latent, or None to encode each micro-batch
+    null_id: int = -1
+    cond_ids: Tensor = field(init=False)  # item i's condition is its own caption: made once, read every step
+
+    def __post_init__(self) -> None:
+        self.cond_ids = torch.arange(len(self.data), device=self.tokens.device)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.data)
+
+    @property
+    def x0_shape(self) -> tuple[int, ...]:
+        return self.parts.latent_shape(self.resolution)
+
+    def micro_batch(self, indices: Tensor, cond_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.latents is not None:
+            x0 = self.latents[indices.cpu()]
+        else:
+            x0 = self.parts.encode_images(self.data.load_images(indices.cpu().tolist(), self.resolution))
+        dropped = (cond_ids < 0).unsqueeze(1)
+        ids = torch.where(dropped, self.null_tokens.to(self.tokens.device), self.tokens[cond_ids.clamp(min=0)])
+        return x0.to(self.tokens.device), self.parts.encode_tokens(ids)
+
+
+class LatentTask:
+    """The training loop's task for latent text-to-image models (see ``training.PixelTask``)."""
+
+    def __init__(self, config: LatentRunConfig) -> None:
+        self.config = config
+        self.data: CaptionData | None = None
+        self._parts: FrozenParts | None = None
+        self._fingerprint: str | None = None
+
+    def load(self) -> None:
+        mc = self.config.model
+        check_pretrained(mc.pretrained)
+        down = vae_downsample(mc.pretrained)
+        unet = unet_config(mc.pretrained)
+        levels = 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+        taps = [*encoder_taps(len(unet.get("down_block_types", []))), "all"]
+        layer = self.config.loss.feature_layer
+        if self.config.loss.kind == "self-perceptual" and layer not in taps:  # before a run directory is written
+            raise UserError(f"--feature-layer {layer} is not in {mc.pretrained}'s U-Net; choose from {', '.join(taps)}")
+        if mc.resolution % (down * levels):
+            raise UserError(
+                f"--resolution {mc.resolution} does not fit {mc.pretrained}: it must be a multiple of {down * levels} "
+                f"(the VAE downsamples by {down}, the U-Net halves the latent {levels.bit_length() - 1} times)"
+            )
+        dc = self.config.data
+        self.data = load_captions(dc.path, dc.format, dc.on_bad_image)
+
+    def parts(self, device: torch.device) -> FrozenParts:
+        if self._parts is None:
+            self._parts = load_frozen_parts(self.config.model.pretrained, device)
+        return self._parts
+
+    def fingerprint(self) -> str:
+        """The data's fingerprint (it reads every image, so once per run)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.data.fingerprint()
+        return self._fingerprint
+
+    def source(self, device: torch.device) -> LatentSource:
+        parts, dc = self.parts(device), self.config.data
+        latents = None
+        if dc.cache_latents:
+            fingerprint = self.fingerprint() if distributed.is_main() else None
+            progress = distributed.is_main() and self.config.train.progress
+            latents = latent_cache(self.data, parts, self.config.model.resolution, dc.cache_dir, fingerprint, progress)
+        tokens = parts.tokenize(self.data.captions).to(device)
+        return LatentSource(self.data, parts, self.config.model.resolution, tokens, parts.tokenize([""]), latents)
+
+    def _model(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet:
+        return build_model(config, self.parts(device).encode_text([""])).to(device)
+
+    def build_model(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet:
+        """The pretrained U-Net's weights, or those of ``--init-from`` (a latent run or a diffusers folder)."""
+        model = self._model(config, device)
+        source = config.train.init_from or config.model.pretrained
+        state, where = read_unet_weights(source)
+        ckpt.load_state_dict_checked(model, state, where)
+        return model
+
+    def build_teacher(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet | None:
+        if config.loss.kind != "self-perceptual":
+            return None
+        teacher = self._model(config, device)
+        state, where = read_unet_weights(config.loss.teacher)
+        ckpt.load_state_dict_checked(teacher, state, f"teacher {where}")
+        return frozen_copy(teacher)
+
+    def sample_grid(self, ema: TextConditionedUNet, config: LatentRunConfig, path: Path, device: torch.device) -> None:
+        prompts = [
+            self.data.captions[i % len(self.data)] for i in range(GRID_PROMPTS) for _ in range(GRID_SEEDS_PER_PROMPT)
+        ]
+        images = sample_latent(ema, self.parts(device), prompts, list(range(len(prompts))), config.sample)
+        save_grid(images, path, nrow=GRID_SEEDS_PER_PROMPT)
+
+
+def precompute_latents(config: LatentRunConfig) -> LatentCache:
+    """Fill the latent cache of ``config``'s data ahead of training (under torchrun, every process encodes a share)."""
+    from perceptual_diffusion.training.loop import resolve_device
+
+    task = LatentTask(replace(config, data=replace(config.data, cache_latents=True)))
+    task.load()
+    device = resolve_device(config.train.device)
+    with distributed.process_group(device):
+        return task.source(device).latents
+
+
+def train_latent(config: LatentRunConfig, run_dir: str | Path, override_config: bool = False):
+    """Train (or resume) a latent text-to-image run: the pixel models' loop, losses and checkpoints."""
+    from perceptual_diffusion.training.loop import run_task
+
+    return run_task(LatentTask(config), run_dir, override_config)
