@@ -1,0 +1,2 @@
+"""Evaluation as a stream of (images, features) batches: metrics, extractors, reference statistics, cached
+scores and paired statistics."""
