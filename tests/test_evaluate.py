@@ -214,7 +214,9 @@ def to_float(images_uint8: np.ndarray) -> torch.Tensor:
 
 def test_a_test_split_is_refused_for_sources_without_one() -> None:
     model, extractor = _tiny16(), domain_extractor("shapes", 16)
-    with pytest.raises(UserError, match="needs Fashion-MNIST: the shapes data is its whole valid set") as err:
+    with pytest.raises(
+        UserError, match=r"needs data with a held-out split \(fashion-mnist\): the shapes data is its whole valid set"
+    ) as err:
         ev.evaluate_model(
             model,
             SampleConfig(steps=1),

@@ -150,6 +150,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceFacts:
+    """What the rest of the code needs to know of a data source, as plain data: a new source adds its loader in
+    ``data/datasets.py``, its name to ``DataSource`` and one entry to ``SOURCES``."""
+
+    default_size: int  # image size when --image-size is not given
+    no_test_split: str | None  # why the source has no held-out test split, or None when it has one
+
+
+SOURCES: dict[str, SourceFacts] = {
+    "shapes": SourceFacts(16, "the shapes data is its whole valid set, so no image is held out"),
+    "fashion-mnist": SourceFacts(28, None),
+    "folder": SourceFacts(32, "a folder of images has no held-out split"),
+}
+assert SOURCES.keys() == set(typing.get_args(DataSource))
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where training images come from; all three sources need no download."""
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from perceptual_diffusion.config import (
     PRESETS,
+    SOURCES,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -74,7 +75,7 @@ def add_on_bad_image_option(g: argparse._ActionsContainer, config: type, what: s
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    default_size = {"shapes": 16, "fashion-mnist": 28, "folder": 32}[args.data]
+    default_size = SOURCES[args.data].default_size
     return DataConfig(
         source=args.data,
         path=args.data_path,

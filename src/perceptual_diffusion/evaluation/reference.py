@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from perceptual_diffusion.config import DataConfig
+from perceptual_diffusion.config import SOURCES, DataConfig
 from perceptual_diffusion.data.datasets import Dataset, load_dataset, to_uint8
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.features import Extractor
@@ -78,12 +78,13 @@ def check_split(config: DataConfig, split: str) -> None:
     """Refuse a split the data source does not have, with a one-line reason."""
     if split not in SPLITS:
         raise UserError(f"reference split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if split == "test" and config.source != "fashion-mnist":
-        reason = {
-            "shapes": "the shapes data is its whole valid set, so no image is held out",
-            "folder": "a folder of images has no held-out split",
-        }.get(config.source, f"{config.source} has no held-out split")
-        raise UserError(f"reference split 'test' needs Fashion-MNIST: {reason}; use reference split 'train'")
+    reason = SOURCES[config.source].no_test_split
+    if split == "test" and reason is not None:
+        held_out = ", ".join(name for name, facts in SOURCES.items() if facts.no_test_split is None)
+        raise UserError(
+            f"reference split 'test' needs data with a held-out split ({held_out}): {reason}; "
+            "use reference split 'train'"
+        )
 
 
 def dataset_and_hash(config: DataConfig, split: str = "train") -> tuple[Dataset, str]:
@@ -159,7 +160,7 @@ def nearest_train_metric(data: DataConfig) -> NearestTrainDistance:
     ``HELDOUT_NEAREST_MAX`` random official test images for comparison (memoised per process: ~10 s on a CPU)."""
     train, train_hash = dataset_and_hash(data)
     heldout = None
-    if data.source == "fashion-mnist":
+    if SOURCES[data.source].no_test_split is None:
         test, test_hash = dataset_and_hash(data, "test")
         key = f"{train_hash}|{test_hash}|{HELDOUT_NEAREST_MAX}"
         if key not in _HELDOUT_NEAREST:
