@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from perceptual_diffusion.config import LatentRunConfig, RunConfig, TrainConfig, config_diff
+from perceptual_diffusion.config import LatentRunConfig, RunConfig, TrainConfig
 from perceptual_diffusion.core.losses import build_loss
 from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy
 from perceptual_diffusion.core.sampling import sample
@@ -32,7 +32,7 @@ from perceptual_diffusion.errors import TrainingDiverged, UserError
 from perceptual_diffusion.models.loading import load_model, read_weights
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import distributed
-from perceptual_diffusion.training.rundir import RunDir, with_teacher_hash
+from perceptual_diffusion.training.rundir import RunDir, config_diff, with_teacher_hash
 from perceptual_diffusion.training.step import BatchSource, TensorSource, Trainee, all_finite, step_seed, take_step
 
 GRID_SEEDS = 16  # fixed seeds of the periodic sample grids

@@ -21,12 +21,47 @@ from typing import Any, TextIO
 
 import torch
 
-from perceptual_diffusion.config import RESUMABLE_FIELDS, config_diff
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.runtime import checkpoint as ckpt
 
 AnyConfig = Any  # RunConfig | LatentRunConfig: the two model families share this folder's layout
 LOG_NAME = "log.jsonl"
+
+# Fields that may differ when a run directory is resumed: they change how long or how chattily a run goes, or (like
+# the device) only the float rounding of the same computation, not what it computes step by step. The speed options
+# belong here: every step still sees the same images, t, eps and t' (the global batch is drawn whole, then split), so
+# a run resumed on another machine with more accumulation or without torch.compile continues the same run; only a
+# bit-for-bit replay needs the same options. (The number of processes is not in the config at all, for the same
+# reason.) Mixed precision is not here: bf16 changes results by far more than rounding order.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "train.steps",
+        "train.log_every",
+        "train.sample_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.snapshot_every",
+        "train.progress",
+        "train.device",
+        "train.grad_accum",
+        "train.channels_last",
+        "train.compile",
+        "train.grad_checkpointing",
+    }
+)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """List ``section.field: old -> new`` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 def snapshot_path(run_dir: str | Path, step: int) -> Path:
