@@ -4,6 +4,7 @@ on a tiny budget."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -111,6 +112,8 @@ def test_compare_runs_seeds_in_parallel_calls_then_reports_a_verdict_and_resumes
     assert "±" not in report.split("## Results")[1].split("###")[0], "no ± over fewer than 3 seeds"
     for name in ("curves.png", "fid_vs_cfg.png", "results.json"):
         assert (out / name).is_file()
+    images = re.findall(r"!\[[^]]*\]\(([^)]*)\)", report)
+    assert images and len(images) == len(set(images)), "each plot and grid appears once"
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage or evaluation was run again")

@@ -307,11 +307,9 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     diffs = {title: p["metrics"] for title, p in results["paired"].items()}
     budget = results["budget"]
     crit = results["criterion"]["key"]
-    plots = [
-        plot_curves(results, out / "curves.png"),
-        plot_cfg(results, out / f"{crit}_vs_cfg.png", crit),
-        plot_cfg(results, out / "fid_vs_cfg.png", "fid"),
-    ]
+    plots = [plot_curves(results, out / "curves.png"), plot_cfg(results, out / f"{crit}_vs_cfg.png", crit)]
+    if crit != "fid":  # FID vs w as well, unless the criterion is FID already
+        plots.append(plot_cfg(results, out / "fid_vs_cfg.png", "fid"))
     loss_table, loss_note = losses_table(results)
     lines = [
         f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}",
@@ -340,7 +338,12 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         lines += [
             "## Samples of training seed 0 under the same sampling seeds",
             "",
-            "Conditional grids: one class per row; unconditional grids (`uncond-*`): the same seeds, no labels.",
+            "Conditional grids: one class per row"
+            + (
+                "; unconditional grids (`uncond-*`): the same seeds, no labels."
+                if any(Path(g).stem.startswith("uncond-") for g in results["grids"])
+                else "."
+            ),
             "",
         ]
         lines += [f"**{Path(g).stem}**\n\n![{Path(g).stem}]({g})\n" for g in results["grids"]]
