@@ -277,3 +277,10 @@ def test_weights_of_the_other_family_are_refused(
         loading.read_weights(latent.export_latent(tmp_path / "lat", tmp_path / "lat-export"))
     with pytest.raises(UserError, match="is a UNet2DModel, not a text-conditioned"):
         latent.read_unet_weights(export_diffusers(trained_mse_run, tmp_path / "px-export"))
+    # load_model(kind=...), what the commands call: the same refusals, before any weights are read.
+    with pytest.raises(UserError, match="holds a pixel-space model; use it with the pixel commands"):
+        loading.load_model(trained_mse_run, kind="latent")
+    with pytest.raises(UserError, match="holds a latent text-to-image model; use it with the `latent` commands"):
+        loading.load_model(tmp_path / "lat", kind="pixel")
+    with pytest.raises(UserError, match="is a diffusers folder, which loads as a pixel model"):
+        loading.load_model(tmp_path / "px-export", kind="latent")

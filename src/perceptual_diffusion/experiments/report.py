@@ -307,9 +307,9 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     diffs = {title: p["metrics"] for title, p in results["paired"].items()}
     budget = results["budget"]
     crit = results["criterion"]["key"]
-    plots = [plot_curves(results, out / "curves.png"), plot_cfg(results, out / f"{crit}_vs_cfg.png", crit)]
-    if crit != "fid":  # FID vs w as well, unless the criterion is FID already
-        plots.append(plot_cfg(results, out / "fid_vs_cfg.png", "fid"))
+    # The criterion and FID against w, each once (the criterion may be FID).
+    plots = [plot_curves(results, out / "curves.png")]
+    plots += [plot_cfg(results, out / f"{m}_vs_cfg.png", m) for m in dict.fromkeys((crit, "fid"))]
     loss_table, loss_note = losses_table(results)
     lines = [
         f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}",
