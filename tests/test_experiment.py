@@ -17,6 +17,7 @@ from perceptual_diffusion.experiments import ablation, budgets, stages
 from perceptual_diffusion.experiments import compare as experiment
 from perceptual_diffusion.experiments.ablation_report import ablation_verdict
 from perceptual_diffusion.experiments.budgets import PlateauSchedule
+from perceptual_diffusion.experiments.report import pair_by_role
 
 TINY = budgets.Budget(
     name="test",
@@ -67,7 +68,7 @@ def test_each_branch_gets_the_learning_rate_with_its_best_mean_criterion() -> No
 
 
 def test_rows_hold_the_papers_baselines_and_the_extras() -> None:
-    keys = [r.key for r in experiment.plan_rows(replace(TINY, extras=True, cfg_scales=(1.5, 3.0)))]
+    keys = [r.slug for r in experiment.plan_rows(replace(TINY, extras=True, cfg_scales=(1.5, 3.0)))]
     assert keys[:3] == ["stage1-mse/none", "mse-continued/none", "self-perceptual/none"]
     assert "mse-continued/cfg-w3-phi0.7" in keys and "mse-continued/cfg-w3-phi0" in keys
     assert {"uncond/stage1-mse/none", "uncond/mse-continued/none", "uncond/self-perceptual/none"} <= set(keys)
@@ -97,7 +98,7 @@ def test_compare_runs_seeds_in_parallel_calls_then_reports_a_verdict_and_resumes
     assert set(results["chosen_lrs"].values()) <= set(TINY.finetune_lrs)
     assert set(results["evaluations"]) == {"0", "1"}
     assert len(results["teachers"]["seed0"]["points"]) == 4  # two phases x two chunks
-    head = results["paired"]["self-perceptual vs MSE continued, no guidance (the paper's claim)"]
+    head = {"metrics": pair_by_role(results, "headline")}
     d = head["metrics"]["structure_precision"]
     assert len(d["per_seed"]) == 2 and d["ci_low"] <= d["estimate"] <= d["ci_high"]
     assert {"fid", "kid", "precision", "coverage", "noise_rms"} <= set(head["metrics"])

@@ -28,6 +28,7 @@ from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.experiments import budgets
 from perceptual_diffusion.experiments import compare as experiment
 from perceptual_diffusion.experiments.budgets import PlateauSchedule
+from perceptual_diffusion.experiments.report import pair_by_role
 from perceptual_diffusion.models import latent
 from perceptual_diffusion.models.loading import load_model
 from perceptual_diffusion.training import latent as latent_training
@@ -176,7 +177,7 @@ def compare_numbers(tmp: Path) -> dict[str, list[float]]:
     results = experiment.run_compare(tmp / "cmp", BUDGET, device="cpu")
     rows = results["evaluations"]["0"]
     out = {f"compare/{key}": [float(rows[key][0][m]) for m in ROW_METRICS] for key in sorted(rows)}
-    head = results["paired"]["self-perceptual vs MSE continued, no guidance (the paper's claim)"]["metrics"]
+    head = pair_by_role(results, "headline")
     out["compare/paired"] = [float(head[m]["estimate"]) for m in ("noise_rms", "fid", "precision", "coverage")]
     losses = results["fixed_batch_losses"]["0"]
     out["compare/fixed-batch"] = [float(losses[k][m]) for k in sorted(losses) for m in ("mse", "self_perceptual")]

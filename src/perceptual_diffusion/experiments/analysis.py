@@ -18,6 +18,7 @@ from perceptual_diffusion.data.datasets import load_dataset
 from perceptual_diffusion.evaluation import stats
 from perceptual_diffusion.evaluation.reference import reference_stats
 from perceptual_diffusion.evaluation.scoring import load_per_sample
+from perceptual_diffusion.experiments.rows import Pair, Row
 from perceptual_diffusion.experiments.variants import PAPER
 from perceptual_diffusion.experiments.workspace import branch_dir, model_dir, teacher_dir
 from perceptual_diffusion.models.loading import load_model
@@ -34,6 +35,7 @@ def _statistics(ctx: Any, per_sample: dict[str, np.ndarray]) -> dict[str, Any]:
         ("noise_rms", "noise_rms"),
         ("class_accuracy", "class_match"),
         ("nearest_train_rms", "nearest_train_rms"),
+        ("grid_excess_db", "grid_excess"),
     ):
         if array in per_sample:
             out[key] = stats.mean_of(array)
@@ -59,38 +61,28 @@ def paired(ctx: Any, seeds: list[int], key_a: str, key_b: str, n_boot: int = 100
     return out
 
 
-def paired_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(title, row A, row B) for every pair the report discusses, the paper's headline first."""
-    keys = {r["key"] for r in results["rows"]}
-    pairs = [
-        (
-            "self-perceptual vs MSE continued, no guidance (the paper's claim)",
-            "self-perceptual/none",
-            "mse-continued/none",
-        ),
-        ("self-perceptual vs its teacher", "self-perceptual/none", "stage1-mse/none"),
-        ("MSE continued vs the teacher", "mse-continued/none", "stage1-mse/none"),
-    ]
-    cfg = sorted(k for k in keys if k.startswith("mse-continued/cfg-") and k.endswith("phi0.7"))
-    if cfg:
-        pairs.append(
-            (
-                f"self-perceptual (no guidance) vs MSE + {row_label(cfg[0]).split(', ')[1]}",
-                "self-perceptual/none",
-                cfg[0],
-            )
+def plan_pairs(rows: list[Row], variants: tuple[str, ...] | list[str], selected: bool = False) -> list[Pair]:
+    """Every pair the report discusses, by role, the paper's headline first: self-perceptual without guidance against
+    each guidance method's row (``selected``: each method's best setting, one row per method; otherwise, v1, the
+    first CFG row with rescale 0.7)."""
+    by_slug = {r.slug: r for r in rows}
+    sp, mse, teacher = Row("self-perceptual"), Row("mse-continued"), Row("stage1-mse")
+    pairs = [Pair("headline", sp, mse), Pair("vs-teacher", sp, teacher), Pair("teacher-residual", mse, teacher)]
+    if selected:
+        guided = [r for r in rows if r.model == "mse-continued" and r.guidance in ("cfg", "apg", "autoguidance")]
+        for r in guided:
+            method = "interval" if r.interval else r.guidance
+            pairs.append(Pair("vs-guidance", sp, r, method=method, selected=True))
+    else:
+        cfg = sorted(
+            (r for r in rows if r.model == "mse-continued" and r.guidance == "cfg" and r.guidance_rescale == 0.7),
+            key=lambda r: r.slug,
         )
-    if "uncond/self-perceptual/none" in keys:
-        pairs.append(
-            (
-                "unconditional: self-perceptual vs MSE continued",
-                "uncond/self-perceptual/none",
-                "uncond/mse-continued/none",
-            )
-        )
-    for v in results["budget"]["variants"]:
-        pairs.append((f"{v} vs MSE continued (beyond the paper)", f"{v}/none", "mse-continued/none"))
-    return [p for p in pairs if p[1] in keys and p[2] in keys]
+        if cfg:
+            pairs.append(Pair("vs-guidance", sp, cfg[0], method="cfg"))
+    pairs.append(Pair("unconditional", Row("uncond/self-perceptual"), Row("uncond/mse-continued")))
+    pairs += [Pair("variant", Row(v), mse) for v in variants]
+    return [p for p in pairs if p.a.slug in by_slug and p.b.slug in by_slug]
 
 
 @torch.no_grad()
@@ -115,18 +107,6 @@ def losses_on_fixed_batch(ctx: Any, seed: int, chosen: dict[str, float], models:
             "mse": float(mse_loss(model, teacher.schedule, x0, labels, t, eps).mean()),
         }
     return out
-
-
-def row_label(key: str) -> str:
-    """A row key as the report names it: "self-perceptual, CFG w=3 φ=0.7"."""
-    model, _, guidance = key.rpartition("/")
-    if guidance == "none":
-        return f"{model}, no guidance"
-    if guidance == "null-label":
-        return f"{model}, null label"
-    kind, w, phi = guidance.split("-")
-    name = "CFG" if kind == "cfg" else "autoguidance"
-    return f"{model}, {name} w={w[1:]} φ={phi[3:]}"
 
 
 def training_losses(ctx: Any, chosen: dict[str, float], seed: int = 0) -> dict[str, list[list[float]]]:

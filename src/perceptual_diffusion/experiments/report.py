@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from perceptual_diffusion.evaluation import stats
-from perceptual_diffusion.experiments.analysis import row_label
+from perceptual_diffusion.experiments.report_sections import inception_section, plot_selection, selection_section
+from perceptual_diffusion.experiments.rows import Pair, Row
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
 
 # (key in evaluation metrics, label, True if higher is better; None: neither, a diagnostic)
@@ -30,8 +31,11 @@ TABLE_METRICS = (
     ("recall", "recall", True),
     ("coverage", "coverage", True),
     ("nearest_train_rms", "nearest-train RMS", None),
+    ("grid_excess_db", "grid excess (dB)", False),
 )
 LABELS = {k: (label, higher) for k, label, higher in TABLE_METRICS}
+REPOSITORY_BUDGETS = ("cpu-demo", "cpu-fair", "cpu-fair-fmnist", "cpu-fair-fmnist-v2", "gpu")
+WEAK_EXTRACTOR = 0.9  # held-out accuracy below which the verdict warns about the domain features
 
 
 def _seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
@@ -54,13 +58,23 @@ def format_cell(values: list[float]) -> str:
 
 def results_table(results: dict[str, Any]) -> str:
     """Rows x metrics, mean over training seeds (± sd over seeds only with at least 3 of them)."""
-    keys = [r["key"] for r in results["rows"]]
-    metrics = [(k, label) for k, label, _ in TABLE_METRICS if any(_seed_values(results, key, k) for key in keys)]
+    rows = [Row.from_dict(r) for r in results["rows"]]
+    metrics = [(k, label) for k, label, _ in TABLE_METRICS if any(_seed_values(results, r.slug, k) for r in rows)]
     lines = ["| model, guidance | " + " | ".join(label for _, label in metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for key in keys:
-        cells = [format_cell(_seed_values(results, key, k)) for k, _ in metrics]
-        lines.append(f"| {row_label(key)} | " + " | ".join(cells) + " |")
+    for row in rows:
+        cells = [format_cell(_seed_values(results, row.slug, k)) for k, _ in metrics]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pairs_of(results: dict[str, Any]) -> list[tuple[Pair, dict[str, dict[str, Any]]]]:
+    """The typed pairs of ``results`` with their paired differences by metric, in the report's order."""
+    return [(Pair.from_dict(p), p["metrics"]) for p in results["pairs"]]
+
+
+def pair_by_role(results: dict[str, Any], role: str, method: str | None = None) -> dict[str, dict[str, Any]] | None:
+    """The paired differences of the pair with ``role`` (and guidance ``method``), or None when there is none."""
+    return next((m for p, m in pairs_of(results) if p.role == role and (method is None or p.method == method)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,16 +139,17 @@ def losses_table(results: dict[str, Any]) -> tuple[str, str]:
 # Verdict.
 
 
-def verdict(results: dict[str, Any], diffs: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    """Sentences computed from the numbers: winner without guidance, teacher plateau, CFG, unconditional."""
+def verdict(results: dict[str, Any]) -> list[str]:
+    """Sentences computed from the numbers: winner without guidance, teacher plateau, guidance, unconditional."""
     crit = results["criterion"]["key"]
-    head = next(iter(diffs.values()))  # the paper's headline pair comes first
+    head = pair_by_role(results, "headline")
     teachers = {k: v for k, v in results["teachers"].items() if "uncond" not in k}
     return [
         *_headline(head, crit, results["budget"]["training_seeds"]),
         _teacher_sentence(results, teachers),
-        *_residual_sentence(results, diffs, crit, teachers),
-        *_baseline_sentences(diffs, crit),
+        *_residual_sentence(results, crit, teachers),
+        *_baseline_sentences(results, crit),
+        *_extractor_sentence(results),
     ]
 
 
@@ -146,7 +161,10 @@ def _headline(head: dict[str, dict[str, Any]], crit: str, n_seeds: int) -> list[
     spread = f"95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], {agree} of {len(d['per_seed'])} seeds agree"
     if _significant(d):
         winner, loser = ("self-perceptual", "MSE continued") if sp_better else ("MSE continued", "self-perceptual")
-        out = [f"**Without guidance, {winner} beats {loser} on {label}** by {abs(d['estimate']):.4f} ({spread})."]
+        out = [
+            f"**Without guidance, {winner} beats {loser} on {label}**: self-perceptual − MSE continued = "
+            f"{d['estimate']:+.4f} ({spread})."
+        ]
     else:
         out = [
             f"**Without guidance, self-perceptual and MSE continued are not separated on {label}**: difference "
@@ -174,21 +192,26 @@ def _teacher_sentence(results: dict[str, Any], teachers: dict[str, Any]) -> str:
         ends = "; ".join(f"{k}: {t['phase_ends'][-1]}" for k, t in teachers.items())
         return f"The teacher reached a measured plateau in every seed ({ends})."
     bad = [k for k, t in teachers.items() if not t["at_plateau"]]
-    return (
-        f"**Warning: the teacher is NOT converged** in {', '.join(bad)} (stage 1 ended at its step cap), "
-        "so stage 2 partly measures further convergence, not the objective; the fair results are the "
-        "`cpu-fair` runs in the repository's results/shapes-fair/report.md."
+    # Why, in words (results written before the reason was recorded: the v1 wording).
+    reasons = "; ".join(f"{k}: {teachers[k]['reason']}" for k in bad if teachers[k].get("reason"))
+    why = reasons or "stage 1 ended at its step cap"
+    text = (
+        f"**Warning: the teacher is NOT converged** in {', '.join(bad)} ({why}), "
+        "so stage 2 partly measures further convergence, not the objective"
     )
+    if results["budget"]["name"] in REPOSITORY_BUDGETS and results["data"]["source"] == "shapes":
+        return text + "; the fair results are the `cpu-fair` runs in the repository's results/shapes-fair/report.md."
+    return text + "; give the budget more stage-1 steps (or bring a converged teacher with --teacher-from)."
 
 
-def _residual_sentence(results: dict[str, Any], diffs: dict, crit: str, teachers: dict[str, Any]) -> list[str]:
+def _residual_sentence(results: dict[str, Any], crit: str, teachers: dict[str, Any]) -> list[str]:
     """Whether MSE continued still gains on a teacher the criterion called converged."""
     label, higher = LABELS.get(crit, (crit, True))
-    residual = diffs.get("MSE continued vs the teacher", {}).get(crit)
+    residual = (pair_by_role(results, "teacher-residual") or {}).get(crit)
     converged = all(t["at_plateau"] for t in teachers.values()) and not results["budget"].get("teacher")
     if not (converged and residual is not None and _significant(residual) and (residual["estimate"] > 0) == higher):
         return []
-    vs_teacher = diffs.get("self-perceptual vs its teacher", {}).get(crit)
+    vs_teacher = (pair_by_role(results, "vs-teacher") or {}).get(crit)
     return [
         f"MSE continued still gains on its teacher ({label} {_fmt_diff(residual)}): the plateau criterion at "
         f"{results['budget']['curve_samples']} samples per point does not exclude gains of this size, so part of "
@@ -197,26 +220,45 @@ def _residual_sentence(results: dict[str, Any], diffs: dict, crit: str, teachers
     ]
 
 
-def _baseline_sentences(diffs: dict, crit: str) -> list[str]:
-    """Self-perceptual without guidance against MSE + CFG, and the unconditional pair."""
+def _baseline_sentences(results: dict[str, Any], crit: str) -> list[str]:
+    """Self-perceptual without guidance against each guidance row (each method's best setting where the budget
+    chose them on held-out seeds), and the unconditional pair."""
     label, higher = LABELS.get(crit, (crit, True))
     out = []
-    cfg_title = next((t for t in diffs if t.startswith("self-perceptual (no guidance) vs MSE + CFG")), None)
-    if cfg_title:
-        c = diffs[cfg_title][crit]
+    selection = results.get("guidance_selection", {})
+    for pair, metrics in pairs_of(results):
+        if pair.role != "vs-guidance" or crit not in metrics:
+            continue
+        c = metrics[crit]
         rel = "better than" if (c["estimate"] > 0) == higher else "worse than"
         sig = "" if _significant(c) else " (not significant)"
+        where = ""
+        if pair.selected and pair.method in selection:
+            where = f" (its best setting on held-out seeds: {selection[pair.method]['position']})"
         out.append(
-            f"Against {cfg_title.split(' vs ')[1]}, self-perceptual without guidance is {rel} it on {label}: "
+            f"Against MSE + {pair.b.method_label}{where}, self-perceptual without guidance is {rel} it on {label}: "
             f"{_fmt_diff(c)}{sig}."
         )
-    uncond = next((t for t in diffs if t.startswith("unconditional")), None)
-    if uncond:
-        u = diffs[uncond][crit]
+    for method, sel in selection.items():
+        if sel.get("note"):
+            out.append(f"{method}: {sel['note']}.")
+    u = (pair_by_role(results, "unconditional") or {}).get(crit)
+    if u:
         rel = "better" if (u["estimate"] > 0) == higher else "worse"
         sig = "" if _significant(u) else ", not significant"
         out.append(f"Unconditionally, self-perceptual is {rel} than MSE continued on {label}: {_fmt_diff(u)}{sig}.")
     return out
+
+
+def _extractor_sentence(results: dict[str, Any]) -> list[str]:
+    """A warning when the domain features come from a weak classifier (their FID then says little)."""
+    accuracy = results.get("extractor_accuracy")
+    if accuracy is None or accuracy >= WEAK_EXTRACTOR:
+        return []
+    return [
+        f"**Warning: the domain feature extractor reaches only {accuracy:.3f} held-out accuracy**, so distances in "
+        "its features may not track what a stronger network sees; read the Inception numbers, if present, beside them."
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,19 +346,19 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     """report.md (verdict first), results.json and the plots in the comparison's folder ``out``, from ``results``
     alone (``compare.run_compare`` computes every number in it, ``analysis.py`` the paired differences)."""
     seeds = sorted(int(s) for s in results["evaluations"])
-    diffs = {title: p["metrics"] for title, p in results["paired"].items()}
     budget = results["budget"]
     crit = results["criterion"]["key"]
     # The criterion and FID against w, each once (the criterion may be FID).
     plots = [plot_curves(results, out / "curves.png")]
     plots += [plot_cfg(results, out / f"{m}_vs_cfg.png", m) for m in dict.fromkeys((crit, "fid"))]
+    plots.append(plot_selection(results, out / "guidance_selection.png", crit, LABELS.get(crit, (crit,))[0]))
     loss_table, loss_note = losses_table(results)
     lines = [
         f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}",
         "",
         "## Verdict",
         "",
-        " ".join(verdict(results, diffs)),
+        " ".join(verdict(results)),
         "",
         _how_to_read(results, len(seeds)),
         "",
@@ -327,8 +369,10 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         results_table(results),
         "",
     ]
-    for title, p in results["paired"].items():
-        lines += [f"### {title}", "", f"A = `{p['a']}`, B = `{p['b']}`.", "", paired_table(p["metrics"]), ""]
+    for pair, metrics in pairs_of(results):
+        lines += [f"### {pair.title}", "", f"A = `{pair.a.slug}`, B = `{pair.b.slug}`.", "", paired_table(metrics), ""]
+    lines += selection_section(results, LABELS.get(crit, (crit,))[0])
+    lines += inception_section(results, format_cell, paired_table)
     lines += ["## Does the objective optimise itself?", "", loss_table, "", loss_note, ""]
     lines += _protocol_section(results)
     for plot in plots:

@@ -131,12 +131,20 @@ def train_teacher(ctx: Context, seed: int, unconditional: bool = False) -> Teach
     def evaluate_point(weights: Path, name: str) -> tuple[float, float, dict[str, Any]]:
         return ctx.selection_point(f"{prefix}curve-{name}", seed, weights)
 
-    return train_to_plateau(root, ctx.budget.stage1, make_config, evaluate_point, ctx.criterion, log)
+    gain_of = None  # the schedule's combined-standard-error rule
+    if ctx.budget.stage1.rule == "paired":
+        gain_of = lambda a, b: ctx.paired_gain(seed, f"{prefix}curve-{a.name}", f"{prefix}curve-{b.name}")  # noqa: E731
+    return train_to_plateau(root, ctx.budget.stage1, make_config, evaluate_point, ctx.criterion, log, gain_of)
 
 
 def teacher_for(ctx: Context, seed: int, unconditional: bool = False) -> TeacherResult:
     if ctx.budget.teacher is not None and not unconditional:
-        return TeacherResult(run_dir=Path(ctx.budget.teacher), at_plateau=False, phase_ends=["brought by the user"])
+        return TeacherResult(
+            run_dir=Path(ctx.budget.teacher),
+            at_plateau=False,
+            phase_ends=["brought by the user"],
+            reason="brought by the user: its plateau was not measured here",
+        )
     return train_teacher(ctx, seed, unconditional)
 
 
@@ -147,7 +155,7 @@ def check_teachers(ctx: Context, seeds: list[int], require_plateau: bool) -> dic
         teachers[f"seed{seed}"] = result
         if not result.at_plateau and ctx.budget.teacher is None:
             message = (
-                f"seed {seed}: the teacher did not reach a plateau ({'; '.join(result.phase_ends)}): stage 2 would "
+                f"seed {seed}: the teacher did not reach a plateau ({result.reason}): stage 2 would "
                 "measure further convergence, not the objective"
             )
             if require_plateau:

@@ -5,9 +5,16 @@ If the teacher is still improving, "MSE continued" in stage 2 measures further c
 learning rate), not the objective. So stage 1 here is reduce-on-plateau training, in phases of decreasing constant
 learning rate (e.g. 2e-3, then 2e-4): each phase trains in chunks of ``chunk_steps``; after every chunk the EMA
 weights are evaluated on held-out sampling seeds with the criterion metric (``scoring.criterion_for``); a phase ends
-when the last chunk's gain is within twice the combined sampling standard error of two evaluations (a plateau), or at
-its step cap. The next phase starts from the previous phase's EMA weights. The teacher is *at a plateau* when its
-last phase (the lowest learning rate) ended by the criterion and the curve rose beyond noise since its first point.
+when the last chunk's gain is not beyond sampling noise (a plateau), or at its step cap. The next phase starts from
+the previous phase's EMA weights. The teacher is *at a plateau* when its last phase (the lowest learning rate) ended
+by the criterion and the curve rose beyond noise since its first point.
+
+"Beyond noise" is a :class:`Gain` with an interval. Two rules exist (``PlateauSchedule.rule``): ``paired`` estimates
+the gain between two snapshots from the *same* sampling seeds with the paired bootstrap (``stats.paired_bootstrap``):
+both evaluations share their seeds and labels, so most of their sampling noise cancels and a plateau can be
+certified at the sample counts a CPU allows. ``combined-se`` (the rule of the committed v1 results) treats the two
+evaluations as independent, ``noise_multiple`` times their combined standard error, which overstates the noise of a
+difference of strongly correlated estimates.
 
 Every chunk is a resume of the same run directory (``train.steps`` may grow on resume under a constant learning
 rate), every evaluation is cached, and every decision is recomputed from the cached numbers: rerunning the command
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,23 @@ EvaluatePoint = Callable[[Path, str], tuple[float, float, dict[str, Any]]]
 MakeConfig = Callable[[int, float, int, "str | None"], RunConfig]
 
 
+@dataclass(frozen=True)
+class Gain:
+    """How much better a later curve point is than an earlier one (positive: better), with an interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    @property
+    def significant(self) -> bool:
+        """The later point is better beyond noise: the whole interval lies above 0."""
+        return self.low > 0
+
+    def describe(self) -> str:
+        return f"{self.estimate:+.4g} [{self.low:+.4g}, {self.high:+.4g}]"
+
+
 @dataclass
 class CurvePoint:
     phase: int
@@ -43,6 +67,23 @@ class CurvePoint:
     value: float
     se: float
     metrics: dict[str, float]
+    name: str = ""  # the evaluation's cache name (the paired rule reads its per-sample arrays)
+    gain: dict[str, float] | None = None  # Gain over the previous point of the same phase, as a dict
+
+
+# (earlier point, later point) -> the later one's gain
+GainOf = Callable[[CurvePoint, CurvePoint], Gain]
+
+
+def combined_se_gain(criterion: Criterion, multiple: float) -> GainOf:
+    """The v1 rule: the gain's interval is +- ``multiple`` combined standard errors of two independent estimates."""
+
+    def gain(previous: CurvePoint, current: CurvePoint) -> Gain:
+        estimate = criterion.better(current.value, previous.value)
+        noise = multiple * math.sqrt(previous.se**2 + current.se**2)
+        return Gain(estimate, estimate - noise, estimate + noise)
+
+    return gain
 
 
 @dataclass
@@ -55,6 +96,7 @@ class TeacherResult:
     phase_ends: list[str] = field(default_factory=list)  # per phase: "plateau at step S" or "step cap S"
     steps: int = 0
     images: int = 0
+    reason: str = ""  # in words: why the teacher is, or is not, at a plateau
 
 
 def phase_dir(root: Path, phase: int, phases: int) -> Path:
@@ -64,17 +106,16 @@ def phase_dir(root: Path, phase: int, phases: int) -> Path:
 
 def within_noise(previous: CurvePoint, current: CurvePoint, criterion: Criterion, multiple: float) -> bool:
     """The gain from ``previous`` to ``current`` is within ``multiple`` combined standard errors (or negative)."""
-    noise = math.sqrt(previous.se**2 + current.se**2)
-    return criterion.better(current.value, previous.value) <= multiple * noise
+    return not combined_se_gain(criterion, multiple)(previous, current).significant
 
 
-def is_plateau(points: list[CurvePoint], criterion: Criterion, multiple: float, first_phase: bool) -> bool:
+def is_plateau(points: list[CurvePoint], gain_of: GainOf, first_phase: bool) -> bool:
     """The last chunk gained nothing beyond sampling noise; in the first phase the curve must also have risen
     beyond noise since its first point, so that a model still at the floor (e.g. 0 of N samples right, twice) is
     not mistaken for a converged one."""
-    if len(points) < 2 or not within_noise(points[-2], points[-1], criterion, multiple):
+    if len(points) < 2 or gain_of(points[-2], points[-1]).significant:
         return False
-    return not first_phase or not within_noise(points[0], points[-1], criterion, multiple)
+    return not first_phase or gain_of(points[0], points[-1]).significant
 
 
 def train_to_plateau(
@@ -84,8 +125,11 @@ def train_to_plateau(
     evaluate_point: EvaluatePoint,
     criterion: Criterion,
     log: Callable[[str], None] = print,
+    gain_of: GainOf | None = None,
 ) -> TeacherResult:
-    """Run (or resume) every phase of stage 1 under ``root``; returns the teacher and its curve."""
+    """Run (or resume) every phase of stage 1 under ``root``; returns the teacher and its curve. ``gain_of`` is
+    the rule that tells a gain from noise (default: the combined standard errors of ``schedule.noise_multiple``)."""
+    gain_of = gain_of or combined_se_gain(criterion, schedule.noise_multiple)
     phases = len(schedule.lrs)
     result = TeacherResult(run_dir=phase_dir(root, phases - 1, phases), at_plateau=False)
     init_from: str | None = None
@@ -102,13 +146,16 @@ def train_to_plateau(
             if not is_finished(run_dir, steps):
                 log(f"stage 1 phase {p + 1}/{phases} (lr {lr:g}): training to step {steps} in {run_dir}")
                 train(config, run_dir)
-            value, se, res = evaluate_point(snapshot_path(run_dir, steps), f"phase{p}-step{steps:08d}")
-            point = CurvePoint(
-                p, lr, steps, images_before + steps * config.train.batch_size, value, se, res.get("metrics", {})
-            )
+            name = f"phase{p}-step{steps:08d}"
+            value, se, res = evaluate_point(snapshot_path(run_dir, steps), name)
+            images = images_before + steps * config.train.batch_size
+            point = CurvePoint(p, lr, steps, images, value, se, res.get("metrics", {}), name)
+            if phase_points:
+                point.gain = asdict(gain_of(phase_points[-1], point))
             phase_points.append(point)
-            log(f"stage 1 phase {p + 1} step {steps}: {criterion.key} {value:.4g} ± {se:.2g}")
-            if k >= schedule.min_chunks and is_plateau(phase_points, criterion, schedule.noise_multiple, p == 0):
+            gain = f", gain {Gain(**point.gain).describe()}" if point.gain else ""
+            log(f"stage 1 phase {p + 1} step {steps}: {criterion.key} {value:.4g} ± {se:.2g}{gain}")
+            if k >= schedule.min_chunks and is_plateau(phase_points, gain_of, p == 0):
                 ended, plateau = f"plateau at step {steps}", True
                 break
         result.points += phase_points
@@ -120,6 +167,34 @@ def train_to_plateau(
     result.images = images_before
     # At a plateau: the last phase (the lowest learning rate) ended by the criterion, and the teacher learned
     # something, i.e. its last point is beyond noise from its first (a model flat at the floor is not converged).
-    first, last = result.points[0], result.points[-1]
-    result.at_plateau = plateaus[-1] and not within_noise(first, last, criterion, schedule.noise_multiple)
+    overall = gain_of(result.points[0], result.points[-1])
+    result.at_plateau = plateaus[-1] and overall.significant
+    result.reason = _reason(result, schedule, plateaus[-1], overall, criterion)
     return result
+
+
+def _reason(
+    result: TeacherResult, schedule: PlateauSchedule, last_plateau: bool, overall: Gain, crit: Criterion
+) -> str:
+    """Why the teacher is, or is not, at a plateau, in words."""
+    phases = len(schedule.lrs)
+    last = result.points[-1]
+    chunk = f"its last chunk gained {Gain(**last.gain).describe()} in {crit.key}" if last.gain else "one chunk"
+    phase = f"the last phase (lr {schedule.lrs[-1]:g})"
+    cap = f"{phase} ended at its step cap of {schedule.max_chunks * schedule.chunk_steps} steps"
+    if not last_plateau and last.gain and Gain(**last.gain).significant:
+        return f"{cap} while still gaining beyond noise ({chunk})"
+    if not last_plateau:
+        return (
+            f"{cap}: {chunk}, within noise, but the curve never rose beyond noise from its first point "
+            f"({crit.key} gain {overall.describe()}), so it may still be at the floor"
+        )
+    if not overall.significant:
+        return (
+            f"{phase} ended by the criterion ({result.phase_ends[-1]}), but the curve did not rise beyond noise "
+            f"from its first point to its last ({crit.key} gain {overall.describe()}), so it may still be at the floor"
+        )
+    return (
+        f"{phase} of {phases} ended at a plateau ({result.phase_ends[-1]}: {chunk}); overall gain since the first "
+        f"point {overall.describe()}"
+    )

@@ -19,6 +19,7 @@ from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.features import auto_extractor
 from perceptual_diffusion.evaluation.scoring import Criterion, criterion_for, evaluate_cached, load_per_sample
 from perceptual_diffusion.experiments.budgets import Budget
+from perceptual_diffusion.experiments.teacher import Gain
 from perceptual_diffusion.models.loading import load_model
 from perceptual_diffusion.training.loop import resolve_device
 
@@ -41,11 +42,12 @@ class Context:
     criterion: Criterion
     extractor: Any
     reference_split: str
+    eval_dir: str = "eval"  # "eval-inception": the same rows in the standard Inception features
 
     def cache(self, name: str, seed: int) -> Path:
         """Where the evaluation ``name`` of training seed ``seed`` is cached (``scoring.evaluate_cached`` adds the
         .json and .npz extensions)."""
-        return self.out / "eval" / f"seed{seed}" / name.replace("/", "__")
+        return self.out / self.eval_dir / f"seed{seed}" / name.replace("/", "__")
 
     def root(self, seed: int, unconditional: bool = False) -> Path:
         """The folder of one training seed's runs (``uncond/`` inside it for the unconditional pair)."""
@@ -60,6 +62,7 @@ class Context:
         seeds: list[int],
         guide: Any = None,
         use_labels: bool = True,
+        fingerprint: str | None = None,
     ) -> dict[str, Any]:
         return evaluate_cached(
             self.cache(name, seed),
@@ -72,6 +75,7 @@ class Context:
             guide=guide,
             use_labels=use_labels,
             reference_split=self.reference_split,
+            fingerprint=fingerprint,
         )
 
     def selection_point(self, name: str, seed: int, weights: Path) -> tuple[float, float, dict[str, Any]]:
@@ -85,6 +89,22 @@ class Context:
         per_sample = load_per_sample(self.cache(name, seed)) if self.criterion.key == "fid" else None
         reference = reference_stats(self.data, self.extractor, split=self.reference_split) if per_sample else None
         return self.criterion.value(res), self.criterion.standard_error(res, per_sample, reference), res
+
+    def paired_gain(self, seed: int, earlier: str, later: str, n_boot: int = 200) -> Gain:
+        """How much better the cached evaluation ``later`` is than ``earlier`` on the criterion, paired: both were
+        sampled from the same seeds and labels, so the bootstrap draws the same sample indices for both."""
+        from perceptual_diffusion.evaluation import stats
+        from perceptual_diffusion.evaluation.reference import reference_stats
+
+        reference = None
+        if self.criterion.key == "fid":
+            reference = reference_stats(self.data, self.extractor, split=self.reference_split)
+        a = load_per_sample(self.cache(later, seed))
+        b = load_per_sample(self.cache(earlier, seed))
+        d = stats.paired_bootstrap([a], [b], self.criterion.statistic(reference), n_boot=n_boot)
+        sign = 1.0 if self.criterion.higher_is_better else -1.0
+        low, high = sorted((sign * d.ci_low, sign * d.ci_high))
+        return Gain(sign * d.estimate, low, high)
 
 
 def make_out_dir(out: Path) -> None:
