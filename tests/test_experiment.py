@@ -201,3 +201,54 @@ def test_experiment_cli_refuses_bad_seeds_and_variants(tmp_path, capsys) -> None
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
     assert main(["compare", "--out", str(tmp_path), "--seeds", "7", "--device", "cpu"]) == 2
     assert "outside the budget's training seeds" in capsys.readouterr().err
+
+
+def test_a_comparison_folder_refuses_other_settings_naming_each_and_never_mixes(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from perceptual_diffusion.experiments.workspace import SHARED_FIELDS, check_settings
+
+    settings = {"budget": asdict(TINY), "data": asdict(TINY.data)}
+    check_settings(tmp_path, settings)
+    check_settings(tmp_path, settings)  # the same settings resume
+    # Fields the gathering call recomputes anyway (the bootstrap, the name) may change.
+    check_settings(tmp_path, {**settings, "budget": asdict(replace(TINY, bootstrap=7, name="x"))})
+    changed = {**settings, "budget": asdict(replace(TINY, eval_samples=32, finetune_steps=1))}
+    with pytest.raises(UserError) as err:
+        check_settings(tmp_path, changed)
+    assert "budget.eval_samples: 16 -> 32" in str(err.value) and "budget.finetune_steps: 2 -> 1" in str(err.value)
+    assert "new --out" in str(err.value)
+    teacher = {**settings, "budget": asdict(replace(TINY, teacher="runs/mine"))}
+    with pytest.raises(UserError, match="budget.teacher"):
+        check_settings(tmp_path, teacher)
+    # ablate shares only the runs and evaluations: other rows of compare's budget are its own business.
+    check_settings(tmp_path, {**settings, "budget": asdict(replace(TINY, extras=True))}, fields=SHARED_FIELDS)
+    with pytest.raises(UserError, match="eval_samples"):
+        check_settings(tmp_path, changed, fields=SHARED_FIELDS)
+
+
+@pytest.mark.slow
+def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tmp_path) -> None:
+    grids = (
+        budgets.GuidanceGrid("cfg", scales=(1.5, 2.0), rescales=(0.0, 0.7)),
+        budgets.GuidanceGrid("apg", scales=(2.0,)),
+        budgets.GuidanceGrid("interval", scales=(2.0,), intervals=((0.5, None),)),
+        budgets.GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-step2",)),
+    )
+    budget = replace(TINY, training_seeds=1, variants=(), guidance_grids=grids, grid_extensions=1, selection_samples=12)
+    results = experiment.run_compare(tmp_path / "g", budget, device="cpu")
+    selection = results["guidance_selection"]
+    assert set(selection) == {"cfg", "apg", "interval", "autoguidance"}
+    cfg = selection["cfg"]
+    assert len(cfg["points"]) == 2 * len(cfg["scales"]) and len(cfg["scales"]) == 3, "an end optimum is extended"
+    means = {k: p["mean"] for k, p in cfg["points"].items()}
+    assert cfg["best"]["key"] == min(means, key=means.get), "the best mean criterion on the selection seeds"
+    guided = [r for r in results["rows"] if r["guidance"] not in ("none", "null-label")]
+    assert [r["key"] for r in guided] == [s["best"]["key"] for s in selection.values()]
+    evals = {p.name for p in (tmp_path / "g" / "eval" / "seed0").iterdir()}
+    assert any(name.startswith("select-mse-continued__apg") for name in evals)
+    roles = [(p["role"], p["method"]) for p in results["pairs"]]
+    assert roles[0] == ("headline", None) and ("vs-guidance", "autoguidance") in roles
+    report = (tmp_path / "g" / "report.md").read_text()
+    assert "## Guidance baselines at their best settings" in report and "(chosen)" in report
+    assert "its best setting on held-out seeds" in report.split("## Results")[0]

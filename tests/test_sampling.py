@@ -7,14 +7,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.core.guidance import build_guidance, rescale_guidance
 from perceptual_diffusion.core.networks import DiffusionUNet
-from perceptual_diffusion.core.sampling import (
-    ddim_sample,
-    ddim_step,
-    guided_denoiser,
-    rescale_guidance,
-    sample,
-)
+from perceptual_diffusion.core.sampling import ddim_sample, ddim_step, sample
 from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
 
 STEPS = 50
@@ -141,12 +136,12 @@ def test_guidance_rescale_matches_lin_et_al_and_diffusers(phi: float) -> None:
         torch.testing.assert_close(ours.flatten(1).std(1), cond_pred.flatten(1).std(1))
 
 
-def test_guided_denoiser_is_cfg_formula_with_rescale(tiny_model: DiffusionUNet) -> None:
+def test_cfg_guidance_is_cfg_formula_with_rescale(tiny_model: DiffusionUNet) -> None:
     g = torch.Generator().manual_seed(5)
     x_t, t, cond = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([999, 400]), torch.tensor([0, 2])
     w, phi = 4.0, 0.7
     with torch.no_grad():
-        ours = guided_denoiser(tiny_model, w, phi)(x_t, t, cond)
+        ours = build_guidance(tiny_model, SampleConfig(cfg_scale=w, guidance_rescale=phi))(x_t, t, cond)
         cond_pred = tiny_model(x_t, t, cond)
         uncond_pred = tiny_model(x_t, t, torch.full_like(cond, tiny_model.null_label))
     guided = uncond_pred + w * (cond_pred - uncond_pred)

@@ -65,6 +65,57 @@ def add_sample_options(
     )
 
 
+def add_guidance_options(p: argparse.ArgumentParser) -> None:
+    """The guidance method, its interval, APG's settings and --guide (autoguidance), for commands that sample a
+    trained model (``sample``, ``evaluate``); call before ``use_run_sampling_defaults``."""
+    g = p.add_argument_group("guidance method (core/guidance.py; the scale is --cfg-scale)")
+    g.add_argument(
+        "--guidance",
+        choices=choices(SampleConfig, "guidance"),
+        default=SampleConfig.guidance,
+        help="how the conditional and the guide prediction combine: cfg (classifier-free guidance) or apg "
+        "(adaptive projected guidance, Sadat et al. 2024) (default %(default)s)",
+    )
+    g.add_argument(
+        "--guidance-interval",
+        nargs=2,
+        type=float,
+        metavar=("SIGMA_LO", "SIGMA_HI"),
+        default=None,
+        help="guide only at EDM noise levels sigma_t/alpha_t in [SIGMA_LO, SIGMA_HI] (Kynkaanniemi et al. 2024; "
+        "SIGMA_HI inf: no upper bound, the pure-noise first step included); elsewhere one forward, no guidance "
+        "(default: everywhere)",
+    )
+    g.add_argument(
+        "--apg-eta",
+        type=float,
+        default=SampleConfig.apg_eta,
+        help="APG: weight of the guidance part parallel to the conditional x0 (default %(default)s, the paper's)",
+    )
+    g.add_argument(
+        "--apg-momentum",
+        type=float,
+        default=SampleConfig.apg_momentum,
+        help="APG: momentum beta of the guidance's running average, in (-1, 1); negative is the paper's reverse "
+        "momentum, 0 off (default %(default)s)",
+    )
+    g.add_argument(
+        "--apg-threshold",
+        dest="apg_norm_threshold",
+        type=float,
+        default=SampleConfig.apg_norm_threshold,
+        help="APG: clip the x0-space guidance difference at this RMS per element, 0: no clipping (default "
+        "%(default)s: the paper's L2 norm r = 15 on a 4x128x128 latent, per element)",
+    )
+    g.add_argument(
+        "--guide",
+        default=None,
+        metavar="RUN_OR_WEIGHTS",
+        help="autoguidance (Karras et al. 2024): guide with this weaker model of the same task on the same "
+        "condition instead of the model's own null label",
+    )
+
+
 # (option dest, SampleConfig field) of the sampling options whose default is the run's own setting.
 _RUN_SAMPLING = (
     ("sample_steps", "steps"),
@@ -72,13 +123,23 @@ _RUN_SAMPLING = (
     ("eta", "eta"),
     ("guidance_rescale", "guidance_rescale"),
     ("clip_x0", "clip_x0"),
+    ("guidance", "guidance"),
+    ("apg_eta", "apg_eta"),
+    ("apg_momentum", "apg_momentum"),
+    ("apg_norm_threshold", "apg_norm_threshold"),
 )
+_INTERVAL = "guidance_interval"  # one option, two fields: guidance_sigma_min and guidance_sigma_max
+
+
+def sampling_options_given(args: argparse.Namespace) -> bool:
+    """Whether any option that overrides the model's own sampling settings was given."""
+    return any(getattr(args, dest, None) is not None for dest in (*(d for d, _ in _RUN_SAMPLING), _INTERVAL))
 
 
 def use_run_sampling_defaults(p: argparse.ArgumentParser) -> None:
     """Make the sampling options of ``p`` (added by ``add_sample_options``) default to the model's own settings,
     the ``sample`` section of its run config, and say so in their help."""
-    dests = {dest for dest, _ in _RUN_SAMPLING}
+    dests = {dest for dest, _ in _RUN_SAMPLING} | {_INTERVAL}
     for action in p._actions:
         if action.dest in dests:
             action.default = None
@@ -93,6 +154,9 @@ def run_sample_config(
     """The model's own sampling settings (``run``), with the options given on the command line over them;
     ``max_steps`` (the model's training timesteps) bounds the DDIM steps."""
     given = {field: getattr(args, dest) for dest, field in _RUN_SAMPLING if getattr(args, dest, None) is not None}
+    if getattr(args, _INTERVAL, None) is not None:
+        low, high = args.guidance_interval
+        given |= {"guidance_sigma_min": low, "guidance_sigma_max": None if high == float("inf") else high}
     scale = args.cfg_scale if cfg_scale is None else cfg_scale
     config = dataclasses.replace(run, cfg_scale=scale, **given)
     if max_steps is not None and config.steps > max_steps:
@@ -100,13 +164,26 @@ def run_sample_config(
     return config
 
 
-def describe_sampler(cfg: SampleConfig, guidance: bool = True) -> str:
-    """One phrase naming every sampler setting that changes the numbers (``guidance``: the CFG scale too, and the
-    rescale where guidance is on), for a line beside samples or a table of metrics."""
+def describe_sampler(cfg: SampleConfig, guidance: bool = True, guide: str | None = None) -> str:
+    """One phrase naming every sampler setting that changes the numbers, for a line beside samples or a table of
+    metrics: ``guidance`` the scale too (False: the scale is given per row), and where guidance acts the method's
+    settings, its interval and the rescale; ``guide``: the autoguidance guide model."""
     text = f"DDIM {cfg.steps} steps, {cfg.spacing} spacing, eta {cfg.eta:g}, clip x0 {'on' if cfg.clip_x0 else 'off'}"
+    name = cfg.guidance.upper()
     if guidance:
-        text += f", CFG scale {cfg.cfg_scale:g}"
-    if cfg.guidance_rescale and (not guidance or cfg.cfg_scale != 1):
+        text += f", {name} scale {cfg.cfg_scale:g}"
+    elif cfg.guidance != "cfg":
+        text += f", {name}"
+    if guidance and cfg.cfg_scale == 1:
+        return text  # no guidance: nothing else changes the numbers
+    if cfg.guidance == "apg":
+        text += f" (eta {cfg.apg_eta:g}, momentum {cfg.apg_momentum:g}, threshold {cfg.apg_norm_threshold:.4g} RMS)"
+    if guide is not None:
+        text += f", autoguidance by {guide}"
+    if cfg.guidance_sigma_min > 0 or cfg.guidance_sigma_max is not None:
+        high = "inf" if cfg.guidance_sigma_max is None else f"{cfg.guidance_sigma_max:g}"
+        text += f", guidance interval sigma in [{cfg.guidance_sigma_min:g}, {high}]"
+    if cfg.guidance_rescale:
         text += f", guidance rescale {cfg.guidance_rescale:g}"
     return text
 

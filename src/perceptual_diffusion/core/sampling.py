@@ -1,4 +1,4 @@
-"""DDIM sampling (Song et al. 2021) with classifier-free guidance and guidance rescale (Lin et al. 2023).
+"""DDIM sampling (Song et al. 2021) with guidance (``core/guidance.py``: CFG, autoguidance, APG, the interval).
 
 Every sampler takes the same denoiser callable ``model(x_t, t, cond) -> prediction``. Every image gets its own seed:
 its initial noise (and, for eta > 0, its per-step noise) comes from a generator seeded with that seed alone, so an
@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.core.guidance import build_guidance
 from perceptual_diffusion.core.networks import DiffusionModel, DiffusionUNet
 from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
 from perceptual_diffusion.runtime import distributed
@@ -50,37 +51,6 @@ def ddim_step(
             raise ValueError("eta > 0 needs per-step noise")
         x_prev = x_prev + s * noise
     return x_prev, x0_hat
-
-
-def rescale_guidance(guided: Tensor, cond_pred: Tensor, phi: float) -> Tensor:
-    """Lin et al. 2023, eq. 15-16: rescale the guided prediction to the conditional per-sample std, blend by phi."""
-    if phi == 0:
-        return guided
-    dims = tuple(range(1, guided.ndim))
-    rescaled = guided * (cond_pred.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return phi * rescaled + (1 - phi) * guided
-
-
-def guided_denoiser(
-    model: DiffusionModel, scale: float, rescale: float = 0.0, guide: DiffusionModel | None = None
-) -> Denoiser:
-    """CFG: pred = guide + w (cond - guide), where guide is the same model on the null label (or a weaker model,
-    autoguidance, Karras et al. 2024). w = 1 is plain conditional sampling and costs one forward, not two."""
-
-    def denoise(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        if scale == 1.0:
-            return model(x_t, t, cond)
-        if guide is None:
-            # One batched forward over [conditional; unconditional]: the same work, half the launches.
-            null = model.null_condition(cond)
-            both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
-            cond_pred, guide_pred = both.chunk(2)
-        else:
-            cond_pred, guide_pred = model(x_t, t, cond), guide(x_t, t, cond)
-        guided = guide_pred + scale * (cond_pred - guide_pred)
-        return rescale_guidance(guided, cond_pred, rescale)
-
-    return denoise
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -129,13 +99,16 @@ def sample_stream(
     progress: bool = False,
     clamp: bool = True,
 ) -> Iterator[Tensor]:
-    """The one sampling loop, for every model kind: DDIM (with CFG or autoguidance) over batches of ``seeds``, each
-    image of ``shape``; ``cond_of(start, end)`` is the condition of ``seeds[start:end]`` (class labels, a text
-    encoder's hidden states, or None). Latent models decode what this yields (``latent.sample_latent``)."""
-    denoiser = guided_denoiser(model, config.cfg_scale, config.guidance_rescale, guide)
+    """The one sampling loop, for every model kind: DDIM with ``config.guidance`` (against the null label, or
+    autoguidance against ``guide``) over batches of ``seeds``, each image of ``shape``; ``cond_of(start, end)`` is the
+    condition of ``seeds[start:end]`` (class labels, a text encoder's hidden states, or None). Latent models decode
+    what this yields (``latent.sample_latent``)."""
     starts = range(0, len(seeds), batch_size)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
         end = min(start + batch_size, len(seeds))
+        # A fresh guidance object per batch: a method's state (APG's momentum) belongs to one trajectory, never to
+        # the next batch.
+        denoiser = build_guidance(model, config, guide)
         yield ddim_sample(denoiser, model.schedule, shape, seeds[start:end], cond_of(start, end), config, device, clamp)
 
 

@@ -22,7 +22,16 @@ from perceptual_diffusion.experiments.ablation_report import row_key, write_abla
 from perceptual_diffusion.experiments.analysis import paired
 from perceptual_diffusion.experiments.budgets import Budget
 from perceptual_diffusion.experiments.stages import stage2_config, train_teacher
-from perceptual_diffusion.experiments.workspace import Context, branch_dir, log, make_context, make_out_dir, teacher_dir
+from perceptual_diffusion.experiments.workspace import (
+    SHARED_FIELDS,
+    Context,
+    branch_dir,
+    check_settings,
+    log,
+    make_context,
+    make_out_dir,
+    teacher_dir,
+)
 from perceptual_diffusion.models.loading import load_model
 from perceptual_diffusion.training.loop import train
 from perceptual_diffusion.training.rundir import is_finished, snapshot_path
@@ -118,6 +127,7 @@ def run_ablation(
     out = Path(out)
     variants = variants or default_variants()
     make_out_dir(out)
+    check_settings(out, {"budget": asdict(budget), "data": asdict(budget.data)}, fields=SHARED_FIELDS)
     ctx = make_context(out, budget, budget.data, device)
     chosen = chosen_lrs(ctx)
     all_seeds = list(range(budget.training_seeds))

@@ -7,9 +7,22 @@ learning-rate sweep, the sampler and how many samples each evaluation draws; ``B
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
-from perceptual_diffusion.config import DataConfig, LossConfig
+from perceptual_diffusion.config import PRESETS, DataConfig, LossConfig
+from perceptual_diffusion.errors import UserError
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and x != float("inf")
+
+
+def _check_count(budget: object, name: str) -> None:
+    """A count of a budget must be an integer >= 1; the message names the option that sets it."""
+    value = getattr(budget, name)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -20,13 +33,64 @@ class PlateauSchedule:
     chunk_steps: int = 500
     max_chunks: int = 8
     min_chunks: int = 2
-    noise_multiple: float = 2.0  # a gain below this many combined standard errors is "within sampling noise"
+    noise_multiple: float = 2.0  # rule "combined-se": a gain below this many combined standard errors is noise
+    # "paired": a chunk's gain is noise unless its 95% paired-bootstrap interval (same sampling seeds for both
+    # snapshots) lies above 0 (teacher.py); "combined-se" is the rule of the committed v1 results.
+    rule: Literal["combined-se", "paired"] = "combined-se"
 
     def __post_init__(self) -> None:
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
-            raise ValueError("a plateau schedule needs at least one positive learning rate")
+        # UserError, not ValueError: every schedule built from options is checked here, one line before any work.
+        if not self.lrs or not all(_positive(lr) for lr in self.lrs):
+            raise UserError(f"a plateau schedule needs at least one learning rate, all > 0, got {self.lrs}")
         if not 1 <= self.min_chunks <= self.max_chunks or self.chunk_steps < 1:
-            raise ValueError("need chunk_steps >= 1 and 1 <= min_chunks <= max_chunks")
+            raise UserError(
+                f"a plateau schedule needs chunk_steps >= 1 and 1 <= min_chunks <= max_chunks, got chunk_steps "
+                f"{self.chunk_steps}, min_chunks {self.min_chunks}, max_chunks {self.max_chunks}"
+            )
+        if not _positive(self.noise_multiple):
+            raise UserError(f"a plateau schedule's noise_multiple must be > 0, got {self.noise_multiple}")
+
+
+GridMethod = Literal["cfg", "apg", "interval", "autoguidance"]
+
+
+@dataclass(frozen=True)
+class GuidanceGrid:
+    """The settings of one guidance method that ``compare`` tries on held-out sampling seeds (``guidance_sweep.py``)
+    before its best one is compared: every combination of the tuples below. ``scales`` is the axis that is
+    extended when the best setting sits at one of its ends."""
+
+    method: GridMethod
+    scales: tuple[float, ...]
+    rescales: tuple[float, ...] = (0.0,)
+    apg_thresholds: tuple[float | None, ...] = (None,)  # APG norm thresholds (None: the method's default)
+    intervals: tuple[tuple[float, float | None], ...] = ((0.0, None),)  # (sigma_min, sigma_max) of "interval"
+    guides: tuple[str, ...] = ()  # autoguidance: weaker models, "stage1-stepN" (stage 1's first-phase snapshot)
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(w < 0 for w in self.scales):
+            raise ValueError(f"guidance grid {self.method}: needs at least one scale, all >= 0")
+        if self.method == "autoguidance" and not self.guides:
+            raise ValueError("an autoguidance grid needs at least one guide (e.g. 'stage1-step500')")
+
+
+# The grids of the v2 budgets: for small class-conditional models the FID-optimal CFG scale is usually just above 1
+# (so the grid starts at 1.1); each grid is extended past an end where its best setting sits.
+GRIDS_V2 = (
+    GuidanceGrid("cfg", scales=(1.1, 1.2, 1.3, 1.4, 1.5, 2.0, 3.0), rescales=(0.0, 0.7)),
+    # APG (arXiv 2410.02416, Sec. 5): eta 0 and reverse momentum are the method's defaults; thresholds as RMS.
+    GuidanceGrid("apg", scales=(1.25, 1.5, 2.0, 3.0, 5.0), apg_thresholds=(None, 0.2)),
+    # The guidance interval (arXiv 2404.07724): guidance only at middle noise levels, where it allows larger w.
+    GuidanceGrid("interval", scales=(1.5, 2.0, 3.0, 5.0), intervals=((0.3, 5.0), (1.0, None))),
+    # Autoguidance (arXiv 2406.02507): the guide is the same network trained for less time (stage 1's first-phase
+    # EMA snapshots after 500 and 1,000 steps; the teachers train for several thousand).
+    GuidanceGrid("autoguidance", scales=(1.1, 1.25, 1.5, 2.0, 3.0), guides=("stage1-step500", "stage1-step1000")),
+)
+
+
+def with_guides(grids: tuple[GuidanceGrid, ...], guides: tuple[str, ...]) -> tuple[GuidanceGrid, ...]:
+    """``grids`` with autoguidance's weaker models replaced (snapshots exist only at a budget's chunk steps)."""
+    return tuple(replace(g, guides=guides) if g.method == "autoguidance" else g for g in grids)
 
 
 @dataclass(frozen=True)
@@ -56,6 +120,54 @@ class Budget:
     bootstrap: int = 1000  # replicates of the paired bootstrap intervals
     loss_batch: int = 512  # images of the fixed batch on which every model's two losses are measured
     perceptual: LossConfig = field(default_factory=lambda: LossConfig(kind="self-perceptual", teacher="<stage1>"))
+    # v2 (issue 22): each guidance method at its best setting on held-out seeds instead of fixed CFG rows (empty:
+    # the v1 rows of cfg_scales x guidance_rescales); extensions of a grid whose best setting is at an end; the
+    # samples per grid point (0: curve_samples); the standard Inception features for the headline rows.
+    guidance_grids: tuple[GuidanceGrid, ...] = ()
+    grid_extensions: int = 2
+    selection_samples: int = 0
+    inception: bool = False
+    domain_classifier: str | None = None  # the shipped classifier's version (None: the current one)
+
+    def __post_init__(self) -> None:
+        # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is
+        # one line before any work, never a clamp or a failure after stage 1 trained.
+        counts = ("batch_size", "finetune_steps", "sample_steps", "eval_samples", "curve_samples", "training_seeds")
+        for name in (*counts, "eval_repeats", "bootstrap", "loss_batch"):
+            _check_count(self, name)
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not self.finetune_lrs or not all(_positive(lr) for lr in self.finetune_lrs):
+            raise UserError(f"a budget needs at least one stage-2 learning rate, all > 0, got {self.finetune_lrs}")
+        if not (isinstance(self.finetune_warmup, (int, float)) and 0 <= self.finetune_warmup < 1):
+            raise UserError(f"the stage-2 warm-up fraction must be in [0, 1), got {self.finetune_warmup}")
+        if not (isinstance(self.finetune_ema, (int, float)) and 0 <= self.finetune_ema < float("inf")):
+            raise UserError(f"the stage-2 EMA half-life fraction must be >= 0, got {self.finetune_ema}")
+        if not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in self.cfg_scales):
+            raise UserError(f"CFG scales must be >= 0, got {self.cfg_scales}")
+        if not all(isinstance(phi, (int, float)) and 0 <= phi <= 1 for phi in self.guidance_rescales):
+            raise UserError(f"guidance rescales must be in [0, 1], got {self.guidance_rescales}")
+        if self.teacher is not None and not (isinstance(self.teacher, str) and self.teacher.strip()):
+            raise UserError("--teacher-from must name a run directory or a weights file")
+        if not (isinstance(self.grid_extensions, int) and self.grid_extensions >= 0):
+            raise UserError(f"grid extensions must be an integer >= 0, got {self.grid_extensions}")
+        selection = self.selection_samples
+        if not (isinstance(selection, int) and (selection == 0 or selection >= 10)):
+            raise UserError(
+                f"selection samples must be 0 (the curve samples) or at least 10 (an evaluation's minimum), got "
+                f"{selection}"
+            )
+        always_trained = self.stage1.chunk_steps * self.stage1.min_chunks  # phase 0 trains at least this far
+        for grid in self.guidance_grids:
+            for guide in grid.guides:
+                steps = guide.removeprefix("stage1-step")
+                if not (guide.startswith("stage1-step") and steps.isdigit() and int(steps) > 0):
+                    raise UserError(f"autoguidance guide {guide!r} must be stage1-stepN (a first-phase snapshot)")
+                if int(steps) % self.stage1.chunk_steps or int(steps) > always_trained:
+                    raise UserError(
+                        f"autoguidance guide {guide}: stage 1 keeps snapshots every {self.stage1.chunk_steps} steps "
+                        f"and always trains its first phase to {always_trained}: choose N among those"
+                    )
 
 
 SHAPES = DataConfig(source="shapes", image_size=16)
@@ -81,9 +193,49 @@ BUDGETS: dict[str, Budget] = {
         extras=False,
     ),
     # The fair test on 2 CPU cores, one process per training seed (results/README.md has the commands and times):
-    # the tiny U-Net, whose step costs a third of the small one's, so that three seeds reach a plateau.
+    # the tiny U-Net, whose step costs a third of the small one's, so that three seeds reach a plateau. v2 (issue
+    # 22): the paired plateau rule and every guidance method at its best setting on held-out seeds.
     "cpu-fair": Budget(
         name="cpu-fair",
+        data=SHAPES,
+        preset="tiny",
+        batch_size=64,
+        stage1=PlateauSchedule(lrs=(2e-3, 2e-4), chunk_steps=500, max_chunks=8, min_chunks=2, rule="paired"),
+        finetune_steps=1000,
+        finetune_lrs=(2e-4, 5e-5),
+        sample_steps=25,
+        eval_samples=2000,
+        curve_samples=1000,
+        variants=("sp-channel-norm", "sp-low-noise"),
+        extras=False,
+        guidance_grids=GRIDS_V2,
+        selection_samples=500,
+    ),
+    # The same on Fashion-MNIST (28px), at three times its cost per image, so without the unconditional pair; with
+    # the external-perceptual arm (a separately trained classifier as the frozen loss network) and the headline rows
+    # in standard Inception features.
+    "cpu-fair-fmnist": Budget(
+        name="cpu-fair-fmnist",
+        data=FASHION,
+        preset="tiny",
+        batch_size=64,
+        stage1=PlateauSchedule(lrs=(2e-3, 2e-4), chunk_steps=500, max_chunks=10, min_chunks=2, rule="paired"),
+        finetune_steps=1000,
+        finetune_lrs=(2e-4, 5e-5),
+        sample_steps=25,
+        eval_samples=2000,
+        curve_samples=1000,
+        unconditional=False,
+        extras=False,
+        variants=("external-perceptual",),
+        guidance_grids=GRIDS_V2,
+        selection_samples=500,
+        inception=True,
+    ),
+    # v1, the budgets of the committed results/shapes-fair and results/fmnist-fair (issue 11):
+    # independent-error plateau rule, fixed CFG rows at w 1.5 / 3 / 7.5, the v1 Fashion-MNIST classifier.
+    "cpu-fair-v1": Budget(
+        name="cpu-fair-v1",
         data=SHAPES,
         preset="tiny",
         batch_size=64,
@@ -95,10 +247,8 @@ BUDGETS: dict[str, Budget] = {
         curve_samples=1000,
         variants=("sp-channel-norm", "sp-low-noise"),
     ),
-    # The fair test on Fashion-MNIST (28px) on 2 CPU cores, one process per training seed: the protocol of cpu-fair
-    # at three times its cost per image, so without the unconditional pair and the extra rows (cpu-fair has them).
-    "cpu-fair-fmnist": Budget(
-        name="cpu-fair-fmnist",
+    "cpu-fair-fmnist-v1": Budget(
+        name="cpu-fair-fmnist-v1",
         data=FASHION,
         preset="tiny",
         batch_size=64,
@@ -110,6 +260,7 @@ BUDGETS: dict[str, Budget] = {
         curve_samples=1000,
         unconditional=False,
         extras=False,
+        domain_classifier="v1",
     ),
     # One GPU: Fashion-MNIST with the base U-Net and the paper's 50 DDIM steps (benchmarks/gpu_compare.sh).
     "gpu": Budget(
@@ -117,13 +268,16 @@ BUDGETS: dict[str, Budget] = {
         data=FASHION,
         preset="base",
         batch_size=256,
-        stage1=PlateauSchedule(lrs=(5e-4, 5e-5), chunk_steps=1000, max_chunks=6, min_chunks=2),
+        stage1=PlateauSchedule(lrs=(5e-4, 5e-5), chunk_steps=1000, max_chunks=6, min_chunks=2, rule="paired"),
         finetune_steps=1000,
         finetune_lrs=(5e-5, 1.5e-5),
         sample_steps=50,
         eval_samples=10_000,
         curve_samples=2000,
         variants=("sp-channel-norm", "sp-low-noise"),
+        extras=False,
+        guidance_grids=with_guides(GRIDS_V2, ("stage1-step1000", "stage1-step2000")),
+        inception=True,
     ),
 }
 
@@ -131,8 +285,10 @@ BUDGETS: dict[str, Budget] = {
 # One line each for --help.
 BUDGET_NOTES: dict[str, str] = {
     "cpu-demo": "under 10 min on 2 cores, with a teacher that is NOT converged (the demo)",
-    "cpu-fair": "the fair test on the CPU (shapes), one process per training seed",
-    "cpu-fair-fmnist": "the same on Fashion-MNIST 28px, without the unconditional pair and extra rows",
+    "cpu-fair": "the fair test on the CPU (shapes), one process per training seed, guidance at its best settings",
+    "cpu-fair-fmnist": "the same on Fashion-MNIST 28px, with an external-perceptual arm and Inception features",
+    "cpu-fair-v1": "the v1 protocol of results/shapes-fair (fixed CFG rows, independent-error plateau rule)",
+    "cpu-fair-fmnist-v1": "the v1 protocol of results/fmnist-fair (and the v1 classifier)",
     "gpu": "Fashion-MNIST with the base U-Net on one GPU",
 }
 assert BUDGET_NOTES.keys() == BUDGETS.keys()

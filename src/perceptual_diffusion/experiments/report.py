@@ -14,38 +14,20 @@ from typing import Any
 import numpy as np
 
 from perceptual_diffusion.evaluation import stats
-from perceptual_diffusion.experiments.report_sections import inception_section, plot_selection, selection_section
+from perceptual_diffusion.experiments.report_plots import plot_cfg, plot_curves
+from perceptual_diffusion.experiments.report_sections import (
+    LABELS,
+    TABLE_METRICS,
+    inception_section,
+    plot_selection,
+    seed_values,
+    selection_section,
+)
 from perceptual_diffusion.experiments.rows import Pair, Row
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
 
-# (key in evaluation metrics, label, True if higher is better; None: neither, a diagnostic)
-TABLE_METRICS = (
-    ("structure_precision", "structure precision", True),
-    ("exact_precision", "exact precision", True),
-    ("noise_rms", "noise RMS", False),
-    ("class_accuracy", "class match", True),
-    ("fid", "FID", False),
-    ("kid", "KID", False),
-    ("is", "IS", True),
-    ("precision", "precision", True),
-    ("recall", "recall", True),
-    ("coverage", "coverage", True),
-    ("nearest_train_rms", "nearest-train RMS", None),
-    ("grid_excess_db", "grid excess (dB)", False),
-)
-LABELS = {k: (label, higher) for k, label, higher in TABLE_METRICS}
 REPOSITORY_BUDGETS = ("cpu-demo", "cpu-fair", "cpu-fair-fmnist", "cpu-fair-fmnist-v2", "gpu")
 WEAK_EXTRACTOR = 0.9  # held-out accuracy below which the verdict warns about the domain features
-
-
-def _seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
-    """One value per training seed (the mean over its sampling repeats)."""
-    values = []
-    for per_seed in results["evaluations"].values():
-        runs = [r[metric] for r in per_seed.get(key, []) if metric in r]
-        if runs:
-            values.append(float(np.mean(runs)))
-    return values
 
 
 def format_cell(values: list[float]) -> str:
@@ -59,10 +41,10 @@ def format_cell(values: list[float]) -> str:
 def results_table(results: dict[str, Any]) -> str:
     """Rows x metrics, mean over training seeds (± sd over seeds only with at least 3 of them)."""
     rows = [Row.from_dict(r) for r in results["rows"]]
-    metrics = [(k, label) for k, label, _ in TABLE_METRICS if any(_seed_values(results, r.slug, k) for r in rows)]
+    metrics = [(k, label) for k, label, _ in TABLE_METRICS if any(seed_values(results, r.slug, k) for r in rows)]
     lines = ["| model, guidance | " + " | ".join(label for _, label in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for row in rows:
-        cells = [format_cell(_seed_values(results, row.slug, k)) for k, _ in metrics]
+        cells = [format_cell(seed_values(results, row.slug, k)) for k, _ in metrics]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -263,83 +245,6 @@ def _extractor_sentence(results: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plots and the report file.
-
-
-def plot_curves(results: dict[str, Any], path: Path) -> Path:
-    """Left: the teacher's criterion vs images (each seed), stage 2 starting at the last point. Right: training MSE
-    loss vs images for stage 1 and both stage-2 branches of seed 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    crit = results["criterion"]["key"]
-    for name, t in results["teachers"].items():
-        pts = t["points"]
-        if not pts:
-            continue
-        x = [p["images"] for p in pts]
-        ax.errorbar(
-            x, [p["value"] for p in pts], yerr=[2 * p["se"] for p in pts], marker="o", ms=3, capsize=2, label=name
-        )
-        ax.axvline(x[-1], color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("images seen in stage 1")
-    ax.set_ylabel(f"{LABELS.get(crit, (crit,))[0]} (± 2 SE)")
-    ax.set_title("teacher curve; dotted: stage 2 starts")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    series = results.get("training_losses", {})
-    stage1 = series.get("stage1", [[], []])
-    bx.plot(*stage1, color="C0", lw=0.8, label="stage 1 (MSE)")
-    for i, branch in enumerate(("mse-continued", "self-perceptual")):
-        if branch in series:
-            bx.plot(*series[branch], color=f"C{i + 1}", lw=0.8, label=f"stage 2: {branch} (its MSE)")
-    bx.set_yscale("log")
-    bx.set_xlabel("images seen (seed 0)")
-    bx.set_ylabel("training MSE loss (log)")
-    bx.legend(fontsize=8)
-    bx.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_cfg(results: dict[str, Any], path: Path, metric: str) -> Path | None:
-    """The metric against the CFG scale for MSE continued (one line per rescale), self-perceptual as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [r for r in results["rows"] if r["model"] == "mse-continued" and r["guidance"] == "cfg"]
-    if not keys or not _seed_values(results, "mse-continued/none", metric):
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    base = float(np.mean(_seed_values(results, "mse-continued/none", metric)))
-    for phi in sorted({r["guidance_rescale"] for r in keys}):
-        pts = sorted(
-            (r["cfg_scale"], float(np.mean(_seed_values(results, r["key"], metric))))
-            for r in keys
-            if r["guidance_rescale"] == phi
-        )
-        x, y = zip(*([(1.0, base)] + pts))
-        ax.plot(x, y, marker="o", label=f"MSE continued + CFG, rescale {phi:g}")
-    sp = _seed_values(results, "self-perceptual/none", metric)
-    if sp:
-        ax.axhline(float(np.mean(sp)), color="C3", label="self-perceptual, no guidance")
-    ax.set_xscale("log")
-    if metric in ("fid", "kid"):
-        ax.set_yscale("log")
-    ax.set_xlabel("CFG scale w (1 = no guidance)")
-    ax.set_ylabel(LABELS.get(metric, (metric,))[0])
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:

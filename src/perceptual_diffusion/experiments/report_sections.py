@@ -12,6 +12,34 @@ import numpy as np
 
 from perceptual_diffusion.experiments.rows import Pair, Row
 
+# (key in evaluation metrics, label, True if higher is better; None: neither, a diagnostic)
+TABLE_METRICS = (
+    ("structure_precision", "structure precision", True),
+    ("exact_precision", "exact precision", True),
+    ("noise_rms", "noise RMS", False),
+    ("class_accuracy", "class match", True),
+    ("fid", "FID", False),
+    ("kid", "KID", False),
+    ("is", "IS", True),
+    ("precision", "precision", True),
+    ("recall", "recall", True),
+    ("coverage", "coverage", True),
+    ("nearest_train_rms", "nearest-train RMS", None),
+    ("grid_excess_db", "grid excess (dB)", False),
+)
+LABELS = {k: (label, higher) for k, label, higher in TABLE_METRICS}
+
+
+def seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
+    """One value per training seed (the mean over its sampling repeats)."""
+    values = []
+    for per_seed in results["evaluations"].values():
+        runs = [r[metric] for r in per_seed.get(key, []) if metric in r]
+        if runs:
+            values.append(float(np.mean(runs)))
+    return values
+
+
 # The metrics the Inception section shows (the standard network has no class logits here, so no IS).
 INCEPTION_METRICS = (("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
                      ("coverage", "coverage"))  # fmt: skip

@@ -7,6 +7,7 @@ Layout of ``--out``: ``seed{s}/stage1-phase{p}`` and ``seed{s}/stage1-mse`` (sta
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from perceptual_diffusion.evaluation.scoring import Criterion, criterion_for, ev
 from perceptual_diffusion.experiments.budgets import Budget
 from perceptual_diffusion.experiments.teacher import Gain
 from perceptual_diffusion.models.loading import load_model
+from perceptual_diffusion.runtime.checkpoint import atomic_write_text
 from perceptual_diffusion.training.loop import resolve_device
 
 SELECTION_SEED_BASE = 1_000_000  # sampling seeds of curves and lr selection: disjoint from the headline rows' seeds
@@ -115,6 +117,50 @@ def make_out_dir(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {out} ({exc.strerror or exc}); choose another --out") from None
+
+
+# Budget fields that only change what the gathering call recomputes every time (the report, the bootstrap, the
+# fixed-batch losses): a rerun may change them. Every other field changes a trained model or a cached evaluation.
+RECOMPUTED_FIELDS = ("name", "bootstrap", "loss_batch")
+# What ``ablate`` shares with ``compare`` in one folder: the runs and the evaluations of the same rows.
+SHARED_FIELDS = (
+    "data", "preset", "batch_size", "stage1", "finetune_steps", "finetune_lrs", "sample_steps", "eval_samples",
+    "curve_samples", "training_seeds", "finetune_warmup", "finetune_ema", "teacher", "perceptual",
+)  # fmt: skip
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def check_settings(out: Path, settings: dict[str, Any], fields: tuple[str, ...] | None = None) -> None:
+    """Refuse to resume ``out`` with settings other than those it was made with (``settings.json``), naming every
+    changed field; write them when the folder is new. ``fields``: compare only these top-level fields (``ablate``
+    shares a folder with ``compare``). A folder that mixed two configurations would report settings it did not run."""
+    path = out / "settings.json"
+    current = json.loads(json.dumps(settings, default=str))
+    if not path.is_file():
+        if fields is None:
+            atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+        return
+    stored = json.loads(path.read_text())
+    keep = lambda key: (
+        key.split(".")[1] not in RECOMPUTED_FIELDS
+        and (  # noqa: E731
+            fields is None or key.split(".")[1] in fields or not key.startswith("budget.")
+        )
+    )
+    old, new = _flat(stored), _flat(current)
+    changed = [k for k in sorted(set(old) | set(new)) if keep(k) and old.get(k) != new.get(k)]
+    if changed:
+        listed = "; ".join(f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise UserError(
+            f"--out {out} was made with other settings ({listed}{more}); its runs and evaluations belong to those: "
+            "rerun with the settings it was made with, or choose a new --out to start afresh"
+        )
 
 
 def make_context(out: Path, budget: Budget, data: DataConfig, device: str) -> Context:

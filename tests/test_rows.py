@@ -1,0 +1,138 @@
+"""Typed rows and pairs (a row is its own key; slugs and labels are derived), and the guidance grids that choose each
+baseline's best setting on held-out seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from perceptual_diffusion.evaluation.scoring import Criterion
+from perceptual_diffusion.experiments import budgets
+from perceptual_diffusion.experiments.analysis import plan_pairs
+from perceptual_diffusion.experiments.budgets import GuidanceGrid
+from perceptual_diffusion.experiments.guidance_sweep import extension, grid_rows, select_guidance
+from perceptual_diffusion.experiments.rows import Pair, Row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_v1_rows_keep_their_v1_keys_and_new_settings_get_their_own() -> None:
+    assert Row("self-perceptual").slug == "self-perceptual/none"
+    assert Row("mse-continued", "null-label").slug == "mse-continued/null-label"
+    assert Row("mse-continued", "cfg", 1.5, 0.7).slug == "mse-continued/cfg-w1.5-phi0.7"
+    assert Row("mse-continued", "autoguidance", 3.0).slug == "mse-continued/autoguidance-w3-phi0"
+    interval = Row("mse-continued", "cfg", 2.0, 0.0, 0.3, None)
+    apg = Row("mse-continued", "apg", 2.0, apg_threshold=0.05)
+    guided = Row("mse-continued", "autoguidance", 2.0, guide="stage1-step500")
+    slugs = {r.slug for r in (interval, apg, guided, Row("mse-continued", "cfg", 2.0))}
+    assert len(slugs) == 4, "every setting that changes the numbers changes the slug"
+    assert interval.label == "mse-continued, CFG w=2 φ=0 σ∈[0.3, ∞]"
+    assert apg.method_label == "APG w=2 r=0.05"
+    assert not Row("uncond/mse-continued").use_labels and not Row("x", "null-label").use_labels
+    for row in (interval, apg, guided):
+        assert Row.from_dict(json.loads(json.dumps(row.to_dict()))) == row
+
+
+def test_a_rows_fingerprint_changes_with_any_setting() -> None:
+    row = Row("mse-continued", "cfg", 1.5, 0.7)
+    base = row.fingerprint(sample={"steps": 25}, seeds=[0, 2000])
+    assert base == row.fingerprint(sample={"steps": 25}, seeds=[0, 2000])
+    assert base != row.fingerprint(sample={"steps": 50}, seeds=[0, 2000])
+    assert base != row.fingerprint(sample={"steps": 25}, seeds=[0, 1000])
+    assert base != replace(row, guidance_rescale=0.0).fingerprint(sample={"steps": 25}, seeds=[0, 2000])
+
+
+def test_pairs_have_roles_and_each_selected_guidance_method_gets_its_own_pair() -> None:
+    rows = [Row(m) for m in ("stage1-mse", "mse-continued", "self-perceptual")]
+    rows += [Row("mse-continued", "cfg", 1.2, 0.7), Row("mse-continued", "apg", 2.0)]
+    rows += [Row("mse-continued", "cfg", 3.0, 0.0, 0.3, 5.0), Row("mse-continued", "autoguidance", 1.5, guide="g")]
+    pairs = plan_pairs(rows, (), selected=True)
+    assert [p.role for p in pairs[:3]] == ["headline", "vs-teacher", "teacher-residual"]
+    methods = [p.method for p in pairs if p.role == "vs-guidance"]
+    assert methods == ["cfg", "apg", "interval", "autoguidance"]
+    assert all(p.a == Row("self-perceptual") for p in pairs if p.role == "vs-guidance")
+    assert pairs[3].title == "self-perceptual (no guidance) vs MSE + CFG w=1.2 φ=0.7, its best setting"
+    again = [Pair.from_dict(json.loads(json.dumps(p.to_dict()))) for p in pairs]
+    assert again == pairs
+    # v1: the first CFG row with rescale 0.7 (not a selected one), as the committed reports had it.
+    v1 = plan_pairs([*rows[:3], Row("mse-continued", "cfg", 3.0, 0.7), Row("mse-continued", "cfg", 1.5, 0.7)], ())
+    assert [p.b.cfg_scale for p in v1 if p.role == "vs-guidance"] == [1.5] and not v1[3].selected
+
+
+def test_a_grid_is_extended_past_the_end_where_its_best_scale_sits() -> None:
+    assert extension([1.1, 1.5, 3.0], 3.0) == 4.5
+    assert extension([1.1, 1.5, 3.0], 1.1) == 1.05
+    assert extension([1.1, 1.5, 3.0], 1.5) is None
+    assert extension([1.0, 2.0], 1.0) is None, "below w = 1 is not guidance"
+
+
+def _ctx(grids, extensions=2, seeds=2):
+    budget = SimpleNamespace(guidance_grids=grids, grid_extensions=extensions, teacher=None, training_seeds=seeds)
+    return SimpleNamespace(budget=budget, criterion=Criterion("fid", False))
+
+
+def test_the_best_setting_is_chosen_by_the_mean_over_seeds_and_an_end_optimum_is_bracketed() -> None:
+    grid = GuidanceGrid("cfg", scales=(1.1, 1.5, 2.0), rescales=(0.0, 0.7))
+    # FID is lowest near w = 1.03 with rescale 0.7: the grid's lowest scale is best, so it extends towards 1.
+    fid = lambda row, seed: (row.cfg_scale - 1.03) ** 2 + (0.0 if row.guidance_rescale else 0.01) + seed  # noqa: E731
+    calls: list[tuple[str, int]] = []
+
+    def evaluate(row, seed):
+        calls.append((row.slug, seed))
+        return fid(row, seed)
+
+    sel = select_guidance(_ctx((grid,)), [0, 1], [0, 1], evaluate, lambda r, s: True)["cfg"]
+    assert sel.scales == [1.1, 1.5, 2.0, 1.05, 1.025] and sel.extensions == 2
+    assert sel.best == Row("mse-continued", "cfg", 1.025, 0.7)
+    assert "lowest tried" in sel.position and "still an end after 2 extension(s)" in sel.position
+    assert "φ=0.7 of 0, 0.7" in sel.position
+    assert len(sel.points) == 10 and sel.points[sel.best.slug]["per_seed"] == [fid(sel.best, 0), fid(sel.best, 1)]
+    inside = select_guidance(_ctx((grid,)), [0], [0], lambda r, s: (r.cfg_scale - 1.5) ** 2, lambda r, s: True)
+    assert inside["cfg"].best.cfg_scale == 1.5 and inside["cfg"].extensions == 0
+    assert "inside the tried range 1.1-2" in inside["cfg"].position
+
+
+def test_selection_waits_for_other_processes_seeds() -> None:
+    grid = GuidanceGrid("apg", scales=(1.5, 2.0))
+    evaluated = []
+    out = select_guidance(
+        _ctx((grid,)), [0], [0, 1], lambda r, s: evaluated.append((r.slug, s)) or 1.0, lambda r, s: s == 0
+    )
+    assert out is None and {s for _, s in evaluated} == {0}, "this process's seed is evaluated, the other awaited"
+
+
+def test_grid_rows_cover_every_combination_and_interval_is_cfg_with_bounds() -> None:
+    rows = grid_rows(GuidanceGrid("interval", scales=(2.0, 3.0), intervals=((0.3, 5.0), (1.0, None))), [2.0, 3.0])
+    assert len(rows) == 4 and all(r.guidance == "cfg" and r.interval for r in rows)
+    auto = grid_rows(GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-step500", "stage1-step1000")), [1.5])
+    assert [r.guide for r in auto] == ["stage1-step500", "stage1-step1000"]
+    with pytest.raises(ValueError, match="needs at least one guide"):
+        GuidanceGrid("autoguidance", scales=(1.5,))
+    assert budgets.GRIDS_V2[0].scales[0] < 1.5, "the CFG grid starts below 1.5, where small models' optimum lies"
+
+
+def test_the_committed_v1_results_convert_without_changing_a_key_or_title() -> None:
+    spec = importlib.util.spec_from_file_location("convert_v1", ROOT / "results" / "convert_v1.py")
+    convert_v1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_v1)
+    v1 = {
+        "rows": [{"key": "mse-continued/none"}, {"key": "self-perceptual/none"}, {"key": "x/cfg-w1.5-phi0.7"}],
+        "paired": {
+            "self-perceptual vs MSE continued, no guidance (the paper's claim)": {
+                "a": "self-perceptual/none",
+                "b": "mse-continued/none",
+                "metrics": {"fid": {}},
+            }
+        },
+    }
+    v2 = convert_v1.convert(v1)
+    assert [r["key"] for r in v2["rows"]] == [r["key"] for r in v1["rows"]]
+    assert v2["pairs"][0]["role"] == "headline" and v2["format"] == 2
+    for folder in ("demo", "shapes-fair", "fmnist-fair"):
+        committed = json.loads((ROOT / "results" / folder / "results.json").read_text())
+        assert committed["format"] == 2 and all(Row.from_dict(r).slug == r["key"] for r in committed["rows"])
