@@ -24,7 +24,6 @@ BOOTSTRAP=${BOOTSTRAP:-1000}
 DATA=${DATA:-fashion-mnist}
 DEVICE=${DEVICE:-cuda}
 TIME_BOX=${TIME_BOX:-420}
-mkdir -p "$OUT" "$RUN"
 
 if [ -d .whl ]; then  # the device machine: carried wheels and this checkout on PYTHONPATH
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -32,8 +31,21 @@ if [ -d .whl ]; then  # the device machine: carried wheels and this checkout on 
   export PYTHONPATH=/tmp/site:$PWD/src
 fi
 [ -d .fmnist ] && export FASHION_MNIST_DIR=$PWD/.fmnist
-PD="python3 -m perceptual_diffusion.cli"
-[ -x .venv/bin/python ] && PD=".venv/bin/python -m perceptual_diffusion.cli"
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+PD="$PY -m perceptual_diffusion.cli"
+# The device first, in one line: without it all 7 processes would fail and the reason would sit in their logs only.
+if [ "${DEVICE%%:*}" = cuda ]; then
+  why=$("$PY" -c 'import torch
+print("" if torch.cuda.is_available() else f"PyTorch {torch.__version__} sees no CUDA GPU")' 2>&1) \
+    || why="its Python cannot import torch (${why##*$'\n'})"
+  if [ -n "$why" ]; then
+    echo "error: gpu_compare.sh needs a CUDA GPU for DEVICE=$DEVICE, but $why; run it on a GPU machine, or with" \
+      "DEVICE=cpu and tiny sizes (see its header)" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$OUT" "$RUN"
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1  # one thread per seed's process
 ARGS=(compare --out "$RUN" --budget gpu --data "$DATA" --preset "$PRESET" --batch-size "$BATCH" --steps "$STEPS"
       --finetune-steps "$FINETUNE" --eval-samples "$SAMPLES" --curve-samples "$CURVE" --training-seeds "$SEEDS"

@@ -303,6 +303,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     ),
     "evaluate-n-huge": (lambda c: _evaluate(c, "-n", "1000000000000"), "-n must be in [1, 10000000]"),
     "evaluate-seed-negative": (lambda c: _evaluate(c, "--seed", "-1"), "--seed must be in"),
+    "evaluate-max-features-1": (
+        lambda c: _evaluate(c, "--max-features", "1"),
+        "--max-features must be an integer >= 4",
+    ),
+    "evaluate-reference-n-0": (lambda c: _evaluate(c, "--reference-n", "0"), "reference images must be >= 4"),
     # --- output paths: checked before the work, never over the model's own files
     "evaluate-json-is-a-folder": (lambda c: _evaluate(c, "--json", str(c.tmp)), "is a folder"),
     "evaluate-json-under-a-file": (
@@ -681,3 +686,90 @@ def test_training_on_mixed_modes_folder(tmp_path: Path) -> None:
         model=ModelConfig(preset="tiny", image_size=8, channels=3, num_classes=0),
     )
     assert training.train(config, tmp_path / "run").step == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers of the experiment commands: refused in one line before any work (no clamp, no failure after stage 1).
+
+
+def _self_perceptual_weights(c: Ctx) -> str:
+    """Weights whose config records the self-perceptual loss: not the MSE teacher --teacher-from asks for."""
+    tensors, config, step = loading.read_weights(c.trained)
+    loss = replace(config.loss, kind="self-perceptual", teacher=str(c.trained))
+    path = c.tmp / "sp.safetensors"
+    ckpt.save_weights(path, tensors, replace(config, loss=loss), step)
+    return str(path)
+
+
+EXPERIMENT_CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
+    "demo-steps-negative": (lambda c: ["demo", "--out", str(c.tmp / "d"), "--steps", "-5"], "--steps must be >= 1"),
+    "demo-steps-zero": (lambda c: ["demo", "--out", str(c.tmp / "d"), "--steps", "0"], "--steps must be >= 1"),
+    "demo-steps-not-whole-chunks": (lambda c: ["demo", "--steps", "801"], "must be a multiple of 2"),
+    "demo-finetune-steps-zero": (
+        lambda c: ["demo", "--out", str(c.tmp / "d"), "--finetune-steps", "0"],
+        "--finetune-steps must be >= 1",
+    ),
+    "demo-finetune-steps-negative": (lambda c: ["demo", "--finetune-steps", "-1"], "--finetune-steps must be >= 1"),
+    "compare-steps-zero": (lambda c: ["compare", "--out", str(c.tmp), "--steps", "0"], "--steps must be >= 1"),
+    "compare-training-seeds-zero": (
+        lambda c: ["compare", "--out", str(c.tmp), "--training-seeds", "0"],
+        "--training-seeds must be >= 1",
+    ),
+    "compare-bootstrap-negative": (
+        lambda c: ["compare", "--out", str(c.tmp), "--bootstrap", "-1"],
+        "--bootstrap must be >= 1",
+    ),
+    "compare-seeds-empty": (lambda c: ["compare", "--out", str(c.tmp), "--seeds", ""], "--seeds must be"),
+    "compare-seeds-only-commas": (lambda c: ["compare", "--out", str(c.tmp), "--seeds", ","], "--seeds must be"),
+    "compare-seeds-repeated": (lambda c: ["compare", "--out", str(c.tmp), "--seeds", "0,0"], "distinct"),
+    "compare-seeds-negative": (lambda c: ["compare", "--out", str(c.tmp), "--seeds", "-1"], ">= 0"),
+    "ablate-seeds-empty": (lambda c: ["ablate", "--out", str(c.tmp), "--seeds", ""], "--seeds must be"),
+    "compare-teacher-from-self-perceptual": (
+        lambda c: ["compare", "--out", str(c.tmp / "c"), "--teacher-from", _self_perceptual_weights(c)],
+        "was trained with the self-perceptual loss, not mse",
+    ),
+    "compare-teacher-from-empty": (lambda c: ["compare", "--out", str(c.tmp), "--teacher-from", ""], "names no model"),
+    "compare-teacher-from-missing": (
+        lambda c: ["compare", "--out", str(c.tmp), "--teacher-from", str(c.tmp / "none")],
+        "does not exist",
+    ),
+}
+
+
+@pytest.fixture
+def no_experiment_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experiments' entry points fail the test if reached: every case must be refused before any work."""
+    from perceptual_diffusion.experiments import ablation, compare
+
+    def started(*args, **kwargs) -> None:  # noqa: ARG001
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(compare, "run_compare", started)
+    monkeypatch.setattr(ablation, "run_ablation", started)
+
+
+@pytest.mark.parametrize("case", list(EXPERIMENT_CASES))
+def test_experiment_numbers_are_refused_before_any_work(
+    case: str, trained: Path, tmp_path: Path, capsys, no_experiment_work
+) -> None:
+    build, fragment = EXPERIMENT_CASES[case]
+    argv = build(Ctx(tmp_path, trained))
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+
+
+def test_values_where_0_means_something_stay_accepted(trained: Path, tmp_path: Path, no_experiment_work) -> None:
+    """--seeds 0 (the first training seed) and an MSE --teacher-from reach the work (the stub)."""
+    for extra in (["--seeds", "0"], ["--teacher-from", str(trained)], ["--seeds", "0", "--steps", "1"]):
+        with pytest.raises(AssertionError, match="the work started"):
+            cli.main(["compare", "--out", str(tmp_path / "c"), *extra])
+    with pytest.raises(AssertionError, match="the work started"):
+        cli.main(["demo", "--out", str(tmp_path / "d"), "--steps", "1", "--finetune-steps", "1"])
+    assert (
+        cli.main(
+            [*_sample(str(trained), "--seed", "0", "--eta", "0", "--guidance-rescale", "0", ctx=Ctx(tmp_path, trained))]
+        )
+        == 0
+    )

@@ -75,7 +75,9 @@ def _torchrun(args: list[str], env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-pytestmark = pytest.mark.slow  # every test here starts processes with torchrun
+# The tests that start processes with torchrun are slow (marked one by one); the single-process ones run in
+# `make test-fast` too.
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,7 @@ def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+@slow
 @needs_gloo
 def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(runs: dict[str, Path]) -> None:
     one, two = _log(runs["one"]), _log(runs["two"])
@@ -110,6 +113,7 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(runs: dict[
     assert step == 10 and set(weights) == set(state_one["ema"])
 
 
+@slow
 @needs_gloo
 def test_evaluation_gives_the_same_numbers_with_one_and_two_processes(
     runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
@@ -154,6 +158,7 @@ def test_sharded_sampling_in_one_process_is_plain_sampling(tiny_model) -> None:
     assert torch.equal(sample_sharded(tiny_model, [5, 6, 7, 8], labels, config), expected)
 
 
+@slow
 @needs_gloo
 def test_latent_self_perceptual_with_two_processes_follows_one_process(tmp_path: Path) -> None:
     """The latent path under torchrun: the latent cache built by rank 0, the text encoder and the frozen teacher on

@@ -228,14 +228,28 @@ def test_a_comparison_folder_refuses_other_settings_naming_each_and_never_mixes(
 
 
 @pytest.mark.slow
-def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tmp_path) -> None:
+def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tmp_path, monkeypatch) -> None:
+    from perceptual_diffusion.evaluation import features
+
+    # The standard-features rows without the fid-helper wheel (CI has none): a second extractor under that name.
+    standard = lambda device: replace(features.domain_extractor("shapes", 16, device=device), key="standard-x")  # noqa: E731
+    monkeypatch.setattr(features, "fid_helper_available", lambda: True)
+    monkeypatch.setattr(features, "fid_helper_extractor", standard)
     grids = (
         budgets.GuidanceGrid("cfg", scales=(1.5, 2.0), rescales=(0.0, 0.7)),
         budgets.GuidanceGrid("apg", scales=(2.0,)),
         budgets.GuidanceGrid("interval", scales=(2.0,), intervals=((0.5, None),)),
         budgets.GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-step2",)),
     )
-    budget = replace(TINY, training_seeds=1, variants=(), guidance_grids=grids, grid_extensions=1, selection_samples=12)
+    budget = replace(
+        TINY,
+        training_seeds=1,
+        variants=(),
+        guidance_grids=grids,
+        grid_extensions=1,
+        selection_samples=12,
+        inception=True,
+    )
     results = experiment.run_compare(tmp_path / "g", budget, device="cpu")
     selection = results["guidance_selection"]
     assert set(selection) == {"cfg", "apg", "interval", "autoguidance"}
@@ -252,3 +266,13 @@ def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tm
     report = (tmp_path / "g" / "report.md").read_text()
     assert "## Guidance baselines at their best settings" in report and "(chosen)" in report
     assert "its best setting on held-out seeds" in report.split("## Results")[0]
+    inc = results["inception"]
+    assert [r["key"] for r in inc["rows"]] == [
+        "stage1-mse/none",
+        "mse-continued/none",
+        "self-perceptual/none",
+        selection["cfg"]["best"]["key"],
+    ], "the models without guidance and MSE + CFG at its best setting"
+    assert (tmp_path / "g" / "eval-inception" / "seed0" / "self-perceptual__none-rep0.json").is_file()
+    assert inc["pairs"][0]["role"] == "headline" and "fid" in inc["pairs"][0]["metrics"]
+    assert "## The same rows in standard Inception features" in report

@@ -44,3 +44,18 @@ def test_gpu_compare_script_runs_tiny_on_the_cpu_and_packs_the_report(tmp_path) 
     assert {"./report.md", "./results.json", "./curves.png"} <= names
     assert not any(n.endswith(".safetensors") for n in names), "weights stay out of the archive"
     assert (tmp_path / "out" / "report.md").read_text().startswith("# Self-perceptual vs MSE")
+
+
+def test_without_cuda_the_script_says_why_in_one_line_and_starts_nothing(tmp_path) -> None:
+    """It once started 7 processes that all failed and packed a tarball, with the reason only in their logs."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUN": str(tmp_path / "run"), "DEVICE": "cuda"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_compare.sh")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "no CUDA GPU" in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists(), "nothing made, nothing packed"

@@ -14,6 +14,7 @@ import torch
 
 from perceptual_diffusion.config import SampleConfig, ScheduleConfig
 from perceptual_diffusion.models.latent import quiet_libraries, sd_pipeline
+from perceptual_diffusion.runtime import ownership
 
 
 def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
@@ -62,10 +63,16 @@ def write_shapes_captions(out_dir: str | Path, image_size: int = 16, every: int 
     from perceptual_diffusion.data.datasets import PALETTE_NAMES, SHAPE_CLASSES, shapes_valid_set, to_uint8
 
     data = shapes_valid_set(image_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    kept = range(0, len(data), every)
+    names = [f"{i:06d}{suffix}" for i in kept for suffix in (".png", ".txt")]
+    # The folder is claimed before anything is written: the user's own 000000.png is never replaced, and a rerun
+    # with another --every removes the files of the earlier one, so the folder holds exactly what was asked for.
+    earlier = ownership.read_marker(out_dir)
+    out = ownership.claim_dir(out_dir, "shapes-captions", command="latent shapes-captions", files=names)
+    for name in sorted(set(earlier.files if earlier and earlier.files else ()) - set(names)):
+        (out / name).unlink(missing_ok=True)
     pixels = to_uint8(data.images)
-    for i in range(0, len(data), every):
+    for i in kept:
         colour = PALETTE_NAMES[i % len(PALETTE_NAMES)]  # the valid set cycles the palette fastest
         Image.fromarray(pixels[i]).save(out / f"{i:06d}.png")
         (out / f"{i:06d}.txt").write_text(f"a {colour} {SHAPE_CLASSES[int(data.labels[i])]}\n")

@@ -10,15 +10,24 @@ printed here as one line with exit code 2; nothing below this module prints trac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import signal
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
 
 from perceptual_diffusion.cli import commands
 from perceptual_diffusion.cli.budget_options import add_budget_options
 from perceptual_diffusion.cli.latent import add_latent_parser
 from perceptual_diffusion.cli.options import add_report_to_option, add_run_dir_options, add_train_options, choices
-from perceptual_diffusion.cli.sampling_options import add_sample_options, use_run_sampling_defaults
+from perceptual_diffusion.cli.sampling_options import (
+    add_guidance_options,
+    add_sample_options,
+    use_run_sampling_defaults,
+)
 from perceptual_diffusion.config import SampleConfig
 from perceptual_diffusion.errors import TrainingDiverged, UserError
 
@@ -65,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward batch (does not change results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_sample_options(p)
+    add_guidance_options(p)
     use_run_sampling_defaults(p)
     p.set_defaults(func=commands.cmd_sample)
 
@@ -179,6 +189,7 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_sample_options(p, several_scales=True)
+    add_guidance_options(p)
     use_run_sampling_defaults(p)
     p.set_defaults(func=commands.cmd_evaluate)
 
@@ -189,7 +200,8 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
         "holds out every 5th shape position as its test set; fashion-mnist tests on its 10,000 test images.",
     )
     p.add_argument("--data", choices=["shapes", "fashion-mnist"], required=True, help="which built-in data")
-    p.add_argument("--out", required=True, help="safetensors file to write")
+    p.add_argument("--out", required=True, help="safetensors file to write (a new file, or see --force)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is a classifier this command wrote")
     p.add_argument("--epochs", type=int, default=None, help="default: 60 for shapes, 2 for fashion-mnist")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.set_defaults(func=commands.cmd_train_classifier)
@@ -224,8 +236,91 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     return parser
 
 
+# Commands that a rerun continues where they stopped; the others start again (their outputs are written whole or not
+# at all, so an interruption leaves nothing half-written).
+RESUMABLE = {"train", "compare", "demo", "ablate", "latent train", "latent cache"}
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM (143)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that locks, logs and temporaries are released as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:  # noqa: ARG001 - a signal handler's signature
+    # Once is enough: a second SIGTERM (torchrun repeats it) must not break into the cleanup the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+def _interrupted_line(args: argparse.Namespace | None) -> str:
+    name = " ".join(n for n in (getattr(args, "command", None), getattr(args, "subcommand", None)) if n)
+    if name in RESUMABLE:
+        return "interrupted; rerun the same command to resume"
+    return "interrupted; nothing was left half-written: rerun the same command to start again"
+
+
+class _QuietWhenClosed:
+    """stdout or stderr that turns quiet once its reader has gone (``| head``, ``| true``): a closed pipe is not an
+    error of the command, which goes on to write its result files; its printed lines simply have no reader."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream, self._closed = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._go_quiet()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._go_quiet()
+
+    def _go_quiet(self) -> None:
+        self._closed = True
+        # Python's documented recipe (signal module, "Note on SIGPIPE"): point the descriptor at devnull, so that
+        # the interpreter's own flush at exit finds no broken pipe either.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass  # not a real descriptor (a test's capture): nothing is flushed at exit either
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _guarded_streams() -> Iterator[None]:
+    """SIGTERM as ``Terminated`` and closed pipes as quiet streams, for the time of one ``main`` call."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _QuietWhenClosed(sys.stdout), _QuietWhenClosed(sys.stderr)  # type: ignore[assignment]
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        sys.stdout, sys.stderr = streams
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; bad input (options included) is one ``error:`` line on stderr and exit code 2."""
+    """Run one subcommand; bad input (options included) is one ``error:`` line on stderr and exit code 2. SIGTERM
+    and Ctrl-C end with one line saying whether a rerun resumes (exit 143 and 130); a closed stdout is not an error."""
+    with _guarded_streams():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
 
     def one_line_errors(p: argparse.ArgumentParser) -> None:
@@ -246,17 +341,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("always", category=UserWarning, module="perceptual_diffusion")
         warnings.showwarning = show_warning  # one line per warning, without the source line
+        args = None
         try:
             args = parser.parse_args(argv)
             handler: Callable[[argparse.Namespace], None] = args.func
             handler(args)
+            sys.stdout.flush()  # a closed pipe shows here at the latest, while the quiet stream still catches it
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except TrainingDiverged as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            print(_interrupted_line(args), file=sys.stderr)
+            return SIGTERM_EXIT if isinstance(exc, Terminated) else 130
     return 0

@@ -16,13 +16,33 @@ from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budg
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
-    """``--seeds 0,2`` -> [0, 2]; None when not given."""
-    if not text:
+    """``--seeds 0,2`` -> [0, 2]; None when not given. An empty, negative or repeated list is refused: read as "every
+    seed", ``--seeds ''`` from a launcher would start a second process gathering the report while others train."""
+    if text is None:
         return None
     try:
-        return [int(s) for s in text.split(",")]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise UserError(
+            f"--seeds must be comma-separated integers (training seeds such as 0 or 0,1), got {text!r}; leave "
+            "--seeds out to run every seed"
+        ) from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name distinct training seeds >= 0, got {text!r}")
+    return seeds
+
+
+def check_teacher_from(path: str) -> None:
+    """``--teacher-from`` must be an MSE model: the protocol fine-tunes against an MSE teacher, and the run's own
+    config records its loss. Reads the weights' header only (imports torch: called when a command runs)."""
+    from perceptual_diffusion.models.loading import weights_config
+
+    config, _ = weights_config(path)
+    if config.loss.kind != "mse":
+        raise UserError(
+            f"--teacher-from {path} was trained with the {config.loss.kind} loss, not mse: the comparison needs a "
+            "converged MSE model as teacher; give an MSE run, or leave --teacher-from out to train one"
+        )
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
@@ -41,8 +61,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
         )
         if v is not None
     }
-    for name, value in {**overrides, "steps": args.steps or 1}.items():
-        if value < 1:
+    for name, value in {**overrides, "steps": 1 if args.steps is None else args.steps}.items():
+        if value < 1:  # the budget checks these too; here the message can name the option as typed
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.extras is not None:
         overrides["extras"] = args.extras
@@ -55,6 +75,9 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
             stage1=replace(budget.stage1, chunk_steps=chunk, max_chunks=chunks, min_chunks=min(2, chunks)),
         )
     if args.teacher_from is not None:
+        if not args.teacher_from.strip():
+            raise UserError("--teacher-from '' names no model; give a run directory or a weights file, or leave it out")
+        check_teacher_from(args.teacher_from)
         budget = replace(budget, teacher=args.teacher_from)
     if args.preset is not None:
         if args.preset not in PRESETS:

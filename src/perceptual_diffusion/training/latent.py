@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from perceptual_diffusion.config import LatentRunConfig
 from perceptual_diffusion.core.networks import encoder_taps, frozen_copy
@@ -37,6 +36,7 @@ from perceptual_diffusion.models.latent import (
 )
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import distributed
+from perceptual_diffusion.runtime.progress import progress as progress_iter
 
 GRID_PROMPTS = 4  # captions (the data's first ones) in the periodic sample grids: one row each, as in `latent sample`
 GRID_SEEDS_PER_PROMPT = 4
@@ -101,7 +101,7 @@ class LatentCache:
         """Encode and write the given chunks (the VAE posterior mean times the scaling factor)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for c in tqdm(chunks, desc="encoding latents", unit="chunk", disable=not progress, leave=False):
+            for c in progress_iter(chunks, desc="encoding latents", unit="chunk", enabled=progress):
                 rows = list(range(c * self.CHUNK, c * self.CHUNK + self._rows(c)))
                 latents = torch.cat(
                     [
