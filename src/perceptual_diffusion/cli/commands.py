@@ -17,6 +17,7 @@ from perceptual_diffusion.cli.sampling_options import (
     check_sample_counts,
     describe_sampler,
     run_sample_config,
+    sampling_options_given,
 )
 from perceptual_diffusion.errors import UserError
 
@@ -55,20 +56,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model, config, _ = load_model(args.model, device, kind="pixel")
     check_finite_model(model, args.model)
     cfg = run_sample_config(args, config.sample, max_steps=config.schedule.num_train_timesteps)
+    guide = _guide_option(args, model, device)
     mc = model.model_config
     check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
     seeds = range(args.seed, args.seed + args.n)  # a range, not a list: nothing is built per image before sampling
     labels = _labels_option(args, model.num_classes, seeds)
-    if labels is None and cfg.cfg_scale != 1.0:
-        raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1")
-    images = sample(model, seeds, labels, cfg, args.batch_size, device, progress=True)
+    if labels is None and cfg.cfg_scale != 1.0 and guide is None:
+        raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1 (or give --guide)")
+    images = sample(model, seeds, labels, cfg, args.batch_size, device, guide=guide, progress=True)
     check_finite_samples(images, args.model)
+    sampler = describe_sampler(cfg, guide=args.guide)
     by_class = labels is not None and args.label == "rows" and args.nrow is None
+    wrote = []  # printed once every file is written: a closed stdout must not cost the files after it
     try:
         if args.out:
             save_grid(images, Path(args.out), nrow=args.nrow, rows=labels if by_class else None)
             layout = "one row per class" if by_class else f"{args.nrow} per row" if args.nrow else "square grid"
-            print(f"wrote {args.out} ({args.n} images, {layout}; {describe_sampler(cfg)})")
+            wrote.append(f"wrote {args.out} ({args.n} images, {layout}; {sampler})")
         if args.npz:
             arr = to_uint8(images)
             lab = np.asarray(labels if labels is not None else np.full(args.n, -1))
@@ -78,9 +82,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     np.savez(fh, images=arr, labels=lab, seeds=np.asarray(seeds))
 
             atomic_write(Path(args.npz), write)
-            print(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC; {describe_sampler(cfg)})")
+            wrote.append(f"wrote {args.npz} ({len(arr)} images, uint8 NHWC; {sampler})")
     except OSError as exc:
+        for line in wrote:  # the files that were written
+            print(line)
         raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
+    for line in wrote:
+        print(line)
 
 
 def _labels_option(args: argparse.Namespace, k: int, seeds: range) -> Any:
@@ -105,6 +113,28 @@ def _labels_option(args: argparse.Namespace, k: int, seeds: range) -> Any:
     if not 0 <= label < k:
         raise UserError(f"--label {label} is out of range: this model has classes 0..{k - 1}")
     return torch.full((args.n,), label)
+
+
+def _guide_option(args: argparse.Namespace, model: Any, device: Any) -> Any:
+    """The --guide model (autoguidance), or None: loaded like the model, and refused unless it makes the same images
+    of the same classes under the same noise schedule."""
+    if args.guide is None:
+        return None
+    from perceptual_diffusion.cli.checks import check_finite_model
+    from perceptual_diffusion.core.guidance import check_guide
+    from perceptual_diffusion.models.loading import load_model
+
+    guide, _, _ = load_model(args.guide, device, kind="pixel")
+    check_finite_model(guide, args.guide)
+    ours, theirs = model.model_config, guide.model_config
+    if (theirs.channels, theirs.image_size, theirs.num_classes) != (ours.channels, ours.image_size, ours.num_classes):
+        raise UserError(
+            f"--guide {args.guide} makes {theirs.channels}x{theirs.image_size}px images of {theirs.num_classes} "
+            f"classes, the model {ours.channels}x{ours.image_size}px of {ours.num_classes}: autoguidance needs a "
+            "weaker model of the same task"
+        )
+    check_guide(model, guide)
+    return guide
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -146,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
     from perceptual_diffusion.cli.checks import check_finite_model, check_output_file, refusing_non_finite
-    from perceptual_diffusion.evaluation.evaluate import evaluate_model, format_table
+    from perceptual_diffusion.evaluation.evaluate import check_options, evaluate_model, format_table
     from perceptual_diffusion.models.loading import load_model
     from perceptual_diffusion.runtime.checkpoint import atomic_write_text, resolve_weights
     from perceptual_diffusion.runtime.distributed import launched_rank, process_group
@@ -154,6 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     check_sample_counts(args, args.n)
     check_image_count(args.n)
+    check_options({"max_features": args.max_features, "reference_n": args.reference_n})
     weights = resolve_weights(args.model)
     if args.json:  # every output path is checked before the work: a bad one must not cost the evaluation
         check_output_file(args.json, "--json", args.model)
@@ -170,6 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     # the same numbers here.
     timesteps = config.schedule.num_train_timesteps
     configs = [run_sample_config(args, config.sample, scale, timesteps) for scale in args.cfg_scale]
+    guide = _guide_option(args, model, device)
     seeds = range(args.seed, args.seed + args.n)
     rows = []
     with process_group(device):  # under torchrun: each process samples its share of the seeds
@@ -183,22 +215,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 seeds=seeds,
                 batch_size=args.batch_size,
                 device=device,
+                guide=guide,
                 use_labels=not args.no_labels,
                 max_features=args.max_features,
                 reference_n=args.reference_n,
                 progress=args.progress,
             )
-            rows.append({"model": str(weights), **row})
+            rows.append({"model": str(weights), **({"guide": args.guide} if args.guide else {}), **row})
     if launched_rank() != 0:
         return  # rank 0 prints and writes the numbers, which every rank holds
-    print(format_table(rows))
-    given = any(getattr(args, d) is not None for d in ("sample_steps", "spacing", "eta", "guidance_rescale", "clip_x0"))
-    source = "with the options given" if given else "the model's own settings"
-    print(f"sampler: {describe_sampler(configs[0], guidance=False)} ({source}); CFG scale per row")
-    try:
+    source = "with the options given" if sampling_options_given(args) else "the model's own settings"
+    described = describe_sampler(configs[0], guidance=False, guide=args.guide)
+    sampler = f"sampler: {described} ({source}); {configs[0].guidance.upper()} scale per row"
+    try:  # the file first: a reader that stops early (| head -n1) must not cost the evaluation
         atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
     except OSError as exc:
+        print(format_table(rows) + "\n" + sampler)
         raise UserError(f"cannot write {out} ({exc.strerror or exc}); the numbers are printed above") from None
+    print(format_table(rows))
+    print(sampler)
     print(f"wrote {out}")
 
 
@@ -214,10 +249,31 @@ def _extractor_option(args: argparse.Namespace, data: Any, device: Any) -> Any:
     return make_extractor(kind, data.source, data.image_size, args.inception_weights, args.download_inception, device)
 
 
-def cmd_train_classifier(args: argparse.Namespace) -> None:
-    from perceptual_diffusion.evaluation.classifier import train_classifier
+def _is_classifier_file(path: Path) -> bool:
+    """A file that train-classifier wrote: safetensors whose metadata holds its config and result (a run's weights
+    carry a format and a run config instead)."""
+    from perceptual_diffusion.runtime.ownership import safetensors_metadata
 
-    result = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    meta = safetensors_metadata(path) or {}
+    return {"config", "result"} <= meta.keys() and "format" not in meta
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from perceptual_diffusion.cli.checks import check_output_file
+    from perceptual_diffusion.evaluation.classifier import train_classifier
+    from perceptual_diffusion.runtime.ownership import claim_file
+
+    # Before training: a refusal afterwards would cost the minutes it took, and --force must never replace a run's
+    # weights (or any file but a classifier this command made).
+    claim_file(args.out, "classifier", _is_classifier_file, args.force, command="train-classifier")
+    check_output_file(args.out, "--out")
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    result = train_classifier(
+        args.data, args.out, epochs=args.epochs, seed=args.seed, recipe=args.recipe, width=args.width, progress=True
+    )
     print(
         f"wrote {args.out}: test accuracy {result['test_accuracy']:.4f} on {result['test_images']} images "
         f"({result['test_accuracy_noise_0.2']:.4f} with noise 0.2), {result['seconds']} s"

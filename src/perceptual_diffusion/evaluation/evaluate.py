@@ -14,7 +14,8 @@ The real side (reference statistics, cached per data split and extractor) is ``r
 Besides the distribution metrics, every sample's distance to its nearest training image is measured (a memorisation
 check, next to the same distance for held-out real images), and ``per_sample_path`` writes every sample's features
 and per-sample indicators in seed order, for paired statistics between models sampled with the same seeds
-(``stats.py``).
+(``stats.py``). The grid-artifact probe (``spectrum.py``) adds the radial power spectra of samples and real images
+and each sample's grid excess in dB at the harmonics of the network's down-sampling ``strides``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from perceptual_diffusion.evaluation.reference import (
     nearest_train_metric,
     reference_stats,
 )
+from perceptual_diffusion.evaluation.spectrum import DEFAULT_STRIDES, SpectrumStats, measure, preset_strides
 from perceptual_diffusion.runtime import distributed
 from perceptual_diffusion.runtime.checkpoint import atomic_write
 
@@ -79,9 +81,10 @@ def evaluate_model(
 
     Conditional models get labels drawn in the training data's class proportions (``use_labels=False``: the null
     label). Under torchrun each process samples and featurises seeds[rank::world] and rank 0 scores them in seed
-    order; every process returns the same numbers.
+    order; every process returns the same numbers. The grid probe's ``strides`` default to the preset's.
     """
     seeds = _check_seeds(seeds, n)
+    check_options(options)
     check_split(data, options.get("reference_split", "train"))
     if options.get("per_sample_path") is not None and distributed.world_size() > 1:
         raise UserError("per-sample output needs one process: evaluate without torchrun to write it")
@@ -93,6 +96,7 @@ def evaluate_model(
             f"{ds.channels}x{ds.image_size}px"
         )
     labels = _sampling_labels(model, ds, seeds, use_labels)
+    options["strides"] = strides = tuple(options.get("strides") or preset_strides(mc.preset))
     if labels is None and sample_config.cfg_scale != 1.0 and guide is None:
         raise UserError("classifier-free guidance needs labels: use cfg scale 1 for unconditional samples")
     with distributed.main_first():  # under torchrun, rank 0 fills the disk cache and the others read it
@@ -106,7 +110,7 @@ def evaluate_model(
     featurised = _featurised(batches, extractor, seconds)
     if distributed.world_size() > 1:  # rank 0 gathers every rank's samples back into seed order
         keep_images = data.source == "shapes" or options.get("nearest_train", True)
-        featurised = _gathered(featurised, batch_size, keep_images=keep_images)
+        featurised = _gathered(featurised, batch_size, keep_images, strides)
         if not distributed.is_main():
             for _ in featurised:  # sample and featurise this rank's seeds, send them to rank 0
                 pass
@@ -127,8 +131,10 @@ def evaluate_images(
     **options: Any,
 ) -> dict[str, Any]:
     """Score any sample source: ``n`` images in [-1, 1], batch by batch, in seed order (a latent model's decoded
-    samples, a folder of PNGs read back, another library's samples); ``labels``: the class of each, if any."""
+    samples, a folder of PNGs read back, another library's samples); ``labels``: the class of each, if any; the
+    grid probe's ``strides`` option: the generating network's down-sampling strides in pixels (default 2)."""
     seeds = _check_seeds(seeds, n)
+    check_options(options)
     seconds = _seconds()
     featurised = _featurised(iter(batches), extractor, seconds)
     sampling = {"source": source, "labels": "given" if labels is not None else "none"}
@@ -154,17 +160,21 @@ def score(
     nearest_train: bool = True,
     per_sample_path: Path | None = None,
     progress: bool = False,
+    strides: tuple[int, ...] = DEFAULT_STRIDES,
 ) -> dict[str, Any]:
     """Fold (images, features) batches into running statistics and compute every metric against ``data``'s
     ``reference_split`` ("test": Fashion-MNIST's held-out images): FID, KID with its standard error, IS, precision
     / recall / density / coverage, the exact shapes metrics, and (``nearest_train``) each sample's RMS distance to
-    its nearest training image. ``per_sample_path`` writes per-sample arrays in seed order to an .npz. Returns a
+    its nearest training image, and the spectra and grid excess at ``strides`` (``spectrum.py``).
+    ``per_sample_path`` writes per-sample arrays in seed order to an .npz. Returns a
     JSON-ready dict that names the extractor and the sample count next to every number."""
     ref = reference_stats(data, extractor, max_features, reference_n, progress=progress, split=reference_split)
     ds, _ = dataset_and_hash(data)
-    acc = _Accumulator(data, ds, extractor, n, max_features, nearest_train, per_sample_path is not None, seconds)
+    keep_all = per_sample_path is not None
+    acc = _Accumulator(data, ds, extractor, n, max_features, nearest_train, keep_all, seconds, strides)
     for images, out in featurised:
         acc.update(images, out, None if labels is None else labels[acc.done : acc.done + len(out["features"])])
+    spectrum, grid_excess = acc.spectrum.summary(ref.power_mean)
     row = {
         "n_samples": n,
         "seeds": f"{seeds[0]}..{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + n)) else "custom",
@@ -172,23 +182,25 @@ def score(
         "reference": {"data": ds.name, "split": reference_split, "n": ref.n, "cache": ref.path},
         "sampling": sampling,
         **_metrics(acc, ref, kid_subsets, kid_subset_size, kid_se_blocks),
+        "spectrum": spectrum,
         "per_sample": None if per_sample_path is None else str(per_sample_path),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     if per_sample_path is not None:
-        write_per_sample(Path(per_sample_path), acc.all_features, labels, seeds, acc.realism, acc.memo)
+        write_per_sample(Path(per_sample_path), acc.all_features, labels, seeds, acc.realism, acc.memo, grid_excess)
     return row
 
 
 class _Accumulator:
     """Running statistics of the samples seen so far: features (all of them for FID, the first ``max_features``
-    rows for KID and precision/recall), IS, the exact shapes metrics and nearest-training-image distances."""
+    rows for KID and precision/recall), IS, the exact shapes metrics, nearest-training-image distances and spectra."""
 
-    def __init__(self, data, ds, extractor, n, max_features, nearest_train, keep_all, seconds) -> None:
+    def __init__(self, data, ds, extractor, n, max_features, nearest_train, keep_all, seconds, strides) -> None:
         self.stats = FeatureStats(extractor.feature_dim)
         self.is_stats = InceptionScoreStats(extractor.num_logits, n, IS_SPLITS) if extractor.num_logits else None
         self.realism = ShapesRealism(ds.image_size) if data.source == "shapes" else None
         self.max_features, self.keep_all, self.seconds = max_features, keep_all, seconds
+        self.spectrum = SpectrumStats(strides)
         self.kept: list[Tensor] = []
         self.all_features: list[Tensor] = []
         self.done = 0
@@ -207,6 +219,7 @@ class _Accumulator:
             self.is_stats.update(out["logits"].softmax(1))
         if self.realism is not None:
             self.realism.update(images, labels)
+        self.spectrum.update(images, out)
         self.done += len(out["features"])
         t1 = time.perf_counter()
         self.seconds["metrics"] += t1 - t0
@@ -250,6 +263,19 @@ def _metrics(acc: _Accumulator, ref: Any, kid_subsets: int, kid_subset_size: int
     }
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse, before any sampling, an option the metrics cannot work with."""
+    max_features = options.get("max_features", MAX_FEATURES)
+    if not (isinstance(max_features, int) and max_features >= PR_K + 1):
+        raise UserError(
+            f"--max-features must be an integer >= {PR_K + 1} (KID and the k={PR_K} nearest-neighbour precision "
+            f"and recall need that many samples), got {max_features}"
+        )
+    reference_n = options.get("reference_n")
+    if reference_n is not None and not (isinstance(reference_n, int) and reference_n >= PR_K + 1):
+        raise UserError(f"the number of reference images must be >= {PR_K + 1}, got {reference_n}")
+
+
 def _check_seeds(seeds: list[int] | None, n: int) -> list[int]:
     seeds = list(range(n)) if seeds is None else list(seeds)
     if len(seeds) != n:
@@ -283,6 +309,7 @@ def write_per_sample(
     seeds: list[int],
     realism: ShapesRealism | None,
     memo: NearestTrainDistance | None,
+    grid_excess: np.ndarray | None = None,
 ) -> None:
     """Write the per-sample arrays of one evaluation, in seed order, atomically to an .npz file."""
     feats = torch.cat(features).numpy().astype(np.float32, copy=False)
@@ -295,6 +322,8 @@ def write_per_sample(
         arrays.update(realism.per_sample())
     if memo is not None:
         arrays["nearest_train_rms"] = memo.per_sample()
+    if grid_excess is not None:
+        arrays["grid_excess"] = grid_excess.astype(np.float64)
     lengths = {k: len(v) for k, v in arrays.items()}
     if len(set(lengths.values())) != 1:
         raise RuntimeError(f"per-sample arrays of different lengths: {lengths}")
@@ -320,13 +349,16 @@ def _featurised(batches: Iterator[Tensor], extractor: Extractor, seconds: dict[s
         yield images, out
 
 
-def _gathered(local: Iterator[Features], batch_size: int, keep_images: bool) -> Iterator[Features]:
+def _gathered(
+    local: Iterator[Features], batch_size: int, keep_images: bool, strides: tuple[int, ...]
+) -> Iterator[Features]:
     """Under torchrun: this rank's (images, outputs) for seeds[rank::world], gathered on rank 0 into seed order and
-    re-cut into batches of ``batch_size``, so the statistics are folded in the same order as in one process.
+    re-cut into batches of ``batch_size``, so the statistics are folded in the same order as in one process. Each
+    rank measures its own images' spectra first (``spectrum.measure``), so rank 0 needs no images for them.
 
     Rank 0 holds every sample's features (and images, for the exact shapes metrics) at once: n x D floats.
     """
-    parts = list(local)
+    parts = [(images, {**out, **measure(images, strides)}) for images, out in local]
     keys = list(parts[0][1]) if parts else ["features"]
     columns = {k: distributed.gather_seed_order(torch.cat([out[k] for _, out in parts])) for k in keys}
     images = distributed.gather_seed_order(torch.cat([im for im, _ in parts])) if keep_images else None
@@ -341,7 +373,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per evaluated row: guidance, then every metric, with the extractor and sample count in the header."""
     head = (
         f"{'cfg':>5} {'rescale':>7} {'FID':>9} {'KID':>17} {'IS':>12} "
-        f"{'prec':>5} {'rec':>5} {'dens':>5} {'cov':>5} {'exactP':>6} {'exactR':>6} {'class':>6}"
+        f"{'prec':>5} {'rec':>5} {'dens':>5} {'cov':>5} {'exactP':>6} {'exactR':>6} {'class':>6} {'gridDB':>6}"
     )
     lines = []
     for r in rows:
@@ -353,14 +385,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if rl
             else f"{'-':>6} {'-':>6} {'-':>6}"
         )
+        grid = (r.get("spectrum") or {}).get("grid_excess_db")
+        grid_text = f"{grid:+6.2f}" if grid is not None else f"{'-':>6}"
         lines.append(
             f"{s['cfg_scale']:5.2f} {s['guidance_rescale']:7.2f} {r['fid']:9.4g} "
             f"{k['mean']:>9.4g}±{k['std']:<7.2g} {is_text:>12} {pr['precision']:5.3f} {pr['recall']:5.3f} "
-            f"{pr['density']:5.3f} {pr['coverage']:5.3f} {exact}"
+            f"{pr['density']:5.3f} {pr['coverage']:5.3f} {exact} {grid_text}"
         )
     first = rows[0]
     title = (
         f"{first['n_samples']} samples vs {first['reference']['data']} ({first['reference']['n']} images); "
         f"features: {first['extractor']['description']}"
     )
+    strides = (first.get("spectrum") or {}).get("strides")
+    if strides:
+        title += f"; gridDB: grid excess (dB) at strides {', '.join(map(str, strides))} px"
     return "\n".join([title, head, *lines])

@@ -25,6 +25,7 @@ from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.features import Extractor
 from perceptual_diffusion.evaluation.metrics import FeatureStats, InceptionScoreStats
 from perceptual_diffusion.evaluation.realism import NearestTrainDistance, nearest_rms
+from perceptual_diffusion.evaluation.spectrum import power_spectrum
 from perceptual_diffusion.runtime.cache import CACHE_ENV, cache_dir
 from perceptual_diffusion.runtime.checkpoint import atomic_write
 
@@ -35,7 +36,9 @@ _DATASETS: dict[tuple[DataConfig, str], tuple[Dataset, str]] = {}
 _REFERENCES: dict[str, Reference] = {}
 _HELDOUT_NEAREST: dict[str, Tensor] = {}
 
-REFERENCE_VERSION = "1"  # bump when the reference computation changes, to invalidate old cache files
+# Bump when the reference computation changes: a new version is a new file name, so old cache files are never read
+# (2: the mean power spectrum, spectrum.py).
+REFERENCE_VERSION = "2"
 
 
 HELDOUT_NEAREST_MAX = 2_000  # held-out images measured for the memorisation comparison (a seeded random subset)
@@ -71,6 +74,7 @@ class Reference:
     class_probs: Tensor  # the data's label proportions, used to draw labels for conditional samples
     is_mean: float | None
     is_std: float | None
+    power_mean: Tensor  # (H, W) mean DFT power of the images (spectrum.power_spectrum), for the grid probe
     path: str
 
 
@@ -131,8 +135,11 @@ def reference_stats(
     stats = FeatureStats(extractor.feature_dim)
     is_stats = InceptionScoreStats(extractor.num_logits, n, IS_SPLITS) if extractor.num_logits else None
     kept: list[Tensor] = []
+    power_sum = torch.zeros(ds.images.shape[-2:], dtype=torch.float64)
     for start in _progress(range(0, n, batch_size), progress, "reference features"):
-        out = extractor(ds.images[order[start : start + batch_size]])
+        images = ds.images[order[start : start + batch_size]]
+        out = extractor(images)
+        power_sum += power_spectrum(images).sum(0)
         stats.update(out["features"])
         if sum(len(k) for k in kept) < max_features:
             kept.append(out["features"])
@@ -141,7 +148,8 @@ def reference_stats(
     mu, cov = stats.mean_cov()
     is_mean, is_std = is_stats.compute() if is_stats is not None else (None, None)
     counts = torch.bincount(ds.labels, minlength=ds.num_classes).double()
-    ref = Reference(mu, cov, n, torch.cat(kept)[:max_features], counts / counts.sum(), is_mean, is_std, str(path))
+    features = torch.cat(kept)[:max_features]
+    ref = Reference(mu, cov, n, features, counts / counts.sum(), is_mean, is_std, power_sum / n, str(path))
     saved = {k: v for k, v in asdict(ref).items() if k != "path"}
     if not _write_cache(path, saved):
         ref.path = "not cached"
@@ -150,9 +158,9 @@ def reference_stats(
 
 
 def _progress(it: range, enabled: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
+    from perceptual_diffusion.runtime.progress import progress
 
-    return tqdm(it, desc=desc, unit="batch", disable=not enabled, leave=False)
+    return progress(it, desc=desc, unit="batch", enabled=enabled)
 
 
 def nearest_train_metric(data: DataConfig) -> NearestTrainDistance:

@@ -19,8 +19,12 @@ import numpy as np
 import torch
 
 from perceptual_diffusion.config import DataConfig, SampleConfig
+from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.features import Extractor
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
+
+# A fraction-of-samples criterion and the per-sample indicator array it is the mean of.
+PER_SAMPLE_OF = {"structure_precision": "structure", "exact_precision": "exact", "class_accuracy": "class_match"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,17 @@ class Criterion:
         """How much better ``a`` is than ``b`` (positive: better)."""
         return a - b if self.higher_is_better else b - a
 
+    def statistic(self, reference: Any = None) -> Any:
+        """The criterion as a statistic of per-sample arrays (``stats.py``), for paired bootstrap intervals;
+        ``reference``: the ``reference.Reference`` FID is measured against."""
+        from perceptual_diffusion.evaluation import stats
+
+        if self.key == "fid":
+            if reference is None:
+                raise ValueError("the FID criterion's statistic needs the reference statistics")
+            return stats.fid_against(reference.mu, reference.cov)
+        return stats.mean_of(PER_SAMPLE_OF[self.key])
+
 
 def criterion_for(data: DataConfig) -> Criterion:
     """Exact structure on the shapes (their valid set is known), FID in feature space for any other data."""
@@ -84,6 +99,8 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     memo = result.get("memorisation") or {}
     if memo.get("median") is not None:
         flat["nearest_train_rms"] = memo["median"]
+    if (result.get("spectrum") or {}).get("grid_excess_db") is not None:  # the grid probe (spectrum.py)
+        flat["grid_excess_db"] = result["spectrum"]["grid_excess_db"]
     return {k: float(v) for k, v in flat.items()}
 
 
@@ -98,16 +115,26 @@ def evaluate_cached(
     guide: Any = None,
     use_labels: bool = True,
     reference_split: str = "train",
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """``evaluate_model`` once per cache path: metrics to ``cache.json``, per-sample arrays to ``cache.npz``.
 
     ``model`` and ``guide`` may be callables that load the network, so that a cached row never loads it.
+    ``fingerprint`` (a hash of every setting that changes the numbers) is stored with the result; a cached result
+    with another fingerprint is refused instead of silently reused (one written before fingerprints is reused).
     """
     from perceptual_diffusion.evaluation.evaluate import evaluate_model
 
     json_path, npz_path = _with_extension(cache, ".json"), _with_extension(cache, ".npz")
     if is_cached(cache):
-        return json.loads(json_path.read_text())
+        cached = json.loads(json_path.read_text())
+        stored = cached.get("fingerprint")
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise UserError(
+                f"the cached evaluation {json_path} was made with other settings (fingerprint {stored}, now "
+                f"{fingerprint}); the folder mixes two configurations: use a new --out, or delete {cache.parent}"
+            )
+        return cached
     model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
     guide = guide() if callable(guide) and not isinstance(guide, torch.nn.Module) else guide
     result = evaluate_model(
@@ -124,6 +151,8 @@ def evaluate_cached(
         per_sample_path=npz_path,
     )
     result["metrics"] = flatten_metrics(result)
+    if fingerprint is not None:
+        result["fingerprint"] = fingerprint
     atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
     return result
 
