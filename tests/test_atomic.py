@@ -253,8 +253,8 @@ def _poison(monkeypatch, at_call: int, how: str) -> None:
         def backward(ctx, grad):
             return grad * float("nan")
 
-    def build(config, schedule, teacher=None):
-        loss_fn, calls = real_build(config, schedule, teacher), {"n": 0}
+    def build(config, schedule, teacher=None, perceptual_net=None):
+        loss_fn, calls = real_build(config, schedule, teacher, perceptual_net), {"n": 0}
 
         def poisoned(model, x0, cond, gen):
             terms = loss_fn(model, x0, cond, gen)

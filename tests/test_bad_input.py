@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -307,7 +308,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: _evaluate(c, "--max-features", "1"),
         "--max-features must be an integer >= 4",
     ),
-    "evaluate-reference-n-0": (lambda c: _evaluate(c, "--reference-n", "0"), "reference images must be >= 4"),
+    "evaluate-reference-n-0": (
+        lambda c: _evaluate(c, "--reference-n", "0"),
+        "reference images (--reference-n) must be >= 10",
+    ),
+    "evaluate-reference-n-below-the-is-splits": (
+        lambda c: _evaluate(c, "--reference-n", "4"),
+        "reference images (--reference-n) must be >= 10",
+    ),
     # --- output paths: checked before the work, never over the model's own files
     "evaluate-json-is-a-folder": (lambda c: _evaluate(c, "--json", str(c.tmp)), "is a folder"),
     "evaluate-json-under-a-file": (
@@ -342,6 +350,136 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "is not an earlier export",
     ),
     "run-dir-empty-string": (lambda c: ["train", "--run-dir", "", *CLI_TINY], "--run-dir must name a folder"),
+    # --- numbers that were clamped, read as "not given" or failed late (issue 21): refused where they are typed
+    "image-size-zero-is-not-the-default": (lambda c: _train(c, "--image-size", "0"), "image size must be in"),
+    "shapes-image-size-whose-data-cannot-fit": (
+        lambda c: _train(c, "--image-size", "1024"),
+        "the shapes data needs --image-size <= 64",
+    ),
+    "batch-size-huge": (lambda c: _train(c, "--batch-size", str(10**12)), "--batch-size must be at most"),
+    "lr-huge": (lambda c: _train(c, "--lr", "1e300"), "--lr must be at most 1"),
+    "seed-above-64-bits": (lambda c: _train(c, "--seed", str(2**63)), "--seed must be at most 2**63 - 1"),
+    "eta-above-one-train": (lambda c: _train(c, "--eta", "2"), "--eta must be at most 1"),
+    "eta-huge-sample": (lambda c: _sample(str(c.trained), "--eta", "1e300", ctx=c), "--eta must be at most 1"),
+    "apg-threshold-nan-names-the-option-typed": (
+        lambda c: _sample(str(c.trained), "--apg-threshold", "nan", ctx=c),
+        "--apg-threshold must be a finite number",
+    ),
+    "guidance-interval-nan-names-the-option-typed": (
+        lambda c: _sample(str(c.trained), "--guidance-interval", "nan", "1", ctx=c),
+        "--guidance-interval SIGMA_LO must be a finite number",
+    ),
+    "data-path-with-the-built-in-shapes": (
+        lambda c: _train(c, "--data-path", str(c.tmp)),
+        "--data-path is for --data folder or fashion-mnist",
+    ),
+    "data-path-empty-string": (
+        lambda c: _train(c, "--data", "folder", "--data-path", ""),
+        "--data-path '' names no folder",
+    ),
+    "evaluate-data-path-of-a-shapes-model": (
+        lambda c: _evaluate(c, "--data-path", str(c.tmp)),
+        "--data-path is for --data folder or fashion-mnist",
+    ),
+    "evaluate-json-empty-string": (lambda c: _evaluate(c, "--json", ""), "--json '' names no file"),
+    "sample-nrow-beyond-n": (
+        lambda c: _sample(str(c.trained), "--nrow", str(10**12), ctx=c),
+        "--nrow must be >= 1 and at most -n (2)",
+    ),
+    "sample-nothing-to-write": (
+        lambda c: [*_sample(str(c.trained), ctx=c)[:-2], "--out", ""],
+        "nothing to write",
+    ),
+    "latent-tiny-seed-negative": (
+        lambda c: ["latent", "tiny", "--out", str(c.tmp / "t"), "--seed", "-1"],
+        "--seed must be >= 0 and at most 2**63 - 1",
+    ),
+    "latent-tiny-seed-above-64-bits": (
+        lambda c: ["latent", "tiny", "--out", str(c.tmp / "t"), "--seed", str(10**20)],
+        "--seed must be >= 0 and at most 2**63 - 1",
+    ),
+    "shapes-captions-image-size-huge": (
+        lambda c: ["latent", "shapes-captions", "--out", str(c.tmp / "caps"), "--image-size", "100000"],
+        "--image-size must be >= 8 and at most 64",
+    ),
+    "train-classifier-seed-above-64-bits": (
+        lambda c: [
+            "train-classifier",
+            "--data",
+            "shapes",
+            "--out",
+            str(c.tmp / "c.safetensors"),
+            "--seed",
+            str(10**20),
+        ],
+        "--seed must be >= 0 and at most 2**63 - 1",
+    ),
+    "latent-cache-dir-empty-string": (
+        lambda c: ["latent", "cache", "--pretrained", "p", "--data-path", "d", "--cache-dir", ""],
+        "--cache-dir '' names no folder",
+    ),
+    "latent-cache-dir-unused-without-the-cache": (
+        lambda c: [
+            *["latent", "train", "--run-dir", c.run(), "--pretrained", "p", "--data-path", "d"],
+            *["--no-cache-latents", "--cache-dir", str(c.tmp / "cache")],
+        ],
+        "which --no-cache-latents does not use",
+    ),
+    # --- arguments that are not UTF-8 (safetensors and tokenizers take nothing else): refused, not half-run
+    "run-dir-not-utf8": (
+        lambda c: ["train", "--run-dir", os.fsdecode(bytes(c.tmp) + b"/run\xe9"), *CLI_TINY],
+        "is not valid UTF-8",
+    ),
+    "prompt-not-utf8": (
+        lambda c: ["latent", "sample", str(c.trained), "--prompt", os.fsdecode(b"caf\xe9"), "--device", "cpu"],
+        "--prompt 'caf\\udce9' is not valid UTF-8",
+    ),
+    # --- output files: never over or into what another command made (another run, an export, a marked folder)
+    "sample-out-over-another-runs-weights": (
+        lambda c: [*_sample(str(c.trained), ctx=c), "--out", c.copy_of_trained() + "/model.safetensors"],
+        "would replace a file of the run",
+    ),
+    "sample-npz-into-another-runs-checkpoints": (
+        lambda c: [*_sample(str(c.trained), ctx=c), "--npz", c.copy_of_trained() + "/checkpoints/s.npz"],
+        "would write into the run",
+    ),
+    "evaluate-json-over-another-runs-config": (
+        lambda c: _evaluate(c, "--json", c.copy_of_trained() + "/config.json"),
+        "would replace a file of the run",
+    ),
+    "sample-out-over-a-comparisons-report": (
+        lambda c: [*_sample(str(c.trained), ctx=c), "--out", _marked(c, "experiment", "compare", "report.md")],
+        "which `perceptual-diffusion compare` made",
+    ),
+    "sample-out-into-a-captions-folder": (
+        lambda c: [*_sample(str(c.trained), ctx=c), "--out", _marked(c, "shapes-captions", "x", None) + "/new.png"],
+        "would write into",
+    ),
+    "train-run-dir-inside-another-runs-checkpoints": (
+        lambda c: ["train", "--run-dir", c.copy_of_trained() + "/checkpoints/run", *CLI_TINY],
+        "lies inside the run",
+    ),
+    "export-out-inside-a-diffusers-folder": (
+        lambda c: [
+            "export",
+            str(c.trained),
+            "--out",
+            c.file("pipe/model_index.json", b"{}")[: -len("model_index.json")] + "x",
+        ],
+        "lies inside the diffusers export",
+    ),
+    "shapes-captions-out-inside-a-runs-snapshots": (
+        lambda c: ["latent", "shapes-captions", "--out", c.copy_of_trained() + "/snapshots/caps"],
+        "lies inside the run",
+    ),
+    "export-out-not-utf8": (
+        lambda c: ["export", str(c.trained), "--out", os.fsdecode(bytes(c.tmp) + b"/exp\xe9")],
+        "is not valid UTF-8",
+    ),
+    "export-under-a-file": (
+        lambda c: ["export", str(c.trained), "--out", c.file("plain", b"x") + "/export"],
+        "is a file, not a folder",
+    ),
     # --- Fashion-MNIST
     "fashion-mnist-package-missing": (
         lambda c: _train(c, "--data", "fashion-mnist", "--data-path", str(c.tmp / "no-such-dir")),
@@ -376,6 +514,18 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "has no images",
     ),
 }
+
+
+def _marked(c: Ctx, kind: str, command: str, name: str | None) -> str:
+    """A folder that ``command`` made (its ownership marker), holding ``name``; returns the file's path (or the
+    folder's when ``name`` is None)."""
+    from perceptual_diffusion.runtime.ownership import claim_dir
+
+    folder = claim_dir(c.tmp / f"made-by-{kind}", kind, command=command, files=None if name else ["000000.png"])
+    if name is None:
+        return str(folder)
+    (folder / name).write_text("made by the command")
+    return str(folder / name)
 
 
 def _mislabelled_weights(c: Ctx) -> str:
@@ -733,6 +883,27 @@ EXPERIMENT_CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: ["compare", "--out", str(c.tmp), "--teacher-from", str(c.tmp / "none")],
         "does not exist",
     ),
+    "compare-image-size-zero-without-data": (
+        lambda c: ["compare", "--out", str(c.tmp / "c"), "--image-size", "0"],
+        "image size must be in",
+    ),
+    "compare-data-path-on-the-shapes-budget": (
+        lambda c: ["compare", "--out", str(c.tmp / "c"), "--data-path", str(c.tmp)],
+        "--data-path is for --data folder or fashion-mnist",
+    ),
+    "compare-image-size-the-preset-cannot-take": (
+        lambda c: ["compare", "--out", str(c.tmp / "c"), "--image-size", "9"],
+        "does not fit preset 'small'",
+    ),
+    "compare-batch-size-no-run-takes": (
+        lambda c: ["compare", "--out", str(c.tmp / "c"), "--batch-size", str(10**12)],
+        "--batch-size must be at most",
+    ),
+    "compare-steps-not-whole-chunks": (
+        lambda c: ["compare", "--out", str(c.tmp / "c"), "--steps", "801"],
+        "--steps 801 must be at most the budget's chunk of 400 steps or a multiple of it",
+    ),
+    "ablate-variants-empty": (lambda c: ["ablate", "--out", str(c.tmp), "--variants", ""], "unknown --variants ['']"),
 }
 
 
@@ -758,6 +929,48 @@ def test_experiment_numbers_are_refused_before_any_work(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+
+
+def test_reference_n_beyond_the_data_is_refused_before_sampling_not_clamped(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`evaluate --reference-n 10**12` once used the 1,600 shapes silently: a number that cannot be is refused."""
+    from perceptual_diffusion.evaluation import evaluate
+
+    monkeypatch.setenv("PD_CACHE_DIR", str(tmp_path / "cache"))
+    run, options = tmp_path / "run16", list(CLI_TINY)
+    options[options.index("--image-size") + 1] = "16"  # the shipped domain classifier's size
+    assert cli.main(["train", "--run-dir", str(run), *options, "--steps", "1"]) == 0
+    sampled, real = [], evaluate.sample_batches
+    monkeypatch.setattr(evaluate, "sample_batches", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    argv = ["evaluate", str(run), "-n", "12", "--steps", "1", "--device", "cpu", "--no-progress"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--reference-n", str(10**12), "--json", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reference-n 1000000000000 is more than the 1600 train images" in err, err
+    assert not sampled and not (tmp_path / "e.json").exists()
+    assert cli.main([*argv, "--reference-n", "1600", "--json", str(tmp_path / "e.json")]) == 0 and sampled
+
+
+def test_a_data_folder_in_another_encoding_still_trains(tmp_path: Path) -> None:
+    """Only paths that safetensors, diffusers or a tokenizer must read are refused when not UTF-8: a data folder (and
+    its image names) in Latin-1 is read byte for byte, as before."""
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/donn\xe9es"))
+    for i in range(2):
+        save_png(data / os.fsdecode(b"im\xe9%d.png" % i), np.full((10, 10, 3), 80 * i, np.uint8))
+    argv = ["train", "--run-dir", str(tmp_path / "run"), *CLI_TINY, "--steps", "1", "--sample-every", "100"]
+    assert cli.main([*argv, "--data", "folder", "--data-path", str(data), "--unconditional"]) == 0
+
+
+def test_data_options_without_data_change_the_budgets_data(tmp_path: Path, monkeypatch) -> None:
+    """`compare --image-size 8` (no --data) once ran the budget's 16 px shapes: the option was silently unused."""
+    from perceptual_diffusion.experiments import compare
+
+    seen = []
+    monkeypatch.setattr(compare, "run_compare", lambda out, budget, **kwargs: seen.append(budget))
+    argv = ["compare", "--out", str(tmp_path / "c"), "--image-size", "8", "--grayscale", "--on-bad-image", "error"]
+    assert cli.main(argv) == 0
+    assert seen[0].data == DataConfig(source="shapes", image_size=8, grayscale=True, on_bad_image="error")
 
 
 def test_values_where_0_means_something_stay_accepted(trained: Path, tmp_path: Path, no_experiment_work) -> None:

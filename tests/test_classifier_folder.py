@@ -131,9 +131,12 @@ def test_unlabelled_folder_without_inception_is_a_one_line_user_error(tmp_path: 
         train_classifier(data, tmp_path / "c.safetensors")
 
 
-@pytest.mark.parametrize(("source", "size", "classes"), [("shapes", 16, 4), ("fashion-mnist", 28, 10)])
+@pytest.mark.parametrize(
+    ("source", "size", "classes", "name"),
+    [("shapes", 16, 4, "domain-shapes16"), ("fashion-mnist", 28, 10, "domain-fashion-mnist28-v2")],
+)
 def test_builtin_data_get_the_shipped_classifiers(
-    source: str, size: int, classes: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    source: str, size: int, classes: int, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_inception() -> None:
         raise AssertionError("the shipped classifier needs no Inception")
@@ -141,7 +144,7 @@ def test_builtin_data_get_the_shipped_classifiers(
     monkeypatch.setattr(features, "offline_inception_path", no_inception)
     extractor = auto_extractor(DataConfig(source=source, image_size=size), tmp_path / "run")
     shipped = domain_extractor(source, size)
-    assert extractor.name == f"domain-{source}{size}" and extractor.key == shipped.key
+    assert extractor.name == name and extractor.key == shipped.key and extractor.accuracy == shipped.accuracy
     assert extractor.description == shipped.description and extractor.num_logits == classes
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 

@@ -225,3 +225,20 @@ def test_every_latent_subcommand_has_help_that_documents_every_option(capsys: py
                 assert pixel_only not in text, pixel_only
             for shared in ("--teacher", "--prediction-type", "--no-zero-snr", "--grad-accum", "--cfg-scale"):
                 assert shared in text, shared
+
+
+def test_latent_train_with_the_latent_perceptual_loss_logs_both_terms(latent_setup, tmp_path, capsys) -> None:
+    """--loss latent-perceptual (Berrada et al., arXiv 2411.04873) through the CLI: MSE + LPL over the frozen VAE's
+    decoder, both logged; impossible LPL values and the loss on a pixel model are one error line."""
+    run = tmp_path / "lpl"
+    argv = ["latent", "train", "--run-dir", str(run), *latent_setup["common"], "--loss", "latent-perceptual"]
+    assert main([*argv, "--lpl-snr-min", "0"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all({"mse", "lpl"} <= set(r) for r in records) and any(r["lpl"] > 0 for r in records)
+    assert json.loads((run / "config.json").read_text())["loss"]["lpl_weight"] == 3.0
+    assert main([*argv[:3], str(tmp_path / "bad"), *argv[4:], "--lpl-outlier-quantile", "0.7"]) == 2
+    _one_error(capsys, "--lpl-outlier-quantile")
+    assert main([*argv[:3], str(tmp_path / "deep"), *argv[4:], "--lpl-up-blocks", "9"]) == 2
+    _one_error(capsys, "--lpl-up-blocks 9")
+    assert main(["train", "--run-dir", str(tmp_path / "pixel"), "--loss", "latent-perceptual", "--steps", "1"]) == 2
+    _one_error(capsys, "latent train")

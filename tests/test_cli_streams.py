@@ -128,3 +128,57 @@ def test_sigterm_stops_a_real_training_run_which_then_resumes(tmp_path: Path, ti
     step = ckpt.load_state(ckpt.list_states(run)[-1])["step"]
     assert cli.main(["train", "--run-dir", str(run), *options, "--steps", str(step + 1)]) == 0, "lock freed: resumes"
     assert ckpt.weights_step(run / ckpt.WEIGHTS_NAME) == step + 1
+
+
+def test_no_matplotlib_legend_warning_reaches_the_terminal(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A plot whose series have no labels (a teacher brought by the user has no curve) asked matplotlib for a legend,
+    and "No artists with labels found to put in legend" reached the user's terminal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def plots(args) -> None:  # noqa: ANN001, ARG001
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])  # no label
+        ax.legend()
+        plt.close(fig)
+        print("wrote the report")
+
+    monkeypatch.setattr(commands, "cmd_compare", plots)
+    assert cli.main(["compare", "--out", "x"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "wrote the report\n" and captured.err == "", captured.err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 8000000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError("Unable to allocate 246. TiB for an array with shape (10, 9000000000001, 3) and data type uint8"),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+    ids=["torch-cpu", "numpy", "cuda"],
+)
+def test_running_out_of_memory_is_one_line(error: Exception, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A batch or grid too large for the machine was a traceback deep in torch or numpy."""
+
+    def allocates(args) -> None:  # noqa: ANN001, ARG001
+        raise error
+
+    monkeypatch.setattr(commands, "cmd_sample", allocates)
+    assert cli.main(["sample", "run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "--batch-size" in err, err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(args) -> None:  # noqa: ANN001, ARG001
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(commands, "cmd_sample", fails)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["sample", "run"])

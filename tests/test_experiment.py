@@ -180,13 +180,15 @@ def test_ablation_pairs_each_variant_with_its_baseline_from_the_same_teacher(tmp
 def test_compare_cli_accepts_budget_overrides(tmp_path, capsys, monkeypatch) -> None:
     # The CLI's plumbing on a tiny budget standing in for cpu-demo (the real one trains the small U-Net).
     monkeypatch.setitem(budgets.BUDGETS, "cpu-demo", replace(TINY, training_seeds=1, unconditional=False))
-    args = ["compare", "--out", str(tmp_path / "c"), "--budget", "cpu-demo", "--steps", "3", "--finetune-steps", "1"]
+    args = ["compare", "--out", str(tmp_path / "c"), "--budget", "cpu-demo", "--steps", "4", "--finetune-steps", "1"]
     code = main(args + ["--eval-samples", "12", "--curve-samples", "12", "--device", "cpu"])
     assert code == 0
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     stage1 = results["budget"]["stage1"]
-    assert (stage1["chunk_steps"], stage1["max_chunks"]) == (2, 2), "a cap of 3 steps in whole chunks of 2"
+    assert (stage1["chunk_steps"], stage1["max_chunks"]) == (2, 2), "a cap of 4 steps in whole chunks of 2"
     assert results["budget"]["eval_samples"] == 12 and results["budget"]["finetune_steps"] == 1
+    assert main(["compare", "--out", str(tmp_path / "e"), "--budget", "cpu-demo", "--steps", "3"]) == 2
+    assert "--steps 3 must be at most the budget's chunk of 2 steps" in capsys.readouterr().err, "never rounded up"
     assert main(["compare", "--out", str(tmp_path / "d"), "--eval-samples", "0"]) == 2
     assert "--eval-samples must be >= 1" in capsys.readouterr().err
     (tmp_path / "f").write_text("x")
@@ -209,7 +211,11 @@ def test_a_comparison_folder_refuses_other_settings_naming_each_and_never_mixes(
     from perceptual_diffusion.experiments.workspace import SHARED_FIELDS, check_settings
 
     settings = {"budget": asdict(TINY), "data": asdict(TINY.data)}
+    typo = {**settings, "data": {**settings["data"], "path": "no/such/folder"}}
+    check_settings(tmp_path, typo)
+    # No run or evaluation yet: a failed first attempt does not lock the folder to its mistaken settings.
     check_settings(tmp_path, settings)
+    (tmp_path / "seed0").mkdir()  # the first run of the comparison
     check_settings(tmp_path, settings)  # the same settings resume
     # Fields the gathering call recomputes anyway (the bootstrap, the name) may change.
     check_settings(tmp_path, {**settings, "budget": asdict(replace(TINY, bootstrap=7, name="x"))})

@@ -294,7 +294,7 @@ def test_outside_the_interval_a_row_gets_the_conditional_prediction(schedule: No
         ({"guidance": "pag"}, "--guidance must be one of cfg, apg"),
         ({"guidance_sigma_min": -0.1}, "SIGMA_LO must be >= 0"),
         ({"guidance_sigma_min": 2.0, "guidance_sigma_max": 2.0}, "SIGMA_HI must be above SIGMA_LO"),
-        ({"guidance_sigma_max": math.inf}, "--guidance-sigma-max must be a finite number"),
+        ({"guidance_sigma_max": math.inf}, "--guidance-interval SIGMA_HI must be a finite number"),
         ({"apg_eta": -0.5}, "--apg-eta must be >= 0"),
         ({"apg_momentum": -1.0}, "--apg-momentum must be in (-1, 1)"),
         ({"apg_momentum": 1.0}, "--apg-momentum must be in (-1, 1)"),

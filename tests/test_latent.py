@@ -215,7 +215,9 @@ def test_cached_and_on_the_fly_latents_agree(
     task = latent_training.LatentTask(config)
     task.load()
     cached = task.source(torch.device("cpu"))
-    task_fly = latent_training.LatentTask(replace(config, data=replace(config.data, cache_latents=False)))
+    task_fly = latent_training.LatentTask(
+        replace(config, data=replace(config.data, cache_latents=False, cache_dir=None))
+    )
     task_fly.load()
     fly = task_fly.source(torch.device("cpu"))
     assert fly.latents is None and cached.latents is not None

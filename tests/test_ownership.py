@@ -127,7 +127,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """train_classifier replaced by a stub that writes a classifier-like file at once and records its calls."""
     calls: list[str] = []
 
-    def stub(data: str, out: str, epochs: int | None = None, seed: int = 0) -> dict:
+    def stub(data: str, out: str, epochs: int | None = None, seed: int = 0, **options: object) -> dict:
         calls.append(out)
         meta = {"config": json.dumps({"num_classes": 4}), "result": "{}"}
         save_file({"w": torch.zeros(1)}, out, metadata=meta)
@@ -204,3 +204,258 @@ def _run_config():
     from _runs import tiny_config
 
     return tiny_config()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train --run-dir: a run is its own marker; anything else that holds files is refused before the data is read
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-step tiny run made by the CLI."""
+    from _runs import CLI_TINY
+
+    run_dir = tmp_path_factory.mktemp("owned") / "run"
+    assert cli.main(["train", "--run-dir", str(run_dir), *CLI_TINY, "--steps", "1"]) == 0
+    return run_dir
+
+
+def _train_argv(run_dir: Path, *extra: str) -> list[str]:
+    from _runs import CLI_TINY
+
+    return ["train", "--run-dir", str(run_dir), *CLI_TINY, "--steps", "2", *extra]
+
+
+@pytest.fixture
+def no_data_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the training data fails the test: a refused --run-dir must cost nothing, not even the data."""
+    from perceptual_diffusion.training import latent as latent_training
+    from perceptual_diffusion.training import loop
+
+    def started(self) -> None:  # noqa: ANN001
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(loop.PixelTask, "load", started)
+    monkeypatch.setattr(latent_training.LatentTask, "load", started)
+
+
+def _users_files(d: Path, run: Path) -> list[str]:
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    return []
+
+
+def _comparison(d: Path, run: Path) -> list[str]:
+    ownership.claim_dir(d, "experiment", command="compare")
+    (d / "budget.json").write_text("{}")
+    return []
+
+
+def _captions(d: Path, run: Path) -> list[str]:
+    assert cli.main(["latent", "shapes-captions", "--out", str(d), "--every", "800"]) == 0
+    return []
+
+
+def _an_export(d: Path, run: Path) -> list[str]:
+    assert cli.main(["export", str(run), "--out", str(d)]) == 0
+    return []
+
+
+def _foreign_config(d: Path, run: Path) -> list[str]:
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["BertModel"]}')  # a downloaded model's config
+    return ["--override-config"]  # which once rewrote that config.json with the run's
+
+
+def _weights_only(d: Path, run: Path) -> list[str]:
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())  # a copy kept by the user
+    return []
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (_users_files, "is not empty and is not a run directory (it holds notes.txt)"),
+        (_comparison, "was made by `perceptual-diffusion compare`, not by `train`"),
+        (_captions, "was made by `perceptual-diffusion latent shapes-captions`"),
+        (_an_export, "was made by `perceptual-diffusion export`"),
+        (_foreign_config, "is not a run directory (it holds config.json)"),
+        (_weights_only, "is not a run directory (it holds model.safetensors)"),
+    ],
+    ids=["users-files", "a-comparison", "shapes-captions", "an-export", "foreign-config-json", "weights-only"],
+)
+def test_train_refuses_a_folder_that_is_not_a_run_before_any_work(
+    make, fragment: str, run: Path, tmp_path: Path, no_data_read, capsys
+) -> None:
+    """`train --run-dir DIR` into the user's own files, a comparison or an export once trained into it, mixing a run
+    into their files (and --override-config replaced a foreign config.json)."""
+    target = tmp_path / "target"
+    extra = make(target, run)
+    before = _tree(target)
+    capsys.readouterr()
+    assert cli.main(_train_argv(target, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+    assert _tree(target) == before
+
+
+def test_latent_train_refuses_the_same_folders(tmp_path: Path, no_data_read, capsys) -> None:
+    target = tmp_path / "mine"
+    _users_files(target, tmp_path)
+    argv = ["latent", "train", "--run-dir", str(target), "--pretrained", "p", "--data-path", "d", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "is not empty and is not a run directory" in capsys.readouterr().err
+    assert _tree(target) == {"notes.txt": b"mine"}
+
+
+def test_train_resumes_a_run_holding_other_files_and_starts_in_new_or_empty_folders(run: Path, tmp_path: Path) -> None:
+    """What must keep working: a run with the user's grids and notes in it resumes (they stay), an empty folder or
+    one a killed run left with only its lock starts a run."""
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    (resumed / "notes.txt").write_text("kept")
+    (resumed / "grid.png").write_bytes(b"a sample grid the user drew")
+    assert cli.main(_train_argv(resumed)) == 0
+    assert ckpt.weights_step(resumed / ckpt.WEIGHTS_NAME) == 2 and (resumed / "notes.txt").read_text() == "kept"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / ".lock").touch()
+    for folder in ("empty", "locked", "new/nested"):
+        assert cli.main(_train_argv(tmp_path / folder)) == 0
+        assert ckpt.weights_step(tmp_path / folder / ckpt.WEIGHTS_NAME) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export and latent tiny: their folders carry a marker; --force replaces only a folder of their own kind
+
+
+def test_export_and_latent_tiny_mark_their_folders_and_force_replaces_only_their_own(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from perceptual_diffusion.models.export import CONFIG_FILE
+
+    export, tiny = tmp_path / "export", tmp_path / "tiny"
+    assert cli.main(["export", str(run), "--out", str(export)]) == 0
+    marker = ownership.read_marker(export)
+    assert marker.kind == "export" and marker.command == "export" and CONFIG_FILE in marker.files
+    assert cli.main(["export", str(run), "--out", str(export), "--force"]) == 0  # its own: replaced
+    assert cli.main(["latent", "tiny", "--out", str(tiny)]) == 0
+    assert ownership.read_marker(tiny).command == "latent tiny"
+    assert cli.main(["latent", "tiny", "--out", str(tiny), "--force"]) == 0
+    capsys.readouterr()
+    for argv, fragment in (
+        (["latent", "tiny", "--out", str(export), "--force"], "was made by `perceptual-diffusion export`"),
+        (["export", str(run), "--out", str(tiny), "--force"], "was made by `perceptual-diffusion latent tiny`"),
+    ):
+        before = _tree(Path(argv[argv.index("--out") + 1]))
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err
+        assert _tree(Path(argv[argv.index("--out") + 1])) == before
+    # A diffusers folder nobody here wrote (a downloaded pipeline) is never replaced; an export made before markers
+    # existed (it has our config file) still is.
+    downloaded, legacy = tmp_path / "downloaded", tmp_path / "legacy"
+    shutil.copytree(tiny, downloaded)
+    (downloaded / ownership.MARKER).unlink()
+    assert cli.main(["export", str(run), "--out", str(downloaded), "--force"]) == 2
+    assert "did not write" in capsys.readouterr().err and ownership.read_marker(downloaded) is None
+    shutil.copytree(export, legacy)
+    (legacy / ownership.MARKER).unlink()
+    assert cli.main(["export", str(run), "--out", str(legacy), "--force"]) == 0
+    assert ownership.read_marker(legacy).kind == "export"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the latent cache folder
+
+
+def test_the_latent_cache_folder_is_claimed_and_never_written_into_foreign_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from perceptual_diffusion.training.latent import claim_cache_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"the user's")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    (run / "checkpoints").mkdir()
+    for folder, fragment in ((mine, "was not made by `latent cache`"), (run, "is a run directory")):
+        before = _tree(folder)
+        with pytest.raises(UserError, match=fragment):
+            claim_cache_dir(folder)
+        assert _tree(folder) == before
+    legacy = tmp_path / "legacy"
+    (legacy / "latents-0123456789abcdef0123").mkdir(parents=True)  # a cache made before markers existed
+    assert claim_cache_dir(legacy) == legacy and ownership.read_marker(legacy).kind == "latent-cache"
+    fresh = claim_cache_dir(tmp_path / "new")
+    assert ownership.read_marker(fresh).command == "latent cache"
+
+    def read_only(*args, **kwargs) -> None:  # noqa: ARG001
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", read_only)
+    assert claim_cache_dir(legacy) == legacy, "a cache already marked is only read: it may sit on a read-only disk"
+
+
+def test_latent_cache_refuses_a_foreign_cache_dir_before_reading_the_data(tmp_path: Path, capsys) -> None:
+    tiny = tmp_path / "tiny"
+    assert cli.main(["latent", "tiny", "--out", str(tiny)]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    argv = ["latent", "cache", "--pretrained", str(tiny), "--resolution", "16", "--device", "cpu"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--data-path", str(tmp_path / "no-data-yet"), "--cache-dir", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cache-dir" in err and "was not made by `latent cache`" in err, err
+    assert _tree(mine) == {"notes.txt": b"mine"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output files: never over or into what another command made
+
+
+def _owned_layout(tmp: Path) -> Path:
+    run = tmp / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    (run / "samples").mkdir()
+    export = tmp / "export"
+    export.mkdir()
+    (export / "model_index.json").write_text("{}")
+    ownership.claim_dir(tmp / "cmp", "experiment", command="compare")
+    (tmp / "cmp" / "report.md").write_text("# report")
+    ownership.claim_dir(tmp / "caps", "shapes-captions", command="latent shapes-captions", files=["000000.png"])
+    (tmp / "link.png").symlink_to(run / "config.json")
+    return tmp
+
+
+@pytest.mark.parametrize(
+    ("target", "owner"),
+    [
+        ("run/config.json", "the run"),
+        ("run/model.safetensors", "the run"),
+        ("run/log.jsonl", "the run"),
+        ("run/checkpoints/state-00000009.pt", "the run"),
+        ("run/snapshots/x.safetensors", "the run"),
+        ("link.png", "the run"),  # a symlink is followed: writing through it would replace the run's config
+        ("export/unet/grid.png", "the diffusers export"),
+        ("cmp/report.md", "which `perceptual-diffusion compare` made"),
+        (f"cmp/{ownership.MARKER}", "which `perceptual-diffusion compare` made"),
+        ("caps/new.png", "which `perceptual-diffusion latent shapes-captions` made"),
+        ("run/grid.png", None),  # the user's own outputs beside a run are free
+        ("run/samples/mine.png", None),
+        ("cmp/grid.png", None),  # a new file in a folder filled as it goes mixes nothing
+        ("elsewhere/grid.png", None),
+    ],
+)
+def test_protected_output_names_what_a_file_would_replace(target: str, owner: str | None, tmp_path: Path) -> None:
+    found = ownership.protected_output(_owned_layout(tmp_path) / target)
+    assert found is None if owner is None else owner in found, found

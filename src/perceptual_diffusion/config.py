@@ -19,11 +19,17 @@ BetaSchedule = Literal["scaled_linear", "linear", "cosine"]
 PredictionType = Literal["v", "eps", "x0"]
 Spacing = Literal["trailing", "leading", "linspace"]
 DataSource = Literal["shapes", "fashion-mnist", "folder"]
-LossKind = Literal["mse", "self-perceptual"]
+LossKind = Literal["mse", "self-perceptual", "external-perceptual", "latent-perceptual"]
+LPLNorm = Literal["position", "channel"]
+LPLLayerWeights = Literal["uniform", "power-law"]
+# The external-perceptual network's layers (models.classifier_net.TAPS): blockK, its K-th convolution level (at 28 px
+# block1 28x28 x w, block2 14x14 x 2w, block3 7x7 x 4w); features, the 128-d penultimate layer.
+PerceptualLayer = Literal["block1", "block2", "block3", "features"]
 FeatureLayer = Literal["mid", "down0", "down1", "down2", "down3", "all"]
 TPrime = Literal["uniform", "same-as-t"]
 Distance = Literal["mse", "l1"]
 PredictedNoise = Literal["predicted", "true"]
+GuidanceMethod = Literal["cfg", "apg"]  # core/guidance.py GUIDANCE: one class each
 
 
 def _check(cond: bool, message: str) -> None:
@@ -32,10 +38,24 @@ def _check(cond: bool, message: str) -> None:
 
 
 MAX_IMAGE_SIZE = 4096  # a pixel-space U-Net beyond this would not fit any GPU; larger values are typos
+# The shapes data is its whole valid set, 16 x (size - 6)^2 images of size^2 pixels: 53,824 images (3 GB as floats)
+# at 64 px, and it grows as size^4.
+MAX_SHAPES_SIZE = 64
+MAX_BATCH = 1 << 20  # a global batch beyond a million images is a typo (large GPU runs use a few thousand)
+MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 a step outweighs the weights themselves
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; a seed is never negative here
+
+
+# Fields whose command-line option is not named like them (the others are ``--field-name``).
+_OPTION_OF = {
+    "apg_norm_threshold": "--apg-threshold",
+    "guidance_sigma_min": "--guidance-interval SIGMA_LO",
+    "guidance_sigma_max": "--guidance-interval SIGMA_HI",
+}
 
 
 def _flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
+    return _OPTION_OF.get(name, f"--{name.replace('_', '-')}")
 
 
 def _check_types(obj: Any) -> None:
@@ -183,6 +203,20 @@ class DataConfig:
             f"image size must be in [4, {MAX_IMAGE_SIZE}], got {self.image_size}",
         )
         _check(self.source != "folder" or self.path is not None, "--data folder needs --data-path DIR")
+        _check(
+            self.path is None or self.path.strip() != "",
+            "--data-path '' names no folder; give the folder, or leave --data-path out",
+        )
+        _check(
+            self.source != "shapes" or self.path is None,
+            f"--data-path is for --data folder or fashion-mnist: the shapes data is built in, so {self.path!r} would "
+            "be ignored; drop --data-path (or choose --data folder)",
+        )
+        _check(
+            self.source != "shapes" or self.image_size <= MAX_SHAPES_SIZE,
+            f"the shapes data needs --image-size <= {MAX_SHAPES_SIZE} (it holds 16 x (size - 6)^2 images, which grows "
+            f"as size^4), got {self.image_size}",
+        )
 
 
 @dataclass(frozen=True)
@@ -203,6 +237,22 @@ class LossConfig:
     t_prime_max: float = 1.0
     teacher: str | None = None
     teacher_sha256: str | None = None
+    # External-perceptual (the control for arXiv 2401.00110's premise, Sec. 3): a shipped classifier asset trained
+    # apart from the metric's (e.g. "fashion-mnist-perceptual"; None: the one for the run's data) or a weights file.
+    # block2, a middle layer, as feature losses use VGG's relu2_2 (Johnson et al. 2016, arXiv 1603.08155, Sec. 4):
+    # block1 is nearly a pixel loss; block3 and features are pooled towards the class, which a blurry x0_hat meets.
+    perceptual_net: str | None = None
+    perceptual_layer: PerceptualLayer = "block2"
+    perceptual_sha256: str | None = None
+    # Latent Perceptual Loss (Berrada et al., arXiv 2411.04873; latent models only, models/latent_perceptual.py):
+    # loss = mse + lpl_weight * [SNR(t) >= lpl_snr_min] * LPL over the frozen VAE decoder's features (the mid block
+    # and the first lpl_up_blocks up blocks; None: all), with the paper's outlier masking at this quantile.
+    lpl_weight: float = 3.0
+    lpl_snr_min: float = 3.0
+    lpl_up_blocks: int | None = None
+    lpl_outlier_quantile: float = 0.02
+    lpl_norm: LPLNorm = "position"
+    lpl_layer_weights: LPLLayerWeights = "uniform"
 
     def __post_init__(self) -> None:
         _check_choice(self)
@@ -212,6 +262,24 @@ class LossConfig:
         _check(
             self.kind != "self-perceptual" or self.teacher is not None,
             "--loss self-perceptual needs --teacher RUN_DIR_OR_WEIGHTS (an MSE-trained model)",
+        )
+        _check(
+            self.kind == "external-perceptual" or (self.perceptual_net is None and self.perceptual_sha256 is None),
+            f"--perceptual-net is for --loss external-perceptual, not --loss {self.kind}",
+        )
+        _check(
+            self.perceptual_net != "",
+            "--perceptual-net must name a shipped classifier (e.g. fashion-mnist-perceptual) or a weights file",
+        )
+        _check(self.lpl_weight >= 0, f"--lpl-weight must be >= 0, got {self.lpl_weight}")
+        _check(self.lpl_snr_min >= 0, f"--lpl-snr-min must be >= 0 (0: every t), got {self.lpl_snr_min}")
+        _check(
+            self.lpl_up_blocks is None or self.lpl_up_blocks >= 0,
+            f"--lpl-up-blocks must be >= 0 (0: the decoder's mid block only), got {self.lpl_up_blocks}",
+        )
+        _check(
+            0 <= self.lpl_outlier_quantile < 0.5,
+            f"--lpl-outlier-quantile must be in [0, 0.5) (0: no masking), got {self.lpl_outlier_quantile}",
         )
 
 
@@ -258,13 +326,23 @@ class TrainConfig:
         _check_choice(self)
         _check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(
+            self.batch_size <= MAX_BATCH,
+            f"--batch-size must be at most {MAX_BATCH} (the global batch of one step), got {self.batch_size}; use "
+            "--grad-accum to split a large batch",
+        )
         _check(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         _check(
             self.batch_size % self.grad_accum == 0,
             f"--batch-size {self.batch_size} does not split into --grad-accum {self.grad_accum} equal micro-batches",
         )
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(
+            self.lr <= MAX_LR,
+            f"--lr must be at most {MAX_LR:g} (AdamW moves every weight by about lr per step), got {self.lr:g}",
+        )
         _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        _check(self.seed <= MAX_SEED, f"--seed must be at most 2**63 - 1, got {self.seed}")
         _check(self.warmup_images >= 0, "--warmup-images must be >= 0")
         _check(0.0 <= self.lr_final_ratio <= 1.0, f"--lr-final-ratio must be in [0, 1], got {self.lr_final_ratio}")
         _check(self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}")
@@ -276,9 +354,17 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
 
 
+# APG's norm threshold (arXiv 2410.02416) as an RMS per element of the x0-space guidance difference, so that it does
+# not change with the image size: the paper's r = 15 (an L2 norm) on SDXL's 4x128x128 latent is 15 / sqrt(4*128*128).
+APG_NORM_THRESHOLD = 15 / 256
+
+
 @dataclass(frozen=True)
 class SampleConfig:
-    """DDIM sampling (arXiv 2401.00110, Sec. 4: 50 steps, trailing spacing, eta 0) and classifier-free guidance."""
+    """DDIM sampling (arXiv 2401.00110, Sec. 4: 50 steps, trailing spacing, eta 0) and guidance (core/guidance.py):
+    ``guidance`` is the rule (against the null label, or a guide model given to the sampler), ``cfg_scale`` its w
+    (1: none), only at EDM noise levels sigma_t / alpha_t in [guidance_sigma_min, guidance_sigma_max] (arXiv
+    2404.07724; None: no upper bound); ``apg_``: APG's eta, momentum and RMS norm threshold (arXiv 2410.02416)."""
 
     steps: int = 50
     spacing: Spacing = "trailing"
@@ -286,13 +372,34 @@ class SampleConfig:
     cfg_scale: float = 1.0
     guidance_rescale: float = 0.0
     clip_x0: bool = True  # clamp x0_hat to the data range [-1, 1] each step (diffusers' DDIM clip_sample)
+    guidance: GuidanceMethod = "cfg"
+    guidance_sigma_min: float = 0.0
+    guidance_sigma_max: float | None = None
+    apg_eta: float = 0.0
+    apg_momentum: float = -0.5
+    apg_norm_threshold: float = APG_NORM_THRESHOLD
 
     def __post_init__(self) -> None:
         _check_choice(self)
         _check(self.steps >= 1, f"sampling steps must be >= 1, got {self.steps}")
         _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+        _check(
+            self.eta <= 1,
+            f"--eta must be at most 1 (1: DDPM's noise; above it DDIM's update is undefined, its noise exceeds the "
+            f"step's variance), got {self.eta:g}",
+        )
         _check(self.cfg_scale >= 0, f"CFG scale must be >= 0, got {self.cfg_scale}")
         _check(0 <= self.guidance_rescale <= 1, f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        low, high = self.guidance_sigma_min, self.guidance_sigma_max
+        _check(low >= 0, f"--guidance-interval: SIGMA_LO must be >= 0 (0: no lower bound), got {low:g}")
+        _check(
+            high is None or high > low,
+            f"--guidance-interval: SIGMA_HI must be above SIGMA_LO (inf: no upper bound), got {low:g} {high}",
+        )
+        _check(self.apg_eta >= 0, f"--apg-eta must be >= 0 (0: the paper's, no parallel part), got {self.apg_eta}")
+        beta, r = self.apg_momentum, self.apg_norm_threshold
+        _check(-1 < beta < 1, f"--apg-momentum must be in (-1, 1) (the paper's is negative; 0: off), got {beta}")
+        _check(r >= 0, f"--apg-threshold must be >= 0 (an RMS per element; 0: no clipping), got {r}")
 
 
 class _Sections:
@@ -339,6 +446,10 @@ class RunConfig(_Sections):
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            self.loss.kind != "latent-perceptual",
+            "--loss latent-perceptual needs a VAE's decoder: use it with `latent train`",
+        )
         _check(
             self.model.image_size == self.data.image_size,
             f"model image size {self.model.image_size} differs from data image size {self.data.image_size}",
@@ -387,6 +498,14 @@ class CaptionDataConfig:
     def __post_init__(self) -> None:
         _check_choice(self)
         _check(self.path != "", "latent training needs --data-path (a captioned image folder, JSONL or .tar shards)")
+        _check(
+            self.cache_dir is None or self.cache_dir.strip() != "",
+            "--cache-dir '' names no folder; give a folder, or leave --cache-dir out for the default",
+        )
+        _check(
+            self.cache_dir is None or self.cache_latents,
+            "--cache-dir is the latent cache's folder, which --no-cache-latents does not use; drop one of them",
+        )
 
 
 @dataclass(frozen=True)
@@ -402,7 +521,17 @@ class LatentRunConfig(_Sections):
 
     def __post_init__(self) -> None:
         _check(
+            self.loss.kind != "external-perceptual",
+            "--loss external-perceptual judges pixels with a classifier of the built-in data: for latent models use "
+            "--loss latent-perceptual (the VAE decoder's features) or self-perceptual",
+        )
+        _check(
             not self.sample.clip_x0,
             "clipping x0 to [-1, 1] is for pixels; latents are not bounded: sample latent models without --clip-x0",
+        )
+        _check(
+            self.loss.kind != "external-perceptual",
+            "--loss external-perceptual judges pixels with a classifier of the built-in data: use it with the pixel "
+            "train command",
         )
         _check_sample_steps(self.sample, self.schedule)

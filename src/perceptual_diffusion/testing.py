@@ -52,7 +52,7 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
             pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(words)
 
-    return publish_folder(Path(out_dir), write, force)
+    return publish_folder(Path(out_dir), write, force, kind="tiny-pipeline", command="latent tiny")
 
 
 def write_shapes_captions(out_dir: str | Path, image_size: int = 16, every: int = 1) -> Path:

@@ -202,8 +202,21 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
     p.add_argument("--data", choices=["shapes", "fashion-mnist"], required=True, help="which built-in data")
     p.add_argument("--out", required=True, help="safetensors file to write (a new file, or see --force)")
     p.add_argument("--force", action="store_true", help="replace --out if it is a classifier this command wrote")
-    p.add_argument("--epochs", type=int, default=None, help="default: 60 for shapes, 2 for fashion-mnist")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument(
+        "--recipe",
+        choices=["v1", "v2"],
+        default="v2",
+        help="v2 (default): early stopping on a seeded 10%% validation split of the training images, with "
+        "augmentation; v1: the first shipped files' fixed epochs",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="v2: the most epochs (default 200 for shapes, 40 for fashion-mnist); v1: the epochs (default 60, 2)",
+    )
+    p.add_argument("--width", type=int, default=32, help="channels of the first convolution (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (and of v2's validation split)")
     p.set_defaults(func=commands.cmd_train_classifier)
 
     p = sub.add_parser(
@@ -313,6 +326,59 @@ def _guarded_streams() -> Iterator[None]:
         sys.stdout, sys.stderr = streams
 
 
+# Options whose value is read byte for byte (a data folder and the image names in it): any encoding works there. Every
+# other path goes through safetensors, diffusers or a tokenizer, which take UTF-8 only.
+_ANY_ENCODING = frozenset({"data_path"})
+
+
+def _flag(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str) -> str:
+    """The option (or positional name) of ``dest`` in the subcommand that ``args`` ran."""
+    for name in (getattr(args, "command", None), getattr(args, "subcommand", None)):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                parser = action.choices[name]
+    for action in parser._actions:
+        if action.dest == dest:
+            return max(action.option_strings, key=len) if action.option_strings else dest.upper()
+    return f"--{dest.replace('_', '-')}"
+
+
+def check_utf8_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an argument that is not valid UTF-8 (a file name in Latin-1, say, which Python
+    holds as surrogates): safetensors cannot open such a path and a tokenizer cannot read such a prompt, so a run
+    trained into one could never be read back. Data folders (``_ANY_ENCODING``) are read byte for byte."""
+    for dest, value in vars(args).items():
+        if dest in _ANY_ENCODING:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str):
+                continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(
+                    f"{_flag(parser, args, dest)} {item!r} is not valid UTF-8 (text in another encoding, such as a "
+                    "Latin-1 file name); give it in UTF-8 (rename the file or folder)"
+                ) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed (numpy's MemoryError, torch's "can't allocate memory" or CUDA out of memory)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def _out_of_memory_line(exc: BaseException) -> str:
+    reason = " ".join(str(exc).split())
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    return (
+        f"out of memory ({reason or type(exc).__name__}); use a smaller --batch-size or fewer images per call "
+        "(training: --grad-accum splits a batch, and a rerun resumes from the last checkpoint)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input (options included) is one ``error:`` line on stderr and exit code 2. SIGTERM
     and Ctrl-C end with one line saying whether a rerun resumes (exit 143 and 130); a closed stdout is not an error."""
@@ -340,19 +406,28 @@ def _main(argv: Sequence[str] | None) -> int:
     one_line_errors(parser)
     with warnings.catch_warnings():
         warnings.filterwarnings("always", category=UserWarning, module="perceptual_diffusion")
+        # A plot with no labelled series (a teacher brought by the user has no curve) still has its axes; matplotlib's
+        # note about the empty legend is no news to the user.
+        warnings.filterwarnings("ignore", message="No artists with labels found")
         warnings.showwarning = show_warning  # one line per warning, without the source line
         args = None
         try:
             args = parser.parse_args(argv)
+            check_utf8_arguments(parser, args)
             handler: Callable[[argparse.Namespace], None] = args.func
             handler(args)
             sys.stdout.flush()  # a closed pipe shows here at the latest, while the quiet stream still catches it
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except TrainingDiverged as exc:
+        except TrainingDiverged as exc:  # a RuntimeError: before the out-of-memory clause
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except (MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            print(f"error: {_out_of_memory_line(exc)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
             print(_interrupted_line(args), file=sys.stderr)
             return SIGTERM_EXIT if isinstance(exc, Terminated) else 130

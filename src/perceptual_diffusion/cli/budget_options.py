@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 
 from perceptual_diffusion.cli.options import add_data_options, data_config
-from perceptual_diffusion.config import PRESETS
+from perceptual_diffusion.config import PRESETS, ModelConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budget
 
@@ -69,6 +69,11 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     budget = replace(BUDGETS[args.budget], **overrides)
     if args.steps is not None:  # the step cap of each stage-1 phase, in whole chunks
         chunk = min(budget.stage1.chunk_steps, args.steps)
+        if args.steps % chunk:  # rounding up to whole chunks would train more steps than asked for
+            raise UserError(
+                f"--steps {args.steps} must be at most the budget's chunk of {chunk} steps or a multiple of it: stage "
+                f"1 trains and is evaluated in whole chunks; try --steps {args.steps // chunk * chunk}"
+            )
         chunks = max(math.ceil(args.steps / chunk), 1)
         budget = replace(
             budget,
@@ -85,6 +90,24 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
         budget = replace(budget, preset=args.preset)
     if args.data is not None:
         budget = replace(budget, data=data_config(args))
+    else:  # the data options without --data change the budget's own data, never go unused
+        given = {
+            k: v
+            for k, v, unset in (
+                ("path", args.data_path, None),
+                ("image_size", args.image_size, None),
+                ("grayscale", args.grayscale, False),
+                ("on_bad_image", args.on_bad_image, "skip"),
+            )
+            if v != unset
+        }
+        if given:
+            budget = replace(budget, data=replace(budget.data, **given))
+    # The network the budget trains must exist at its image size, and its batch must be one a run takes: checked now
+    # by the configs that type them, before the folder records settings that no rerun could then change.
+    if budget.teacher is None:  # (a teacher brought by the user is its own network)
+        ModelConfig(preset=budget.preset, image_size=budget.data.image_size)
+    TrainConfig(batch_size=budget.batch_size, warmup_images=0)
     return budget
 
 

@@ -19,6 +19,7 @@ import torch
 
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.runtime import ownership
 
 # Files of a run directory that no output option may replace (samples/ grids are outputs themselves).
 _RUN_FILES = {ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "log.jsonl", ".lock"}
@@ -50,13 +51,19 @@ def _is_model_file(target: Path, model: str | Path) -> bool:
 
 
 def check_output_file(path: str | Path, option: str, model: str | Path | None = None) -> Path:
-    """Check an output file before any work: not a folder, not under a file, writable, and not one of the model's
-    own files (``sample RUN --out RUN/model.safetensors`` would replace the weights it samples)."""
+    """Check an output file before any work: not a folder, not under a file, writable, not one of the model's
+    own files (``sample RUN --out RUN/model.safetensors`` would replace the weights it samples), and not a file of
+    anything another command made (another run's weights or config, an export, a comparison's report:
+    ``ownership.protected_output``)."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{option} {p} is a folder; give a file name for {option}")
     if model is not None and _is_model_file(p, model):
         raise UserError(f"{option} {p} would replace a file of the model {model}; write the output elsewhere")
+    owner = ownership.protected_output(p)
+    if owner is not None:
+        what = f"would replace a file of {owner}" if p.exists() or p.is_symlink() else f"would write into {owner}"
+        raise UserError(f"{option} {p} {what}; write the output elsewhere")
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

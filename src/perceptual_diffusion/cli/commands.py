@@ -19,6 +19,7 @@ from perceptual_diffusion.cli.sampling_options import (
     run_sample_config,
     sampling_options_given,
 )
+from perceptual_diffusion.config import MAX_SEED
 from perceptual_diffusion.errors import UserError
 
 
@@ -47,8 +48,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     check_sample_counts(args, args.n)
     check_image_count(args.n)
-    if args.nrow is not None and args.nrow < 1:
-        raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    if args.nrow is not None and not 1 <= args.nrow <= args.n:
+        raise UserError(f"--nrow must be >= 1 and at most -n ({args.n}), got {args.nrow}")
+    if not args.out and not args.npz:
+        raise UserError("nothing to write: --out '' and no --npz; give --out GRID.png and/or --npz FILE.npz")
     for target, option in ((args.out, "--out"), (args.npz, "--npz")):
         if target:
             check_output_file(target, option, args.model)
@@ -160,7 +163,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     seeds = parse_seeds(args.seeds)
     variants = default_variants()
-    if args.variants:
+    if args.variants is not None:  # '' names no variant: refused below, never read as "all of them"
         names = args.variants.split(",")
         unknown = sorted(set(names) - {v.name for v in variants})
         if unknown:
@@ -186,6 +189,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_image_count(args.n)
     check_options({"max_features": args.max_features, "reference_n": args.reference_n})
     weights = resolve_weights(args.model)
+    if args.json is not None and not args.json.strip():
+        raise UserError("--json '' names no file; give a path, or leave --json out for the default beside the weights")
     if args.json:  # every output path is checked before the work: a bad one must not cost the evaluation
         check_output_file(args.json, "--json", args.model)
     device = resolve_device(args.device)
@@ -269,8 +274,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")
     if args.epochs is not None and args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be >= 0 and at most 2**63 - 1, got {args.seed}")
     result = train_classifier(
         args.data, args.out, epochs=args.epochs, seed=args.seed, recipe=args.recipe, width=args.width, progress=True
     )

@@ -30,7 +30,7 @@ from perceptual_diffusion.cli.sampling_options import (
     run_sample_config,
     use_run_sampling_defaults,
 )
-from perceptual_diffusion.config import CaptionDataConfig
+from perceptual_diffusion.config import MAX_SEED, MAX_SHAPES_SIZE, CaptionDataConfig
 from perceptual_diffusion.errors import UserError
 
 
@@ -61,6 +61,8 @@ def latent_run_config(args: argparse.Namespace):
 def cmd_latent_tiny(args: argparse.Namespace) -> None:
     from perceptual_diffusion.testing import make_tiny_pipeline
 
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be >= 0 and at most 2**63 - 1, got {args.seed}")
     out = make_tiny_pipeline(args.out, seed=args.seed, force=args.force)
     print(
         f"wrote {out} (a tiny random Stable-Diffusion-style folder; its images are noise until trained); next: "
@@ -73,8 +75,8 @@ def cmd_latent_shapes_captions(args: argparse.Namespace) -> None:
 
     if args.every < 1:
         raise UserError(f"--every must be >= 1, got {args.every}")
-    if args.image_size < 8:
-        raise UserError(f"--image-size must be >= 8, got {args.image_size}")
+    if not 8 <= args.image_size <= MAX_SHAPES_SIZE:  # the shapes set grows as size^4 (config.MAX_SHAPES_SIZE)
+        raise UserError(f"--image-size must be >= 8 and at most {MAX_SHAPES_SIZE}, got {args.image_size}")
     try:
         out = write_shapes_captions(args.out, image_size=args.image_size, every=args.every)
     except OSError as exc:

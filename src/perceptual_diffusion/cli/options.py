@@ -79,7 +79,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     return DataConfig(
         source=args.data,
         path=args.data_path,
-        image_size=args.image_size or default_size,
+        image_size=default_size if args.image_size is None else args.image_size,  # 0 is refused, not the default
         grayscale=args.grayscale,
         on_bad_image=args.on_bad_image,
     )
@@ -138,7 +138,12 @@ def add_training_options(p: argparse.ArgumentParser, latent: bool = False) -> No
 
 def add_objective_options(p: argparse.ArgumentParser, latent: bool = False) -> None:
     g = p.add_argument_group("objective")
-    g.add_argument("--loss", choices=choices(LossConfig, "kind"), default="mse", help="training objective")
+    g.add_argument(
+        "--loss",
+        choices=choices(LossConfig, "kind"),
+        default="mse",
+        help="training objective (external-perceptual: the control, a separately trained classifier's features)",
+    )
     g.add_argument(
         "--teacher",
         default=None,
@@ -198,6 +203,36 @@ def add_objective_options(p: argparse.ArgumentParser, latent: bool = False) -> N
         type=float,
         default=1.0,
         help="beyond the paper: draw t' from the lowest fraction of noise levels only (default 1: all, the paper)",
+    )
+    if latent:  # the external-perceptual network is a pixel classifier of the built-in data; LPL needs a VAE
+        add_lpl_options(p)
+        return
+    g.add_argument(
+        "--perceptual-net",
+        default=None,
+        help="external-perceptual: the frozen network, a shipped classifier (shapes-perceptual, "
+        "fashion-mnist-perceptual) or a train-classifier weights file (default: the one shipped for --data)",
+    )
+    g.add_argument(
+        "--perceptual-layer",
+        choices=choices(LossConfig, "perceptual_layer"),
+        default=LossConfig.perceptual_layer,
+        help="external-perceptual: the network's layer whose features are compared (default %(default)s, a middle one)",
+    )
+
+
+def add_lpl_options(p: argparse.ArgumentParser) -> None:
+    """The Latent Perceptual Loss (Berrada et al., arXiv 2411.04873), ``--loss latent-perceptual``."""
+    g = p.add_argument_group("latent perceptual loss (--loss latent-perceptual: MSE + w x LPL on the VAE decoder)")
+    g.add_argument("--lpl-weight", type=float, default=LossConfig.lpl_weight, help="w (default %(default)s)")
+    g.add_argument("--lpl-snr-min", type=float, default=LossConfig.lpl_snr_min, help="LPL only where SNR(t) >= this")
+    g.add_argument("--lpl-up-blocks", type=int, default=None, help="decoder up blocks tapped (default: all)")
+    g.add_argument(
+        "--lpl-outlier-quantile", type=float, default=LossConfig.lpl_outlier_quantile, help="0: no outlier masking"
+    )
+    g.add_argument("--lpl-norm", choices=choices(LossConfig, "lpl_norm"), default=LossConfig.lpl_norm)
+    g.add_argument(
+        "--lpl-layer-weights", choices=choices(LossConfig, "lpl_layer_weights"), default=LossConfig.lpl_layer_weights
     )
 
 

@@ -8,7 +8,9 @@ between processes and gradient-accumulation micro-batches.
 
 ``MSELoss`` is the ordinary v/eps/x0-prediction objective. ``SelfPerceptualLoss`` is Lin & Yang's objective (arXiv
 2401.00110, Sec. 3 and Algorithm 1); its math is the pure function :func:`self_perceptual_loss`, kept apart from the
-randomness so that tests can call it on fixed t, eps and t_prime.
+randomness so that tests can call it on fixed t, eps and t_prime. ``ExternalPerceptualLoss`` is its control: the
+same online prediction x0_hat judged by a separately trained frozen image network instead of the diffusion model
+(:func:`external_perceptual_loss`).
 
 A loss never looks inside the model it trains (which may be wrapped for DDP or compiled): the noise schedule is
 given to it (``MSELoss``) or is its frozen teacher's (``SelfPerceptualLoss``, whose teacher has the online model's
@@ -17,8 +19,11 @@ schedule: ``training`` checks both come from the same network). Models follow ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from perceptual_diffusion.config import LossConfig
 from perceptual_diffusion.core.networks import DiffusionModel
@@ -247,12 +252,136 @@ class SelfPerceptualLoss:
         return {"loss": loss, "perceptual": perceptual.detach(), "mse": mse.detach()}
 
 
+class PerceptualNetwork(Protocol):
+    """A frozen image network with named layers (``models.classifier_net.DomainClassifier``): images in [-1, 1]."""
+
+    training: bool
+
+    def perceptual_features(self, x: Tensor, layer: str) -> Tensor: ...
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+
+def external_from_prediction(
+    schedule: NoiseSchedule,
+    net: PerceptualNetwork,
+    pred: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    *,
+    layer: str = "block2",
+    distance: str = "mse",
+    feature_norm: str = "none",
+) -> Tensor:
+    """Per-sample || net_layer(x0_hat) - net_layer(x0) ||^2 / D, x0_hat from the online prediction at (x_t, t)."""
+    x0_hat, _ = schedule.to_x0_eps(pred, x_t, t)
+    # Both enter as images, as into an LPIPS-style loss, and x0_hat unclipped: clamping it to [-1, 1] would cut the
+    # gradient of every pixel outside the data range.
+    with torch.no_grad():  # the real branch needs no graph
+        f_real = net.perceptual_features(x0, layer)
+    # The predicted branch keeps its graph: gradients flow through the frozen network into x0_hat and so into the
+    # online model; the network's parameters have requires_grad False, so backward computes no weight gradients.
+    f_hat = net.perceptual_features(x0_hat, layer)
+    return feature_distance(f_hat, f_real, distance, feature_norm)
+
+
+def external_perceptual_loss(
+    online: DiffusionModel,
+    schedule: NoiseSchedule,
+    net: PerceptualNetwork,
+    x0: Tensor,
+    cond: Tensor | None,
+    t: Tensor,
+    eps: Tensor,
+    *,
+    layer: str = "block2",
+    distance: str = "mse",
+    feature_norm: str = "none",
+) -> Tensor:
+    """Per-sample external-perceptual loss: x_t = alpha_t x0 + sigma_t eps; v_hat = online(x_t, t, c) -> x0_hat;
+    loss = || net_layer(x0_hat) - net_layer(x0) ||^2 / D (a perceptual feature loss, Johnson et al. 2016, arXiv
+    1603.08155, Sec. 3.2, on the online model's x0 prediction)."""
+    x_t = schedule.add_noise(x0, eps, t)
+    pred = online(x_t, t, cond)
+    return external_from_prediction(
+        schedule, net, pred, x_t, x0, t, layer=layer, distance=distance, feature_norm=feature_norm
+    )
+
+
+class ExternalPerceptualLoss:
+    """The control for the paper's premise that the diffusion model is itself a good perceptual network (arXiv
+    2401.00110, abstract and Sec. 3): t and eps drawn as for MSE, the distance measured by a separately trained
+    frozen network, never the one that computes the headline metric.
+
+    The network is held here, as the teacher is by ``SelfPerceptualLoss``: never given to the optimiser, never
+    wrapped in DDP, never part of the online model's state dict or checkpoints.
+    """
+
+    def __init__(self, config: LossConfig, schedule: NoiseSchedule, net: PerceptualNetwork) -> None:
+        if any(p.requires_grad for p in net.parameters()) or net.training:
+            raise ValueError("the perceptual network must be frozen: call .eval().requires_grad_(False)")
+        self.config = config
+        self.schedule = schedule
+        self.net = net
+
+    def draw(
+        self,
+        shape: torch.Size,
+        num_train_timesteps: int,
+        generator: torch.Generator,
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Tensor]:
+        """The randomness of a batch of ``shape`` (t, eps), one row per sample, drawn exactly as ``MSELoss`` does."""
+        return draw_t_eps(shape, num_train_timesteps, generator, dtype)
+
+    def __call__(
+        self,
+        model: DiffusionModel,
+        x0: Tensor,
+        cond: Tensor | None,
+        generator: torch.Generator,
+        noise: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        if noise is None:
+            noise = self.draw(x0.shape, self.schedule.num_train_timesteps, generator, x0.dtype)
+        t, eps = noise["t"], noise["eps"].to(x0.dtype)
+        x_t = self.schedule.add_noise(x0, eps, t)
+        pred = model(x_t, t, cond)
+        cfg = self.config
+        perceptual = external_from_prediction(
+            self.schedule,
+            self.net,
+            pred,
+            x_t,
+            x0,
+            t,
+            layer=cfg.perceptual_layer,
+            distance=cfg.distance,
+            feature_norm=cfg.feature_norm,
+        )
+        mse = mse_from_prediction(self.schedule, pred, x0, t, eps)  # free: pred is already computed
+        loss = perceptual + cfg.mse_weight * mse if cfg.mse_weight > 0 else perceptual
+        return {"loss": loss, "perceptual": perceptual.detach(), "mse": mse.detach()}
+
+
+Loss = MSELoss | SelfPerceptualLoss | ExternalPerceptualLoss
+
+
 def build_loss(
-    config: LossConfig, schedule: NoiseSchedule, teacher: DiffusionModel | None = None
-) -> MSELoss | SelfPerceptualLoss:
-    """The loss object a config names, for a model trained under ``schedule``."""
+    config: LossConfig,
+    schedule: NoiseSchedule,
+    teacher: DiffusionModel | None = None,
+    perceptual_net: PerceptualNetwork | None = None,
+) -> Loss:
+    """The loss object a config names, for a model trained under ``schedule`` (with its frozen network, if any)."""
     if config.kind == "mse":
         return MSELoss(config, schedule)
+    if config.kind == "latent-perceptual":
+        raise ValueError("the latent perceptual loss needs the VAE: training.latent.LatentTask.build_loss builds it")
+    if config.kind == "external-perceptual":
+        if perceptual_net is None:
+            raise ValueError("the external-perceptual loss needs its frozen perceptual network")
+        return ExternalPerceptualLoss(config, schedule, perceptual_net)
     if teacher is None:
         raise ValueError("the self-perceptual loss needs a teacher network")
     return SelfPerceptualLoss(config, teacher)

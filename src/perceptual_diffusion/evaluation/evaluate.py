@@ -272,8 +272,9 @@ def check_options(options: dict[str, Any]) -> None:
             f"and recall need that many samples), got {max_features}"
         )
     reference_n = options.get("reference_n")
-    if reference_n is not None and not (isinstance(reference_n, int) and reference_n >= PR_K + 1):
-        raise UserError(f"the number of reference images must be >= {PR_K + 1}, got {reference_n}")
+    least = max(IS_SPLITS, PR_K + 1)  # the reference's Inception Score splits too, as the samples' do
+    if reference_n is not None and not (isinstance(reference_n, int) and reference_n >= least):
+        raise UserError(f"the number of reference images (--reference-n) must be >= {least}, got {reference_n}")
 
 
 def _check_seeds(seeds: list[int] | None, n: int) -> list[int]:

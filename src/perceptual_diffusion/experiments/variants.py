@@ -1,8 +1,9 @@
-"""Beyond the paper: variants of the self-perceptual objective that the perceptual-loss literature motivates.
+"""Beyond the paper: variants of the self-perceptual objective that the perceptual-loss literature motivates, and its
+control.
 
-Each is a :class:`LossConfig`; ``compare`` trains them as extra stage-2 arms under the same protocol as the paper's
-objective (same teacher, schedule, warm-up, EMA, steps and learning rate as the self-perceptual branch) and pairs
-them against MSE continued training.
+Each is a :class:`LossConfig`; ``compare`` trains the ones a budget names (``Budget.variants``) as extra stage-2 arms
+under the same protocol as the paper's objective (same teacher, schedule, warm-up, EMA, steps and learning rate as the
+self-perceptual branch) and pairs them against MSE continued training.
 """
 
 from __future__ import annotations
@@ -20,4 +21,11 @@ VARIANTS: dict[str, LossConfig] = {
     # At high noise levels t' the re-noised images are mostly noise and their features carry little detail: draw
     # t' from the lower half of the noise levels only.
     "sp-low-noise": replace(PAPER, t_prime_max=0.5),
+    # The control for the paper's premise that the diffusion model is itself a good perceptual network (arXiv
+    # 2401.00110, Sec. 3): the same fine-tuning from the teacher's weights, but x0_hat is judged by the block2
+    # features of a separately trained classifier (the asset shipped for the data, e.g. fashion-mnist-perceptual;
+    # never the classifier that computes the domain FID). Self-perceptual beating it supports the premise; losing
+    # to it says any good perceptual network would do. It runs at self-perceptual's chosen learning rate (Adam
+    # normalises the gradient's scale, so the losses' different magnitudes matter little).
+    "external-perceptual": LossConfig(kind="external-perceptual"),
 }

@@ -145,7 +145,10 @@ def check_settings(out: Path, settings: dict[str, Any], fields: tuple[str, ...] 
     shares a folder with ``compare``). A folder that mixed two configurations would report settings it did not run."""
     path = out / "settings.json"
     current = json.loads(json.dumps(settings, default=str))
-    if not path.is_file():
+    # A folder without any run or evaluation yet holds no work to mix with: a command that failed before its first
+    # run (a typo in --data-path, say) must not lock the folder to its mistaken settings.
+    has_work = any(p.name.startswith(("seed", "eval")) for p in out.iterdir()) if out.is_dir() else False
+    if not path.is_file() or not has_work:
         if fields is None:
             atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
         return
@@ -171,7 +174,7 @@ def make_context(out: Path, budget: Budget, data: DataConfig, device: str) -> Co
 
     dev = resolve_device(device)
     split = "test" if data.source == "fashion-mnist" else "train"  # held out where the data has a split
-    extractor = auto_extractor(data, out, device=dev)
+    extractor = auto_extractor(data, out, device=dev, classifier=budget.domain_classifier)
     return Context(out, budget, data, device, dev, criterion_for(data), extractor, split)
 
 

@@ -34,9 +34,11 @@ from perceptual_diffusion.config import PRESETS, DataConfig, ModelConfig, RunCon
 from perceptual_diffusion.core.networks import DiffusionUNet, build_unet
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.runtime import ownership
 from perceptual_diffusion.runtime.checkpoint import UNET_DIR, is_diffusers_folder
 
 CONFIG_FILE = "perceptual_diffusion_config.json"
+EXPORT_KIND = "export"  # the ownership kind of `export` and `latent export` folders (runtime/ownership.py)
 CONDITIONAL_UNET_DIR = "unet_conditional"
 SCHEDULER_DIR = "scheduler"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -251,7 +253,8 @@ def export_diffusers(
         if conditional:
             _unet_copy(model).save_pretrained(tmp / CONDITIONAL_UNET_DIR, safe_serialization=True)
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(readme)
+        # A source path in another encoding (Latin-1 file names) holds surrogates: shown escaped, never a crash.
+        (tmp / "README.md").write_text(readme, errors="backslashreplace")
 
     return publish_folder(out_dir, write, force, checked=True)
 
@@ -265,17 +268,25 @@ def _input_folder(source: str | Path) -> Path:
     return path
 
 
-def check_export_target(out_dir: Path, force: bool, sources: Sequence[str | Path] = ()) -> None:
+def check_export_target(
+    out_dir: Path, force: bool, sources: Sequence[str | Path] = (), kind: str = EXPORT_KIND, command: str = "export"
+) -> None:
     """Refuse, before any work, every target whose replacement could lose something.
 
-    - a file, or (without --force) a folder that holds anything;
+    - a file, a path under a file, or (without --force) a folder that holds anything;
     - with or without --force, any target that is one of ``sources`` (the run or folders the export reads), holds
       one, or lies inside one: ``--out RUN --force`` would otherwise replace the run with the export;
-    - with --force, a folder that is not an earlier diffusers export: --force is for replacing an export, never a
-      run directory or a folder of runs.
+    - with --force, a folder that ``command`` did not write (its ownership marker is of another ``kind``, or it has
+      none and is not an export of this project): --force is for replacing one's own export, never a run directory,
+      a folder of runs, a comparison or a downloaded pipeline.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a folder to export into")
+    ancestor = out_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--out {out_dir} cannot be written: {ancestor} is a file, not a folder")
     target = out_dir.resolve()
     for source in sources:
         protected = _input_folder(source)
@@ -290,26 +301,52 @@ def check_export_target(out_dir: Path, force: bool, sources: Sequence[str | Path
         else:
             continue
         raise UserError(f"--out {out_dir} {where} {what}, which this export reads: export to a folder outside it")
+    ownership.check_not_inside(out_dir)  # another run's checkpoints/, another export, a listed folder
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
+        marker = ownership.read_marker(out_dir)
+        if marker is not None and marker.kind != kind:
+            raise UserError(
+                f"{out_dir} was made by `perceptual-diffusion {marker.command}`, not by `{command}`: --force replaces "
+                f"only what `{command}` wrote; choose another folder"
+            )
         if not is_diffusers_folder(out_dir):
             raise UserError(
                 f"{out_dir} is not an earlier export (it has no model_index.json or unet/): --force replaces only a "
                 "diffusers folder; choose another folder, or move this one away yourself"
             )
+        legacy = kind == EXPORT_KIND and (out_dir / CONFIG_FILE).is_file()  # exported before markers existed
+        if marker is None and not legacy:
+            raise UserError(
+                f"{out_dir} is a diffusers folder that `perceptual-diffusion {command}` did not write (it has no "
+                f"{ownership.MARKER}): --force replaces only its own output, never a downloaded or another tool's "
+                "pipeline; choose another folder, or move this one away yourself"
+            )
 
 
-def publish_folder(out_dir: Path, write: Callable[[Path], None], force: bool = False, checked: bool = False) -> Path:
-    """Write a folder atomically: ``write(tmp)`` fills a hidden sibling, which is fsynced and renamed over
-    ``out_dir``; an old folder (``force``) is moved aside first and deleted only after the rename."""
+def publish_folder(
+    out_dir: Path,
+    write: Callable[[Path], None],
+    force: bool = False,
+    checked: bool = False,
+    kind: str = EXPORT_KIND,
+    command: str = "export",
+) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a hidden sibling, which gets the ownership marker of
+    ``command`` (listing every entry, so no other command writes into it and only ``command --force`` replaces it),
+    is fsynced and renamed over ``out_dir``; an old folder (``force``) is moved aside first and deleted only after
+    the rename."""
     if not checked:
-        check_export_target(out_dir, force)
+        check_export_target(out_dir, force, kind=kind, command=command)
     tmp = old = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = _sibling(out_dir, "new")
         write(tmp)
+        entries = sorted(p.name for p in tmp.iterdir())
+        marker = {"kind": kind, "command": command, "files": entries}
+        (tmp / ownership.MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         _fsync_tree(tmp)
         if out_dir.is_dir() and any(out_dir.iterdir()):  # --force: move the old folder aside, delete it after
             old = _sibling(out_dir, "old")

@@ -302,7 +302,7 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
     out_dir = Path(out_dir)
     # The pretrained folder is an input too (its VAE and text encoder are copied): never replace it with the export.
     pretrained = ckpt.config_of(ckpt.resolve_weights(run), "latent")[0].model.pretrained
-    check_export_target(out_dir, force, [run, pretrained])
+    check_export_target(out_dir, force, [run, pretrained], command="latent export")
     model, parts, config, step = load_latent_model(run)
 
     def write(tmp: Path) -> None:
@@ -319,4 +319,4 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
         record = {"format": ckpt.FORMAT, "kind": "latent", "step": step, "config": config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-    return publish_folder(out_dir, write, force, checked=True)
+    return publish_folder(out_dir, write, force, checked=True, command="latent export")

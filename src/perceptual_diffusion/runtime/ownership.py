@@ -6,7 +6,9 @@ them up front) the files it writes; a folder holding anything else is refused wi
 and exports need no marker: they are recognised by their own files (``config.json`` with ``checkpoints/``,
 ``model_index.json``), and no other command may write into them. A single output file is claimed with
 ``claim_file``: an existing file is replaced only with ``--force`` and only when it is recognisably one that the
-command made (``is_ours``, e.g. a classifier's safetensors metadata).
+command made (``is_ours``, e.g. a classifier's safetensors metadata). ``check_run_dir`` is the claim of a training
+run's folder (a run is its own marker), and ``protected_output`` says whether an output file would replace or mix
+into something that another command made (a run's files, an export, a marked folder), whichever command writes it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from perceptual_diffusion.runtime import checkpoint as ckpt
 
 MARKER = ".perceptual-diffusion.json"
 _SHOWN = 3  # foreign entries named in a refusal
+# A training run's own entries (training/rundir.py): its files, and the folders it fills.
+RUN_FILES = frozenset({ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "log.jsonl", ".lock"})
+RUN_FOLDERS = frozenset({ckpt.STATE_DIR, "snapshots", "samples", "tensorboard"})
+# What a run holds before its config.json is written (or after the user removed it): entries no other kind makes.
+_UNCONFIGURED_RUN = frozenset({".lock", "log.jsonl"}) | RUN_FOLDERS
+_MAX_CONFIG_BYTES = 1 << 20  # a run's config.json is a few kB; a larger config.json is someone else's
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ def claim_dir(
     command: str | None = None,
     files: Iterable[str] | None = None,
     legacy: Iterable[str] = (),
+    adopt: Callable[[str], bool] | None = None,
     option: str = "--out",
 ) -> Path:
     """Make ``path`` this command's folder, or refuse in one line before any work; returns it as a ``Path``.
@@ -83,7 +92,8 @@ def claim_dir(
     Accepted: a new or empty folder, or one whose marker has the same ``kind`` (a rerun resumes or rewrites it); when
     that marker lists its files, any other entry is refused. Refused always: a file, a run directory, an export, a
     folder of another kind, and a folder without a marker that holds anything, unless it holds every name in
-    ``legacy`` (the files this kind always wrote before markers existed: such a folder is adopted and marked).
+    ``legacy`` (the files this kind always wrote before markers existed: such a folder is adopted and marked), or
+    every entry of which ``adopt`` accepts as a name this kind writes (e.g. the latent cache's ``latents-KEY``).
     ``force`` empties a folder of the same kind first (never one of another kind, nor foreign files in a listed one).
     ``files`` names the top-level entries this run will write (so an interrupted run's partial files stay ours).
     The marker is written before the function returns, which also proves the folder writable.
@@ -92,6 +102,7 @@ def claim_dir(
     planned = None if files is None else sorted(set(files))
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{option} {folder} is a file, not a folder; choose another {option}")
+    check_not_inside(folder, option)
     marker = None
     if folder.is_dir():
         what = _foreign_kind(folder)
@@ -113,7 +124,8 @@ def claim_dir(
                     f"away or choose another {option}"
                 )
         if marker is None and entries:
-            if not (set(legacy) and set(legacy) <= set(entries)):
+            adopted = adopt is not None and all(adopt(e) for e in entries)
+            if not (adopted or (set(legacy) and set(legacy) <= set(entries))):
                 raise UserError(
                     f"{option} {folder} is not empty and was not made by `{command}` (it holds {_named(entries)}); "
                     f"choose a new or empty folder for {option}"
@@ -137,6 +149,88 @@ def claim_dir(
             f"cannot write into {option} {folder} ({exc.strerror or exc}); choose another {option}"
         ) from None
     return folder
+
+
+def _is_run_config(path: Path) -> bool:
+    """A run's config.json: a JSON object with ``model`` and ``train`` sections (``config.RunConfig.to_dict``)."""
+    try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            return False
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and isinstance(raw.get("train"), dict)
+
+
+def is_run_dir(folder: str | Path) -> bool:
+    """A training run's folder: checkpoints/ holds training states, or config.json holds a run configuration."""
+    folder = Path(folder)
+    return bool(ckpt.list_states(folder)) or _is_run_config(folder / ckpt.CONFIG_NAME)
+
+
+def check_run_dir(path: str | Path, command: str = "train", option: str = "--run-dir") -> Path:
+    """Refuse, before any work, a training target that is not a run: a file, a folder another command made (its
+    marker), a diffusers export, or a non-empty folder that holds anything but a run's own entries. A new or empty
+    folder starts a run; a run (``is_run_dir``) is resumed, whatever else its owner keeps in it."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file, not a folder; choose another {option}")
+    check_not_inside(folder, option)
+    if not folder.is_dir():
+        return folder
+    marker = read_marker(folder)
+    if marker is not None:
+        raise UserError(
+            f"{option} {folder} was made by `perceptual-diffusion {marker.command}`, not by `{command}`; choose a "
+            f"new or empty folder for {option}"
+        )
+    if ckpt.is_diffusers_folder(folder):
+        raise UserError(
+            f"{option} {folder} is a diffusers export (model_index.json or unet/), which `{command}` never writes "
+            f"into; choose a new or empty folder for {option}"
+        )
+    if is_run_dir(folder):
+        return folder
+    foreign = [e for e in _entries(folder) if e not in _UNCONFIGURED_RUN]
+    if foreign:
+        raise UserError(
+            f"{option} {folder} is not empty and is not a run directory (it holds {_named(foreign)}); choose a new "
+            f"or empty folder for {option}, or a run to resume"
+        )
+    return folder
+
+
+def protected_output(path: str | Path, folder: bool = False) -> str | None:
+    """What writing the output file ``path`` would replace or write into, in words ("the run RUN"); None when it
+    touches nothing another command made. The nearest enclosing folder that a command made decides: in a run, its
+    own files (config, weights, log, lock, checkpoints/, snapshots/, tensorboard/; other files, such as a user's
+    grids, are free); anything in a diffusers export; in a marked folder its marker, any existing file, and when the
+    marker lists the folder's files, any file at all (a stray file would make the folder refuse its own command).
+    ``folder``: ``path`` is an output folder (a run, an export, a comparison), which a folder filled as it goes may
+    hold (a comparison holds its runs), so there only a listed folder refuses it."""
+    target = Path(path).resolve()
+    for parent in target.parents:
+        rel = target.relative_to(parent).parts
+        if ckpt.is_diffusers_folder(parent):
+            return f"the diffusers export {parent}"
+        marker = read_marker(parent)
+        if marker is not None:
+            if rel[0] == MARKER or marker.files is not None or (target.exists() and not folder):
+                return f"{parent}, which `perceptual-diffusion {marker.command}` made"
+            return None
+        if is_run_dir(parent):
+            if (len(rel) == 1 and rel[0] in RUN_FILES) or (rel[0] in RUN_FOLDERS - {"samples"}):
+                return f"the run {parent}"
+            return None
+    return None
+
+
+def check_not_inside(path: str | Path, option: str = "--out") -> None:
+    """Refuse an output folder that lies inside what another command made: a run's own folders (checkpoints/,
+    snapshots/, tensorboard/), a diffusers export, a folder whose marker lists its files."""
+    owner = protected_output(path, folder=True)
+    if owner is not None:
+        raise UserError(f"{option} {path} lies inside {owner}; choose a folder outside it")
 
 
 def claim_file(

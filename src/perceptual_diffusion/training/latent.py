@@ -7,6 +7,7 @@ code's.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,8 +35,9 @@ from perceptual_diffusion.models.latent import (
     unet_config,
     vae_downsample,
 )
+from perceptual_diffusion.models.latent_perceptual import LatentPerceptualLoss
 from perceptual_diffusion.runtime import checkpoint as ckpt
-from perceptual_diffusion.runtime import distributed
+from perceptual_diffusion.runtime import distributed, ownership
 from perceptual_diffusion.runtime.progress import progress as progress_iter
 
 GRID_PROMPTS = 4  # captions (the data's first ones) in the periodic sample grids: one row each, as in `latent sample`
@@ -46,6 +48,27 @@ def _default_cache_dir() -> Path:
     from perceptual_diffusion.runtime.cache import cache_dir
 
     return cache_dir() / "latents"
+
+
+_CACHE_ENTRY = re.compile(r"latents-[0-9a-f]{20}")  # the one kind of entry a latent cache folder holds
+
+
+def claim_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The latent cache folder (``--cache-dir``, default under ``$PD_CACHE_DIR``), claimed before any work: it gets
+    an ownership marker, and a folder that holds anything but latent caches (a run, a data folder, the user's own
+    files) is refused in one line, never written into. A folder of ``latents-KEY`` caches made before markers existed
+    is adopted; an already marked cache is only read (it may sit on a read-only disk once complete)."""
+    folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    marker = ownership.read_marker(folder)
+    if marker is not None and marker.kind == "latent-cache":
+        return folder
+    return ownership.claim_dir(
+        folder,
+        "latent-cache",
+        command="latent cache",
+        option="--cache-dir",
+        adopt=lambda name: _CACHE_ENTRY.fullmatch(name) is not None,
+    )
 
 
 def _cache_key(fingerprint: str, parts: FrozenParts, resolution: int) -> str:
@@ -208,7 +231,14 @@ class LatentTask:
                 f"--resolution {mc.resolution} does not fit {mc.pretrained}: it must be a multiple of {down * levels} "
                 f"(the VAE downsamples by {down}, the U-Net halves the latent {levels.bit_length() - 1} times)"
             )
+        lc = self.config.loss
+        if lc.kind == "latent-perceptual" and lc.lpl_up_blocks is not None and lc.lpl_up_blocks > down.bit_length():
+            raise UserError(
+                f"--lpl-up-blocks {lc.lpl_up_blocks}: {mc.pretrained}'s VAE decoder has {down.bit_length()} up blocks"
+            )
         dc = self.config.data
+        if dc.cache_latents and distributed.launched_rank() == 0:  # before the data is read
+            claim_cache_dir(dc.cache_dir)
         self.data = load_captions(dc.path, dc.format, dc.on_bad_image)
 
     def parts(self, device: torch.device) -> FrozenParts:
@@ -250,6 +280,10 @@ class LatentTask:
         state, where = read_unet_weights(config.loss.teacher)
         ckpt.load_state_dict_checked(teacher, state, f"teacher {where}")
         return frozen_copy(teacher)
+
+    def build_loss(self, config: LatentRunConfig, schedule: Any, device: torch.device) -> LatentPerceptualLoss:
+        """The latent perceptual loss with this run's frozen VAE (held by the loss, never by the optimiser)."""
+        return LatentPerceptualLoss(config.loss, schedule, self.parts(device).vae)
 
     def sample_grid(self, ema: TextConditionedUNet, config: LatentRunConfig, path: Path, device: torch.device) -> None:
         prompts = [

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from perceptual_diffusion.config import LatentRunConfig, RunConfig, TrainConfig
 from perceptual_diffusion.core.losses import build_loss
@@ -29,9 +28,11 @@ from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.data.datasets import Dataset, load_dataset
 from perceptual_diffusion.data.grid import class_rows, save_grid
 from perceptual_diffusion.errors import TrainingDiverged, UserError
+from perceptual_diffusion.models.classifier_net import DomainClassifier, load_perceptual_net, resolve_perceptual_net
 from perceptual_diffusion.models.loading import load_model, read_weights
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import distributed
+from perceptual_diffusion.runtime.progress import progress_bar
 from perceptual_diffusion.training.rundir import RunDir, config_diff, with_teacher_hash
 from perceptual_diffusion.training.step import BatchSource, TensorSource, Trainee, all_finite, step_seed, take_step
 
@@ -78,6 +79,17 @@ def _build_teacher(config: RunConfig, device: torch.device) -> DiffusionUNet | N
     teacher, tconfig, _ = load_model(config.loss.teacher, device)
     _check_same_network(tconfig, config, f"teacher {config.loss.teacher}", "fine-tune with the teacher's settings")
     return frozen_copy(teacher)
+
+
+def build_perceptual_net(config: RunConfig, device: torch.device) -> DomainClassifier | None:
+    """The external-perceptual loss's frozen classifier (``config.loss.perceptual_net``, resolved and hashed by
+    ``rundir.with_teacher_hash``), built once; like the teacher, every rank holds its own and none is in DDP."""
+    if config.loss.kind != "external-perceptual":
+        return None
+    _, path = resolve_perceptual_net(config.loss.perceptual_net, config.data.source)
+    mc = config.model
+    net = load_perceptual_net(path, config.data.source, mc.image_size, mc.channels)
+    return net.to(device).eval().requires_grad_(False)
 
 
 def _check_same_network(other: RunConfig, config: RunConfig, source: str, advice: str) -> None:
@@ -187,16 +199,18 @@ def apply_speed_options(model: torch.nn.Module, teacher: torch.nn.Module | None,
 class Progress:
     """The progress bar and the speed count. Speed covers optimiser steps only (not grids or checkpoint writes);
     the bar shows images/s over the steps since its previous update (the current throughput, not a cumulative
-    average) and tqdm's remaining time, not tqdm's step/s as well."""
+    average) and the remaining time, not a step/s as well; in a log, plain lines (``runtime.progress``)."""
 
     def __init__(self, tc: TrainConfig, step: int, desc: str, enabled: bool) -> None:
-        self.bar = tqdm(
-            total=tc.steps,
+        self.bar = progress_bar(
+            tc.steps,
+            desc,
+            "steps",
             initial=step,
-            desc=desc,
-            unit="step",
+            enabled=enabled and step < tc.steps,  # nothing left to train: no bar
+            show_rate=False,  # the postfix's images/s is the one speed shown
+            leave=True,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]",
-            disable=not enabled or step >= tc.steps,  # nothing left to train: no bar
             dynamic_ncols=True,
         )
         self.seconds, self.images = 0.0, 0
@@ -225,6 +239,8 @@ def run_task(task: Task, run_dir: str | Path, override_config: bool = False) -> 
     config = task.config
     device = resolve_device(config.train.device)
     distributed.check_batch_split(config.train, distributed.launched_world_size())
+    if distributed.launched_rank() == 0:
+        run.check_target()  # before the data is read: a folder that is not a run costs nothing
     task.load()
     with distributed.process_group(device):
         if not distributed.is_main():
@@ -273,10 +289,15 @@ def _build(task: Task, config: Any, device: torch.device, main: bool) -> Trainee
     tc = config.train
     model = task.build_model(config, device)
     teacher = task.build_teacher(config, device)  # every rank holds its own frozen copy; never wrapped in DDP
+    perceptual_net = build_perceptual_net(config, device)  # the same: the loss holds it, the optimiser never sees it
     ema = frozen_copy(model).to(device) if main else None  # rank 0 alone keeps (and saves) the EMA
     apply_speed_options(model, teacher, tc)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    return Trainee(model, model, ema, optimizer, build_loss(config.loss, model.schedule, teacher))
+    if config.loss.kind == "latent-perceptual":  # its frozen network is the task's VAE decoder
+        loss = task.build_loss(config, model.schedule, device)
+    else:
+        loss = build_loss(config.loss, model.schedule, teacher, perceptual_net)
+    return Trainee(model, model, ema, optimizer, loss)
 
 
 def _after_step(

@@ -22,7 +22,9 @@ from typing import Any, TextIO
 import torch
 
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models.classifier_net import load_perceptual_net, resolve_perceptual_net
 from perceptual_diffusion.runtime import checkpoint as ckpt
+from perceptual_diffusion.runtime import ownership
 
 AnyConfig = Any  # RunConfig | LatentRunConfig: the two model families share this folder's layout
 LOG_NAME = "log.jsonl"
@@ -110,7 +112,8 @@ def weights_sha256(path: Path) -> str:
 
 
 def with_teacher_hash(config: AnyConfig) -> AnyConfig:
-    """Resolve the teacher (and init) path to the weights file and record the teacher's sha256 in the config."""
+    """Resolve the teacher (and init) path to the weights file and record the teacher's sha256 in the config (and
+    the external-perceptual network's)."""
     changes = {}
     if config.loss.teacher is not None:
         path = ckpt.resolve_weights(config.loss.teacher).resolve()
@@ -120,6 +123,11 @@ def with_teacher_hash(config: AnyConfig) -> AnyConfig:
         train = replace(train, init_from=changes["loss"].teacher)  # the paper: online model starts as the teacher
     if train.init_from is not None:
         train = replace(train, init_from=str(ckpt.resolve_weights(train.init_from).resolve()))
+    if config.loss.kind == "external-perceptual":  # pixel runs only (LatentRunConfig refuses it)
+        name, path = resolve_perceptual_net(config.loss.perceptual_net, config.data.source)
+        load_perceptual_net(path, config.data.source, config.model.image_size, config.model.channels)  # fits?
+        loss = changes.get("loss", config.loss)
+        changes["loss"] = replace(loss, perceptual_net=name, perceptual_sha256=ckpt.sha256_file(path))
     return replace(config, train=train, **changes)
 
 
@@ -133,9 +141,13 @@ class RunDir:
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
+    def check_target(self) -> None:
+        """Refuse, before any work, a folder that is not a run: another command's output, an export, the user's
+        own files (``ownership.check_run_dir``). A new or empty folder, or a run to resume, passes."""
+        ownership.check_run_dir(self.path)
+
     def create(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--run-dir {self.path} is a file, not a folder; choose another --run-dir")
+        self.check_target()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
