@@ -10,6 +10,7 @@
 # On the CPU, with tiny sizes (the project's test of this script):
 #   OUT=/tmp/gpu-out DATA=shapes PRESET=tiny BATCH=8 STEPS=4 FINETUNE=2 SAMPLES=12 CURVE=12 SEEDS=2 DEVICE=cpu \
 #     bash benchmarks/gpu_compare.sh
+#   EXTRA_ARGS: more compare options (the CPU test passes --no-inception --no-guidance-grids: plumbing only)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 RUN=${RUN:-runs/gpu-compare}
@@ -45,11 +46,12 @@ print("" if torch.cuda.is_available() else f"PyTorch {torch.__version__} sees no
     exit 2
   fi
 fi
-mkdir -p "$OUT" "$RUN"
+# The logs live beside the comparison, not in it: its folder holds only what compare makes (ownership markers).
+mkdir -p "$OUT/logs" "$RUN"
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1  # one thread per seed's process
 ARGS=(compare --out "$RUN" --budget gpu --data "$DATA" --preset "$PRESET" --batch-size "$BATCH" --steps "$STEPS"
       --finetune-steps "$FINETUNE" --eval-samples "$SAMPLES" --curve-samples "$CURVE" --training-seeds "$SEEDS"
-      --bootstrap "$BOOTSTRAP"
+      --bootstrap "$BOOTSTRAP" ${EXTRA_ARGS:-}
       --device "$DEVICE")
 start=$(date +%s)
 {
@@ -63,17 +65,17 @@ export ARGS_TEXT="${ARGS[*]}"
 timeout "$TIME_BOX" bash -c '
   for round in 1 2; do
     for s in $(seq 0 $((SEEDS - 1))); do
-      PYTHONUNBUFFERED=1 $PD $ARGS_TEXT --seeds "$s" > "$RUN/round$round-seed$s.log" 2>&1 &
+      PYTHONUNBUFFERED=1 $PD $ARGS_TEXT --seeds "$s" > "$OUT/logs/round$round-seed$s.log" 2>&1 &
     done
     wait
     echo "round $round done at $(( $(date +%s) - start )) s" >> "$OUT/timing.log"
   done
-  PYTHONUNBUFFERED=1 $PD $ARGS_TEXT > "$RUN/gather.log" 2>&1
+  PYTHONUNBUFFERED=1 $PD $ARGS_TEXT > "$OUT/logs/gather.log" 2>&1
 '
 status=$?
 echo "exit $status after $(( $(date +%s) - start )) s (124: stopped by the time box)" >> "$OUT/timing.log"
 tar -czf "$OUT/gpu-compare.tar.gz" -C "$RUN" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npz' \
-  --exclude='checkpoints' --exclude='snapshots' . 2>/dev/null
+  --exclude='checkpoints' --exclude='snapshots' . -C "$OUT" logs 2>/dev/null
 cp "$RUN/report.md" "$OUT/" 2>/dev/null
 cat "$OUT/timing.log"
 exit $status

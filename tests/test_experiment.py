@@ -245,7 +245,7 @@ def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tm
         budgets.GuidanceGrid("cfg", scales=(1.5, 2.0), rescales=(0.0, 0.7)),
         budgets.GuidanceGrid("apg", scales=(2.0,)),
         budgets.GuidanceGrid("interval", scales=(2.0,), intervals=((0.5, None),)),
-        budgets.GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-step2",)),
+        budgets.GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-chunk1",)),
     )
     budget = replace(
         TINY,

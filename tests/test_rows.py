@@ -28,7 +28,7 @@ def test_v1_rows_keep_their_v1_keys_and_new_settings_get_their_own() -> None:
     assert Row("mse-continued", "autoguidance", 3.0).slug == "mse-continued/autoguidance-w3-phi0"
     interval = Row("mse-continued", "cfg", 2.0, 0.0, 0.3, None)
     apg = Row("mse-continued", "apg", 2.0, apg_threshold=0.05)
-    guided = Row("mse-continued", "autoguidance", 2.0, guide="stage1-step500")
+    guided = Row("mse-continued", "autoguidance", 2.0, guide="stage1-chunk1")
     slugs = {r.slug for r in (interval, apg, guided, Row("mse-continued", "cfg", 2.0))}
     assert len(slugs) == 4, "every setting that changes the numbers changes the slug"
     assert interval.label == "mse-continued, CFG w=2 φ=0 σ∈[0.3, ∞]"
@@ -109,8 +109,8 @@ def test_selection_waits_for_other_processes_seeds() -> None:
 def test_grid_rows_cover_every_combination_and_interval_is_cfg_with_bounds() -> None:
     rows = grid_rows(GuidanceGrid("interval", scales=(2.0, 3.0), intervals=((0.3, 5.0), (1.0, None))), [2.0, 3.0])
     assert len(rows) == 4 and all(r.guidance == "cfg" and r.interval for r in rows)
-    auto = grid_rows(GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-step500", "stage1-step1000")), [1.5])
-    assert [r.guide for r in auto] == ["stage1-step500", "stage1-step1000"]
+    auto = grid_rows(GuidanceGrid("autoguidance", scales=(1.5,), guides=("stage1-chunk1", "stage1-chunk2")), [1.5])
+    assert [r.guide for r in auto] == ["stage1-chunk1", "stage1-chunk2"]
     with pytest.raises(ValueError, match="needs at least one guide"):
         GuidanceGrid("autoguidance", scales=(1.5,))
     assert budgets.GRIDS_V2[0].scales[0] < 1.5, "the CFG grid starts below 1.5, where small models' optimum lies"

@@ -9,15 +9,16 @@
 # Rerunning any line resumes it. From the repository root, venv active.
 set -euo pipefail
 OUT=${OUT:-runs/fmnist-fair-v2}
-mkdir -p "$OUT"
+LOGS=${LOGS:-$OUT.logs}  # beside the comparison: its folder holds only what compare makes
+mkdir -p "$LOGS"
 for round in 1 2 3 4 5; do
   for s in 0 1 2; do
     OMP_NUM_THREADS=1 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist --seeds "$s" \
-      >> "$OUT/round$round-seed$s.log" 2>&1 &
+      >> "$LOGS/round$round-seed$s.log" 2>&1 &
   done
   wait
 done
-OMP_NUM_THREADS=2 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist 2>&1 | tee "$OUT/gather.log"
+OMP_NUM_THREADS=2 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist 2>&1 | tee "$LOGS/gather.log"
 mkdir -p results/fmnist-fair-v2
 cp "$OUT"/{report.md,results.json,budget.json,*.png} results/fmnist-fair-v2/
 cp -r "$OUT/grids" results/fmnist-fair-v2/

@@ -6,15 +6,16 @@
 # report.md. Rerunning any line resumes it. From the repository root, venv active.
 set -euo pipefail
 OUT=${OUT:-runs/fmnist-fair}
-mkdir -p "$OUT"
+LOGS=${LOGS:-$OUT.logs}  # beside the comparison: its folder holds only what compare makes
+mkdir -p "$LOGS"
 for round in 1 2; do
   for s in 0 1 2; do
     OMP_NUM_THREADS=1 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist-v1 --seeds "$s" \
-      > "$OUT/round$round-seed$s.log" 2>&1 &
+      > "$LOGS/round$round-seed$s.log" 2>&1 &
   done
   wait
 done
-perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist-v1 2>&1 | tee "$OUT/gather.log"
+perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist-v1 2>&1 | tee "$LOGS/gather.log"
 mkdir -p results/fmnist-fair
 cp "$OUT"/{report.md,results.json,budget.json,*.png} results/fmnist-fair/
 cp -r "$OUT/grids" results/fmnist-fair/

@@ -5,10 +5,12 @@
 # evaluations into ablation.md. Rerunning any line resumes it. From the repository root, venv active.
 set -euo pipefail
 OUT=${OUT:-runs/shapes-fair}
+LOGS=${LOGS:-$OUT.logs}  # beside the comparison: its folder holds only what compare makes
+mkdir -p "$LOGS"
 for s in 0 1 2; do
   OMP_NUM_THREADS=1 perceptual-diffusion ablate --out "$OUT" --budget cpu-fair-v1 --seeds "$s" \
-    > "$OUT/ablate-seed$s.log" 2>&1 &
+    > "$LOGS/ablate-seed$s.log" 2>&1 &
 done
 wait
-perceptual-diffusion ablate --out "$OUT" --budget cpu-fair-v1 2>&1 | tee "$OUT/ablate-gather.log"
+perceptual-diffusion ablate --out "$OUT" --budget cpu-fair-v1 2>&1 | tee "$LOGS/ablate-gather.log"
 cp "$OUT"/{ablation.md,ablation.json} results/shapes-fair/

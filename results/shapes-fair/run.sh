@@ -5,15 +5,16 @@
 # the cached evaluations into report.md. Rerunning any line resumes it. From the repository root, venv active.
 set -euo pipefail
 OUT=${OUT:-runs/shapes-fair}
-mkdir -p "$OUT"
+LOGS=${LOGS:-$OUT.logs}  # beside the comparison: its folder holds only what compare makes
+mkdir -p "$LOGS"
 for round in 1 2; do
   for s in 0 1 2; do
     OMP_NUM_THREADS=1 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-v1 --seeds "$s" \
-      > "$OUT/round$round-seed$s.log" 2>&1 &
+      > "$LOGS/round$round-seed$s.log" 2>&1 &
   done
   wait
 done
-perceptual-diffusion compare --out "$OUT" --budget cpu-fair-v1 2>&1 | tee "$OUT/gather.log"
+perceptual-diffusion compare --out "$OUT" --budget cpu-fair-v1 2>&1 | tee "$LOGS/gather.log"
 mkdir -p results/shapes-fair
 cp "$OUT"/{report.md,results.json,budget.json,*.png} results/shapes-fair/
 cp -r "$OUT/grids" results/shapes-fair/

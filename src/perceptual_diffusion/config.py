@@ -521,11 +521,6 @@ class LatentRunConfig(_Sections):
 
     def __post_init__(self) -> None:
         _check(
-            self.loss.kind != "external-perceptual",
-            "--loss external-perceptual judges pixels with a classifier of the built-in data: for latent models use "
-            "--loss latent-perceptual (the VAE decoder's features) or self-perceptual",
-        )
-        _check(
             not self.sample.clip_x0,
             "clipping x0 to [-1, 1] is for pixels; latents are not bounded: sample latent models without --clip-x0",
         )

@@ -12,7 +12,7 @@ from dataclasses import replace
 from perceptual_diffusion.cli.options import add_data_options, data_config
 from perceptual_diffusion.config import PRESETS, ModelConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budget
+from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budget, with_stage1
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -66,6 +66,10 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.extras is not None:
         overrides["extras"] = args.extras
+    if getattr(args, "inception", None) is not None:
+        overrides["inception"] = args.inception
+    if getattr(args, "guidance_grids", None) is False:  # v1 rows: fixed CFG scales instead of each method's grid
+        overrides["guidance_grids"] = ()
     budget = replace(BUDGETS[args.budget], **overrides)
     if args.steps is not None:  # the step cap of each stage-1 phase, in whole chunks
         chunk = min(budget.stage1.chunk_steps, args.steps)
@@ -75,10 +79,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                 f"1 trains and is evaluated in whole chunks; try --steps {args.steps // chunk * chunk}"
             )
         chunks = max(math.ceil(args.steps / chunk), 1)
-        budget = replace(
-            budget,
-            stage1=replace(budget.stage1, chunk_steps=chunk, max_chunks=chunks, min_chunks=min(2, chunks)),
-        )
+        stage1 = replace(budget.stage1, chunk_steps=chunk, max_chunks=chunks, min_chunks=min(2, chunks))
+        budget = with_stage1(budget, stage1)
     if args.teacher_from is not None:
         if not args.teacher_from.strip():
             raise UserError("--teacher-from '' names no model; give a run directory or a weights file, or leave it out")
@@ -134,6 +136,19 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
         "--teacher-from",
         default=None,
         help="your own converged MSE model (run directory or weights) as teacher and starting point: skips stage 1",
+    )
+    p.add_argument(
+        "--inception",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure the headline rows in Inception features (needs `make inception`; default: the budget's)",
+    )
+    p.add_argument(
+        "--guidance-grids",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose each guidance method's best setting on held-out seeds (default: the budget's); "
+        "--no-guidance-grids evaluates the fixed CFG rows of v1 instead",
     )
     p.add_argument(
         "--extras",

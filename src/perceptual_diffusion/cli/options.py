@@ -230,9 +230,17 @@ def add_lpl_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lpl-outlier-quantile", type=float, default=LossConfig.lpl_outlier_quantile, help="0: no outlier masking"
     )
-    g.add_argument("--lpl-norm", choices=choices(LossConfig, "lpl_norm"), default=LossConfig.lpl_norm)
     g.add_argument(
-        "--lpl-layer-weights", choices=choices(LossConfig, "lpl_layer_weights"), default=LossConfig.lpl_layer_weights
+        "--lpl-norm",
+        choices=choices(LossConfig, "lpl_norm"),
+        default=LossConfig.lpl_norm,
+        help="feature normalisation: per position over channels (default) or per channel over positions",
+    )
+    g.add_argument(
+        "--lpl-layer-weights",
+        choices=choices(LossConfig, "lpl_layer_weights"),
+        default=LossConfig.lpl_layer_weights,
+        help="weights of the decoder layers: uniform (default) or the reference code's power law",
     )
 
 

@@ -65,13 +65,13 @@ class GuidanceGrid:
     rescales: tuple[float, ...] = (0.0,)
     apg_thresholds: tuple[float | None, ...] = (None,)  # APG norm thresholds (None: the method's default)
     intervals: tuple[tuple[float, float | None], ...] = ((0.0, None),)  # (sigma_min, sigma_max) of "interval"
-    guides: tuple[str, ...] = ()  # autoguidance: weaker models, "stage1-stepN" (stage 1's first-phase snapshot)
+    guides: tuple[str, ...] = ()  # autoguidance: weaker models, "stage1-chunkK" (stage 1's snapshot after K chunks)
 
     def __post_init__(self) -> None:
         if not self.scales or any(w < 0 for w in self.scales):
             raise ValueError(f"guidance grid {self.method}: needs at least one scale, all >= 0")
         if self.method == "autoguidance" and not self.guides:
-            raise ValueError("an autoguidance grid needs at least one guide (e.g. 'stage1-step500')")
+            raise ValueError("an autoguidance grid needs at least one guide (e.g. 'stage1-chunk1')")
 
 
 # The grids of the v2 budgets: for small class-conditional models the FID-optimal CFG scale is usually just above 1
@@ -83,14 +83,9 @@ GRIDS_V2 = (
     # The guidance interval (arXiv 2404.07724): guidance only at middle noise levels, where it allows larger w.
     GuidanceGrid("interval", scales=(1.5, 2.0, 3.0, 5.0), intervals=((0.3, 5.0), (1.0, None))),
     # Autoguidance (arXiv 2406.02507): the guide is the same network trained for less time (stage 1's first-phase
-    # EMA snapshots after 500 and 1,000 steps; the teachers train for several thousand).
-    GuidanceGrid("autoguidance", scales=(1.1, 1.25, 1.5, 2.0, 3.0), guides=("stage1-step500", "stage1-step1000")),
+    # EMA snapshots after one and two chunks, e.g. 500 and 1,000 steps; the teachers train for several thousand).
+    GuidanceGrid("autoguidance", scales=(1.1, 1.25, 1.5, 2.0, 3.0), guides=("stage1-chunk1", "stage1-chunk2")),
 )
-
-
-def with_guides(grids: tuple[GuidanceGrid, ...], guides: tuple[str, ...]) -> tuple[GuidanceGrid, ...]:
-    """``grids`` with autoguidance's weaker models replaced (snapshots exist only at a budget's chunk steps)."""
-    return tuple(replace(g, guides=guides) if g.method == "autoguidance" else g for g in grids)
 
 
 @dataclass(frozen=True)
@@ -165,17 +160,30 @@ class Budget:
                 f"selection samples must be 0 (the curve samples) or at least 10 (an evaluation's minimum), got "
                 f"{selection}"
             )
-        always_trained = self.stage1.chunk_steps * self.stage1.min_chunks  # phase 0 trains at least this far
         for grid in self.guidance_grids:
             for guide in grid.guides:
-                steps = guide.removeprefix("stage1-step")
-                if not (guide.startswith("stage1-step") and steps.isdigit() and int(steps) > 0):
-                    raise UserError(f"autoguidance guide {guide!r} must be stage1-stepN (a first-phase snapshot)")
-                if int(steps) % self.stage1.chunk_steps or int(steps) > always_trained:
+                chunks = guide.removeprefix("stage1-chunk")
+                if not (guide.startswith("stage1-chunk") and chunks.isdigit() and int(chunks) > 0):
+                    raise UserError(f"autoguidance guide {guide!r} must be stage1-chunkK (a first-phase snapshot)")
+                if int(chunks) > self.stage1.min_chunks:
                     raise UserError(
-                        f"autoguidance guide {guide}: stage 1 keeps snapshots every {self.stage1.chunk_steps} steps "
-                        f"and always trains its first phase to {always_trained}: choose N among those"
+                        f"autoguidance guide {guide}: stage 1 always trains its first phase for "
+                        f"{self.stage1.min_chunks} chunks, so K must be at most that"
                     )
+
+
+def with_stage1(budget: Budget, stage1: PlateauSchedule) -> Budget:
+    """``budget`` with another stage-1 schedule; autoguidance keeps only the guides (first-phase snapshots after K
+    chunks) that the new schedule always trains, and is dropped when none is left."""
+    grids = []
+    for grid in budget.guidance_grids:
+        if grid.method == "autoguidance":
+            guides = tuple(g for g in grid.guides if int(g.removeprefix("stage1-chunk")) <= stage1.min_chunks)
+            if not guides:
+                continue
+            grid = replace(grid, guides=guides)
+        grids.append(grid)
+    return replace(budget, stage1=stage1, guidance_grids=tuple(grids))
 
 
 SHAPES = DataConfig(source="shapes", image_size=16)
@@ -289,7 +297,7 @@ BUDGETS: dict[str, Budget] = {
         curve_samples=2000,
         variants=("sp-channel-norm", "sp-low-noise"),
         extras=False,
-        guidance_grids=with_guides(GRIDS_V2, ("stage1-step1000", "stage1-step2000")),
+        guidance_grids=GRIDS_V2,
         inception=True,
     ),
 }

@@ -36,7 +36,7 @@ from perceptual_diffusion.data.grid import save_grid
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.scoring import is_cached
 from perceptual_diffusion.experiments.analysis import losses_on_fixed_batch, paired, plan_pairs, training_losses
-from perceptual_diffusion.experiments.budgets import BUDGETS, Budget
+from perceptual_diffusion.experiments.budgets import BUDGETS, Budget, with_stage1
 from perceptual_diffusion.experiments.guidance_sweep import Selection, guide_path, select_guidance
 from perceptual_diffusion.experiments.report import write_report
 from perceptual_diffusion.experiments.rows import Row
@@ -92,7 +92,7 @@ def _guide_of(ctx: Context, seed: int, row: Row) -> Path | None:
     if not path.exists():
         raise UserError(
             f"autoguidance guide {row.guide} of seed {seed} is missing ({path}): choose guides among "
-            "stage 1's snapshots (stage1-stepN, N a multiple of the chunk steps, in the first phase)"
+            "stage 1's first-phase snapshots (stage1-chunkK, K at most the first phase's minimum chunks)"
         )
     return path
 
@@ -368,7 +368,7 @@ def run_demo(out: Path, steps: int | None = None, finetune_steps: int | None = N
             raise UserError(f"--steps {steps} must be a multiple of {chunks}: stage 1 trains in {chunks} equal chunks")
         first = min(budget.stage1.min_chunks, chunks)
         stage1 = replace(budget.stage1, chunk_steps=steps // chunks, max_chunks=chunks, min_chunks=first)
-        budget = replace(budget, stage1=stage1)
+        budget = with_stage1(budget, stage1)
     if finetune_steps is not None:
         budget = replace(budget, finetune_steps=finetune_steps)
     run_compare(out, budget, device=device)

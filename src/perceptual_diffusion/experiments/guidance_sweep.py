@@ -148,12 +148,12 @@ def select_guidance(
 
 
 def guide_path(ctx: Context, seed: int, guide: str | None, teacher: Path) -> Path:
-    """The weaker model of autoguidance: ``stage1-stepN`` is stage 1's first-phase EMA snapshot at step N (trained
-    for less time, as Karras et al. 2024, arXiv 2406.02507, Sec. 3, guide with); None is the teacher (v1 rows)."""
+    """The weaker model of autoguidance: ``stage1-chunkK`` is stage 1's first-phase EMA snapshot after K chunks
+    (trained for less time, as Karras et al. 2024, arXiv 2406.02507, Sec. 3, guide with); None is the teacher (v1)."""
     from perceptual_diffusion.experiments.teacher import phase_dir
     from perceptual_diffusion.training.rundir import snapshot_path
 
     if guide is None:
         return teacher
-    steps = int(guide.removeprefix("stage1-step"))
+    steps = int(guide.removeprefix("stage1-chunk")) * ctx.budget.stage1.chunk_steps
     return snapshot_path(phase_dir(ctx.root(seed), 0, len(ctx.budget.stage1.lrs)), steps)
