@@ -70,12 +70,11 @@ def mse_loss(
     return mse_from_prediction(schedule, model(x_t, t, cond), x0, t, eps)
 
 
-class MSELoss:
-    """The plain diffusion objective: uniform t, Gaussian eps, mean squared error on the prediction target."""
+class DrawsTimestepNoise:
+    """What every loss that draws only (t, eps) shares: its randomness (``MSELoss``, the external and the latent
+    perceptual losses), so that their batches draw exactly the same numbers."""
 
-    def __init__(self, config: LossConfig, schedule: NoiseSchedule) -> None:
-        self.config = config
-        self.schedule = schedule
+    schedule: NoiseSchedule
 
     def draw(
         self,
@@ -86,6 +85,14 @@ class MSELoss:
     ) -> dict[str, Tensor]:
         """The randomness of a batch of ``shape`` (t, eps), one row per sample: a batch can be drawn whole and split."""
         return draw_t_eps(shape, num_train_timesteps, generator, dtype)
+
+
+class MSELoss(DrawsTimestepNoise):
+    """The plain diffusion objective: uniform t, Gaussian eps, mean squared error on the prediction target."""
+
+    def __init__(self, config: LossConfig, schedule: NoiseSchedule) -> None:
+        self.config = config
+        self.schedule = schedule
 
     def __call__(
         self,
@@ -308,7 +315,7 @@ def external_perceptual_loss(
     )
 
 
-class ExternalPerceptualLoss:
+class ExternalPerceptualLoss(DrawsTimestepNoise):
     """The control for the paper's premise that the diffusion model is itself a good perceptual network (arXiv
     2401.00110, abstract and Sec. 3): t and eps drawn as for MSE, the distance measured by a separately trained
     frozen network, never the one that computes the headline metric.
@@ -323,16 +330,6 @@ class ExternalPerceptualLoss:
         self.config = config
         self.schedule = schedule
         self.net = net
-
-    def draw(
-        self,
-        shape: torch.Size,
-        num_train_timesteps: int,
-        generator: torch.Generator,
-        dtype: torch.dtype = torch.float32,
-    ) -> dict[str, Tensor]:
-        """The randomness of a batch of ``shape`` (t, eps), one row per sample, drawn exactly as ``MSELoss`` does."""
-        return draw_t_eps(shape, num_train_timesteps, generator, dtype)
 
     def __call__(
         self,

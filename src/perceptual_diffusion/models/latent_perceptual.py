@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpoint_block
 
-from perceptual_diffusion.core.losses import draw_t_eps, mse_from_prediction, normalise_channels
+from perceptual_diffusion.core.losses import DrawsTimestepNoise, mse_from_prediction, normalise_channels
 from perceptual_diffusion.core.networks import DiffusionModel
 from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.errors import UserError
@@ -249,7 +249,7 @@ def latent_perceptual_loss(
     return {"loss": mse + lpl_weight * lpl, "mse": mse.detach(), "lpl": lpl.detach()}
 
 
-class LatentPerceptualLoss:
+class LatentPerceptualLoss(DrawsTimestepNoise):
     """Draws t and eps as ``MSELoss`` does and applies :func:`latent_perceptual_loss` with the frozen VAE.
 
     The VAE is held here, as the teacher is by ``SelfPerceptualLoss``: never given to the optimiser, never wrapped
@@ -272,16 +272,6 @@ class LatentPerceptualLoss:
         self.schedule = schedule
         self.vae = vae
         self.checkpoint = checkpoint
-
-    def draw(
-        self,
-        shape: torch.Size,
-        num_train_timesteps: int,
-        generator: torch.Generator,
-        dtype: torch.dtype = torch.float32,
-    ) -> dict[str, Tensor]:
-        """The randomness of a batch of ``shape`` (t, eps), one row per sample, drawn exactly as ``MSELoss`` does."""
-        return draw_t_eps(shape, num_train_timesteps, generator, dtype)
 
     def __call__(
         self,
