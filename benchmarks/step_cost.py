@@ -45,26 +45,27 @@ import torch
 from torch import Tensor
 
 from perceptual_diffusion.config import LossConfig, ModelConfig, ScheduleConfig
-from perceptual_diffusion.core.losses import MSELoss, SelfPerceptualLoss, draw_timesteps, feature_distance
+from perceptual_diffusion.core.losses import MSELoss, SelfPerceptualLoss, feature_distance
 from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy, unwrap
+from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.data.datasets import shapes_valid_set
 
 METHODS = ("mse", "self-perceptual", "batched-teacher", "naive")
 Step = Callable[[Tensor, Tensor, torch.Generator], Tensor]
 
 
-def _draws(x0: Tensor, gen: torch.Generator, T: int) -> tuple[Tensor, Tensor, Tensor]:
+def _draws(x0: Tensor, gen: torch.Generator, schedule: NoiseSchedule) -> tuple[Tensor, Tensor, Tensor]:
     """t, eps, t' in the order SelfPerceptualLoss draws them."""
     n = x0.shape[0]
-    t = draw_timesteps(n, T, gen, x0.device)
+    t = schedule.train_time(n, gen)
     eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-    return t, eps, draw_timesteps(n, T, gen, x0.device)
+    return t, eps, schedule.draw_time(n, gen, "uniform")
 
 
 def batched_teacher_loss(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tensor, cond: Tensor, gen) -> Tensor:
     """Variant 2b: both teacher passes in one ``features`` call of 2N images, the real half detached."""
     schedule = unwrap(model).schedule
-    t, eps, t_prime = _draws(x0, gen, schedule.num_train_timesteps)
+    t, eps, t_prime = _draws(x0, gen, schedule)
     x_t = schedule.add_noise(x0, eps, t)
     x0_hat, eps_hat = schedule.to_x0_eps(model(x_t, t, cond), x_t, t)
     x_hat = schedule.add_noise(x0_hat, eps_hat, t_prime)
@@ -77,7 +78,7 @@ def batched_teacher_loss(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tenso
 def naive_loss(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tensor, cond: Tensor, gen) -> Tensor:
     """Variant 3: full teacher forwards with a mid-block hook, parameter gradients on, both branches in the graph."""
     schedule = unwrap(model).schedule
-    t, eps, t_prime = _draws(x0, gen, schedule.num_train_timesteps)
+    t, eps, t_prime = _draws(x0, gen, schedule)
     x_t = schedule.add_noise(x0, eps, t)
     x0_hat, eps_hat = schedule.to_x0_eps(model(x_t, t, cond), x_t, t)
     captured: list[Tensor] = []

@@ -23,7 +23,7 @@ from perceptual_diffusion.config import (
     TrainConfig,
 )
 from perceptual_diffusion.core.networks import DiffusionUNet
-from perceptual_diffusion.core.schedule import NoiseSchedule
+from perceptual_diffusion.core.schedule import NoiseSchedule, build_schedule
 
 # Unit tests do not need more; a fixed thread count keeps timings stable when two xdist workers share 2 cores.
 torch.set_num_threads(1)
@@ -40,7 +40,7 @@ def schedule_config() -> ScheduleConfig:
 
 @pytest.fixture(scope="session")
 def schedule(schedule_config: ScheduleConfig) -> NoiseSchedule:
-    return NoiseSchedule(schedule_config)
+    return build_schedule(schedule_config)
 
 
 @pytest.fixture(scope="session")

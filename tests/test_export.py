@@ -18,7 +18,7 @@ from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
 from perceptual_diffusion.core.networks import DiffusionUNet
 from perceptual_diffusion.core.sampling import sample
-from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
+from perceptual_diffusion.core.schedule import build_schedule, sampling_timesteps
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.models import loading
 from perceptual_diffusion.models.export import (
@@ -103,7 +103,7 @@ def test_scheduler_config_matches_the_training_setting(exported, setting: str) -
     assert c.clip_sample is config.sample.clip_x0 and c.clip_sample_range == 1.0
     assert c.set_alpha_to_one is True and c.steps_offset == 0 and c.thresholding is False
     # The same noise schedule, not only the same names (diffusers computes it in float32).
-    ours = NoiseSchedule(s).alphas_cumprod.float()
+    ours = build_schedule(s).alphas_cumprod.float()
     torch.testing.assert_close(scheduler.alphas_cumprod, ours, atol=2e-6, rtol=0)
     scheduler.set_timesteps(STEPS)
     assert scheduler.timesteps.tolist() == sampling_timesteps(s.num_train_timesteps, STEPS, config.sample.spacing)

@@ -25,7 +25,7 @@ from perceptual_diffusion.config import (
     ScheduleConfig,
 )
 from perceptual_diffusion.core.losses import MSELoss
-from perceptual_diffusion.core.schedule import NoiseSchedule
+from perceptual_diffusion.core.schedule import build_schedule
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.models import latent
 from perceptual_diffusion.models import latent_perceptual as lp
@@ -145,7 +145,7 @@ def reference_lpl(vae, x0_hat, x0, q: float, norm: str, weighting: str) -> tuple
 
 @pytest.mark.parametrize(("norm", "weighting"), [("position", "uniform"), ("channel", "power-law")])
 def test_objective_matches_the_papers_equations(vae: torch.nn.Module, norm: str, weighting: str) -> None:
-    schedule = NoiseSchedule(ScheduleConfig())
+    schedule = build_schedule(ScheduleConfig())
     x0 = spiky_latents(5, 32, seed=1)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0, 60, 150, 400, 999])  # SNR >= 3 for t <= 192 on the zero-SNR SD schedule
@@ -217,7 +217,7 @@ def test_layer_weights_are_uniform_or_the_released_power_law() -> None:
 
 
 def test_snr_gate_is_exact_at_the_threshold(vae: torch.nn.Module) -> None:
-    schedule = NoiseSchedule(ScheduleConfig())
+    schedule = build_schedule(ScheduleConfig())
     snr = lp.snr(schedule, torch.arange(schedule.num_train_timesteps))
     edge = int((snr >= 3.0).nonzero().max())
     tau = float(snr[edge])  # exactly SNR(edge): the gate is SNR >= tau, so t = edge is in and edge + 1 is out
@@ -304,8 +304,8 @@ def test_draws_like_mse_and_its_mse_term_is_mse(tiny_sd: Path, parts: latent.Fro
     x0 = spiky_latents(4, 8, seed=10)
     lpl = lp.LatentPerceptualLoss(LPLFields(), model.schedule, parts.vae)
     mse = MSELoss(LossConfig(), model.schedule)
-    drawn = lpl.draw(x0.shape, 1000, torch.Generator().manual_seed(3))
-    reference = mse.draw(x0.shape, 1000, torch.Generator().manual_seed(3))
+    drawn = lpl.draw(x0.shape, torch.Generator().manual_seed(3))
+    reference = mse.draw(x0.shape, torch.Generator().manual_seed(3))
     assert drawn.keys() == reference.keys() and all(torch.equal(drawn[k], reference[k]) for k in drawn)
     with torch.no_grad():
         implicit = lpl(model, x0, None, torch.Generator().manual_seed(3))
@@ -318,7 +318,7 @@ def test_draws_like_mse_and_its_mse_term_is_mse(tiny_sd: Path, parts: latent.Fro
 
 
 def test_refuses_an_unfrozen_vae_and_taps_it_does_not_have(parts: latent.FrozenParts) -> None:
-    schedule = NoiseSchedule(ScheduleConfig())
+    schedule = build_schedule(ScheduleConfig())
     trainable = copy.deepcopy(parts.vae).requires_grad_(True)
     with pytest.raises(ValueError, match="frozen"):
         lp.LatentPerceptualLoss(LPLFields(), schedule, trainable)

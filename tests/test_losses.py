@@ -328,9 +328,9 @@ def test_t_prime_max_draws_t_prime_from_the_lower_noise_levels_only(teacher) -> 
     low = SelfPerceptualLoss(LossConfig(kind="self-perceptual", teacher="x", t_prime_max=0.25), teacher)
     full = SelfPerceptualLoss(LossConfig(kind="self-perceptual", teacher="x"), teacher)
     shape = torch.Size([4000, 3, 8, 8])
-    drawn = low.draw(shape, T, torch.Generator().manual_seed(0))
+    drawn = low.draw(shape, torch.Generator().manual_seed(0))
     assert int(drawn["t_prime"].max()) < 250 and int(drawn["t_prime"].min()) == 0
-    assert int(full.draw(shape, T, torch.Generator().manual_seed(0))["t_prime"].max()) > 900
-    assert torch.equal(drawn["t"], full.draw(shape, T, torch.Generator().manual_seed(0))["t"]), "t is untouched"
+    assert int(full.draw(shape, torch.Generator().manual_seed(0))["t_prime"].max()) > 900
+    assert torch.equal(drawn["t"], full.draw(shape, torch.Generator().manual_seed(0))["t"]), "t is untouched"
     with pytest.raises(UserError, match="--t-prime-max"):
         LossConfig(kind="self-perceptual", teacher="x", t_prime_max=0.0)

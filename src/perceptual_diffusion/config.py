@@ -26,10 +26,18 @@ LPLLayerWeights = Literal["uniform", "power-law"]
 # block1 28x28 x w, block2 14x14 x 2w, block3 7x7 x 4w); features, the 128-d penultimate layer.
 PerceptualLayer = Literal["block1", "block2", "block3", "features"]
 FeatureLayer = Literal["mid", "down0", "down1", "down2", "down3", "all"]
-TPrime = Literal["uniform", "same-as-t"]
+# t' of the self-perceptual loss: "uniform" is the paper's (Algorithm 1, line 6); "logit-normal" draws it as the
+# family's training-time logit-normal (ScheduleConfig.logit_mean / logit_std) does.
+TPrime = Literal["uniform", "same-as-t", "logit-normal"]
 Distance = Literal["mse", "l1"]
 PredictedNoise = Literal["predicted", "true"]
-GuidanceMethod = Literal["cfg", "apg"]  # core/guidance.py GUIDANCE: one class each
+GuidanceMethod = Literal["cfg", "apg", "cfg-zero-star"]  # core/guidance.py GUIDANCE: one class each
+FLOW_ONLY_GUIDANCE = ("cfg-zero-star",)  # methods defined on the flow path only (check_sampler)
+# The forward process (core/schedule.py FAMILIES: one class each): "ddpm" is the paper's discrete zero-terminal-SNR
+# DDPM (arXiv 2401.00110, Sec. 4); "flow" rectified flow as SD3 and diffusers define it (arXiv 2403.03206, Sec. 2).
+ScheduleFamily = Literal["ddpm", "flow"]
+# The training-time distribution of t (for flow, of s = t / T before the shift; arXiv 2403.03206, Sec. 3.1).
+TimeDistribution = Literal["uniform", "logit-normal"]
 
 
 def _check(cond: bool, message: str) -> None:
@@ -98,8 +106,15 @@ def _check_choice(obj: Any) -> None:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The discrete-time forward process and what the network predicts (arXiv 2401.00110, Sec. 4: zero terminal
-    SNR and v-prediction, after Lin et al. 2023)."""
+    """The forward process and what the network predicts.
+
+    ``family`` "ddpm" (default): the paper's discrete-time DDPM with zero terminal SNR and v-prediction (arXiv
+    2401.00110, Sec. 4, after Lin et al. 2023); ``beta_*`` and ``zero_terminal_snr`` are its parameters.
+    ``family`` "flow": rectified flow, x_s = (1 - s) x0 + s eps with the network predicting v = eps - x0 (arXiv
+    2403.03206, Sec. 2; diffusers' FlowMatchEulerDiscreteScheduler); the network sees t = s * num_train_timesteps, and
+    ``shift`` maps u to s = shift u / (1 + (shift - 1) u) in training and sampling alike. ``time_distribution`` (with
+    ``logit_mean`` / ``logit_std``) is the training-time distribution of u in both families (DDPM: t = floor(u T)).
+    """
 
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = "scaled_linear"
@@ -107,6 +122,11 @@ class ScheduleConfig:
     beta_end: float = 0.012
     zero_terminal_snr: bool = True
     prediction_type: PredictionType = "v"
+    family: ScheduleFamily = "ddpm"
+    shift: float = 1.0
+    time_distribution: TimeDistribution = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice(self)
@@ -116,6 +136,31 @@ class ScheduleConfig:
             not (self.zero_terminal_snr and self.prediction_type == "eps"),
             "eps-prediction cannot reach zero terminal SNR (x0 is undefined at alpha=0): use --prediction-type v",
         )
+        _check(self.shift > 0, f"--shift must be > 0 (1: no shift), got {self.shift}")
+        _check(self.logit_std > 0, f"--logit-std must be > 0, got {self.logit_std}")
+        if self.family == "flow":
+            ddpm_only = {
+                "--beta-schedule": self.beta_schedule != "scaled_linear",
+                "--beta-start": self.beta_start != 0.00085,
+                "--beta-end": self.beta_end != 0.012,
+                "--no-zero-snr": not self.zero_terminal_snr,
+            }
+            given = [flag for flag, differs in ddpm_only.items() if differs]
+            _check(not given, f"{', '.join(given)} are options of --schedule ddpm, not of --schedule flow")
+            _check(
+                self.prediction_type == "v",
+                f"--schedule flow predicts the velocity eps - x0 (--prediction-type v), not {self.prediction_type}",
+            )
+        else:
+            _check(self.shift == 1.0, f"--shift is an option of --schedule flow, not of --schedule {self.family}")
+
+    # How t is drawn in training and spaced in sampling: choices of a run, not of what the network's output means.
+    TRAINING_CHOICES: typing.ClassVar[tuple[str, ...]] = ("shift", "time_distribution", "logit_mean", "logit_std")
+
+    def process(self) -> dict[str, Any]:
+        """The fields that fix what (x_t, t) and the network's output mean: two models whose ``process`` agree can
+        be teacher, guide or starting point of each other (the training-time draw of t may differ)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.TRAINING_CHOICES}
 
 
 @dataclass(frozen=True)
@@ -378,6 +423,7 @@ class SampleConfig:
     apg_eta: float = 0.0
     apg_momentum: float = -0.5
     apg_norm_threshold: float = APG_NORM_THRESHOLD
+    zero_init_steps: int = 1  # CFG-Zero*: sampler steps whose velocity is zeroed (arXiv 2503.18886, Sec. 4.2)
 
     def __post_init__(self) -> None:
         _check_choice(self)
@@ -400,6 +446,10 @@ class SampleConfig:
         beta, r = self.apg_momentum, self.apg_norm_threshold
         _check(-1 < beta < 1, f"--apg-momentum must be in (-1, 1) (the paper's is negative; 0: off), got {beta}")
         _check(r >= 0, f"--apg-threshold must be >= 0 (an RMS per element; 0: no clipping), got {r}")
+        _check(
+            0 <= self.zero_init_steps <= self.steps,
+            f"--zero-init-steps must be in [0, steps] ({self.steps}), got {self.zero_init_steps}",
+        )
 
 
 class _Sections:
@@ -427,11 +477,38 @@ class _Sections:
         return cls(**parts)
 
 
-def _check_sample_steps(sample: SampleConfig, schedule: ScheduleConfig) -> None:
+def default_sampler(schedule: ScheduleConfig, **fields: Any) -> SampleConfig:
+    """A SampleConfig with the defaults of ``schedule``'s family (flow: no x0 clipping) under ``fields``."""
+    if schedule.family == "flow":
+        fields.setdefault("clip_x0", False)
+    return SampleConfig(**fields)
+
+
+def check_sampler(sample: SampleConfig, schedule: ScheduleConfig) -> None:
+    """What a sampler setting needs of the schedule it samples (every run config checks it, and so does sampling
+    a run with overrides)."""
     _check(
         sample.steps <= schedule.num_train_timesteps,
         f"sampling steps ({sample.steps}) cannot exceed training timesteps ({schedule.num_train_timesteps})",
     )
+    _check(
+        sample.guidance not in FLOW_ONLY_GUIDANCE or schedule.family == "flow",
+        f"--guidance {sample.guidance} is made for flow models (its zero-init is a zero velocity): use it with "
+        "--schedule flow, or --guidance cfg / apg here",
+    )
+    if schedule.family == "flow":
+        # Euler on the flow ODE is DDIM written in (alpha, sigma) with eta 0 (core/sampling.py); diffusers'
+        # FlowMatchEulerDiscreteScheduler, whose loop an export runs, has neither x0 clipping nor DDIM's eta
+        # noise nor a choice of spacing, so none is defined here either.
+        _check(
+            sample.eta == 0, f"--eta is DDIM's noise and is not defined for --schedule flow: use 0, got {sample.eta}"
+        )
+        _check(not sample.clip_x0, "x0 clipping is not defined for --schedule flow (Euler has none): use --no-clip-x0")
+        _check(
+            sample.spacing == "trailing",
+            f"--spacing {sample.spacing}: --schedule flow samples diffusers' FlowMatchEuler time grid (from pure "
+            "noise, like trailing); leave --spacing out",
+        )
 
 
 @dataclass(frozen=True)
@@ -454,7 +531,7 @@ class RunConfig(_Sections):
             self.model.image_size == self.data.image_size,
             f"model image size {self.model.image_size} differs from data image size {self.data.image_size}",
         )
-        _check_sample_steps(self.sample, self.schedule)
+        check_sampler(self.sample, self.schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,4 +606,4 @@ class LatentRunConfig(_Sections):
             "--loss external-perceptual judges pixels with a classifier of the built-in data: use it with the pixel "
             "train command",
         )
-        _check_sample_steps(self.sample, self.schedule)
+        check_sampler(self.sample, self.schedule)

@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 
 from perceptual_diffusion.cli.options import add_data_options, data_config
-from perceptual_diffusion.config import PRESETS, ModelConfig, TrainConfig
+from perceptual_diffusion.config import PRESETS, ModelConfig, ScheduleConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budget, with_stage1
 
@@ -86,6 +86,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
             raise UserError("--teacher-from '' names no model; give a run directory or a weights file, or leave it out")
         check_teacher_from(args.teacher_from)
         budget = replace(budget, teacher=args.teacher_from)
+    budget = _with_schedule(budget, args)
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise UserError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -111,6 +112,49 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
         ModelConfig(preset=budget.preset, image_size=budget.data.image_size)
     TrainConfig(batch_size=budget.batch_size, warmup_images=0)
     return budget
+
+
+def _with_schedule(budget: Budget, args: argparse.Namespace) -> Budget:
+    """The budget's schedule with --schedule and its family's options over it (an option of the other family and
+    an impossible value are one error line, from ``ScheduleConfig``)."""
+    family = getattr(args, "schedule_family", None) or budget.schedule.family
+    given = {
+        k: v
+        for k, v in (
+            ("shift", getattr(args, "shift", None)),
+            ("time_distribution", getattr(args, "time_distribution", None)),
+            ("logit_mean", getattr(args, "logit_mean", None)),
+            ("logit_std", getattr(args, "logit_std", None)),
+        )
+        if v is not None
+    }
+    if family != "flow" and "shift" in given:
+        raise UserError(f"--shift: not an option of --schedule {family}")
+    if family == budget.schedule.family and not given:
+        return budget
+    base = budget.schedule if family == budget.schedule.family else ScheduleConfig(family=family)
+    return replace(budget, schedule=replace(base, **given))
+
+
+def add_schedule_override_options(p: argparse.ArgumentParser) -> None:
+    """--schedule and the flow family's options over a budget's schedule (compare, ablate)."""
+    g = p.add_argument_group("schedule family (default: the budget's)")
+    g.add_argument(
+        "--schedule",
+        dest="schedule_family",
+        choices=["ddpm", "flow"],
+        default=None,
+        help="ddpm: the paper's zero-terminal-SNR DDPM; flow: rectified flow as in SD3 (default: the budget's)",
+    )
+    g.add_argument("--shift", type=float, default=None, help="flow: time shift (default 1)")
+    g.add_argument(
+        "--time-distribution",
+        choices=["uniform", "logit-normal"],
+        default=None,
+        help="training-time distribution of t (default: the budget's)",
+    )
+    g.add_argument("--logit-mean", type=float, default=None, help="logit-normal mean (default 0)")
+    g.add_argument("--logit-std", type=float, default=None, help="logit-normal std, > 0 (default 1)")
 
 
 def add_budget_options(p: argparse.ArgumentParser) -> None:
@@ -158,5 +202,6 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
         "(default: the budget's setting)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_schedule_override_options(p)
     add_data_options(p)
     p.set_defaults(data=None)

@@ -58,7 +58,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, config, _ = load_model(args.model, device, kind="pixel")
     check_finite_model(model, args.model)
-    cfg = run_sample_config(args, config.sample, max_steps=config.schedule.num_train_timesteps)
+    cfg = run_sample_config(
+        args, config.sample, max_steps=config.schedule.num_train_timesteps, schedule=config.schedule
+    )
     guide = _guide_option(args, model, device)
     mc = model.model_config
     check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
@@ -68,7 +70,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError("unconditional sampling (--label none) cannot use CFG; set --cfg-scale 1 (or give --guide)")
     images = sample(model, seeds, labels, cfg, args.batch_size, device, guide=guide, progress=True)
     check_finite_samples(images, args.model)
-    sampler = describe_sampler(cfg, guide=args.guide)
+    sampler = describe_sampler(cfg, guide=args.guide, flow=config.schedule.family == "flow")
     by_class = labels is not None and args.label == "rows" and args.nrow is None
     wrote = []  # printed once every file is written: a closed stdout must not cost the files after it
     try:
@@ -205,7 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     # The model's own sampling settings unless options override them: its reports used those, so the same model gets
     # the same numbers here.
     timesteps = config.schedule.num_train_timesteps
-    configs = [run_sample_config(args, config.sample, scale, timesteps) for scale in args.cfg_scale]
+    configs = [run_sample_config(args, config.sample, scale, timesteps, config.schedule) for scale in args.cfg_scale]
     guide = _guide_option(args, model, device)
     seeds = range(args.seed, args.seed + args.n)
     rows = []
@@ -230,7 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if launched_rank() != 0:
         return  # rank 0 prints and writes the numbers, which every rank holds
     source = "with the options given" if sampling_options_given(args) else "the model's own settings"
-    described = describe_sampler(configs[0], guidance=False, guide=args.guide)
+    described = describe_sampler(configs[0], guidance=False, guide=args.guide, flow=config.schedule.family == "flow")
     sampler = f"sampler: {described} ({source}); {configs[0].guidance.upper()} scale per row"
     try:  # the file first: a reader that stops early (| head -n1) must not cost the evaluation
         atomic_write_text(out, json.dumps(rows, indent=2) + "\n")

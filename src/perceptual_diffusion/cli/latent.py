@@ -48,13 +48,14 @@ def latent_run_config(args: argparse.Namespace):
     """The LatentRunConfig of parsed ``latent train`` options."""
     from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig
 
+    schedule = schedule_config(args)
     return LatentRunConfig(
-        schedule=schedule_config(args),
+        schedule=schedule,
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
         data=_data_config(args),
         loss=loss_config(args),
         train=train_config(args),
-        sample=sample_config(args),
+        sample=sample_config(args, schedule=schedule),
     )
 
 
@@ -130,7 +131,9 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
     parts = model.parts
     check_finite_model(model, args.model)
     check_fits_in_memory(count, 3, config.model.resolution, grid=True, what="-n x prompts")
-    cfg = run_sample_config(args, config.sample, max_steps=config.schedule.num_train_timesteps)
+    cfg = run_sample_config(
+        args, config.sample, max_steps=config.schedule.num_train_timesteps, schedule=config.schedule
+    )
     prompts = [p for p in args.prompt for _ in range(args.n)]  # prompt i fills row i
     seeds = range(args.seed, args.seed + count)
     images = sample_latent(model, parts, prompts, seeds, cfg, batch_size=args.batch_size)
@@ -141,7 +144,7 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
         raise UserError(f"cannot write the samples ({exc.strerror or exc}: {exc.filename})") from None
     print(
         f"wrote {args.out} ({len(args.prompt)} prompt(s) x {args.n} seed(s), one row per prompt; "
-        f"{describe_sampler(cfg)})"
+        f"{describe_sampler(cfg, flow=config.schedule.family == 'flow')})"
     )
 
 

@@ -21,6 +21,7 @@ from perceptual_diffusion.config import (
     ScheduleConfig,
     TrainConfig,
 )
+from perceptual_diffusion.errors import UserError
 
 
 def choices(config: type, field: str) -> list[str]:
@@ -106,25 +107,51 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_schedule_options(g: argparse._ActionsContainer) -> None:
-    """Network target and noise schedule (they build the ScheduleConfig), into a parser or an argument group."""
+    """Network target and noise schedule (they build the ScheduleConfig), into a parser or an argument group. Each
+    family's own options default to None, so that one given under the other family is refused by name."""
+    g.add_argument(
+        "--schedule",
+        dest="schedule_family",
+        choices=choices(ScheduleConfig, "family"),
+        default="ddpm",
+        help="the forward process: ddpm, the paper's zero-terminal-SNR DDPM (default), or flow, rectified flow as in "
+        "SD3 (x_s = (1 - s) x0 + s eps, velocity eps - x0, Euler sampling on diffusers' FlowMatchEuler grid)",
+    )
     g.add_argument(
         "--prediction-type",
         choices=choices(ScheduleConfig, "prediction_type"),
         default="v",
-        help="network target (default v)",
+        help="network target (default v: the family's velocity)",
     )
     g.add_argument(
         "--beta-schedule",
         choices=choices(ScheduleConfig, "beta_schedule"),
-        default="scaled_linear",
-        help="beta schedule (default scaled_linear 0.00085-0.012, Stable Diffusion's)",
+        default=None,
+        help="ddpm: beta schedule (default scaled_linear 0.00085-0.012, Stable Diffusion's)",
     )
     g.add_argument(
         "--no-zero-snr",
         dest="zero_snr",
-        action="store_false",
-        help="do not rescale the schedule to zero terminal SNR (the paper does)",
+        action="store_const",
+        const=False,
+        default=None,
+        help="ddpm: do not rescale the schedule to zero terminal SNR (the paper does)",
     )
+    g.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="flow: time shift s = shift u / (1 + (shift - 1) u) in training and sampling (default 1: none; SD3 uses 3 "
+        "at 1024 px)",
+    )
+    g.add_argument(
+        "--time-distribution",
+        choices=choices(ScheduleConfig, "time_distribution"),
+        default=None,
+        help="training-time distribution of t: uniform (default) or logit-normal (SD3's; --logit-mean, --logit-std)",
+    )
+    g.add_argument("--logit-mean", type=float, default=None, help="logit-normal mean (default 0)")
+    g.add_argument("--logit-std", type=float, default=None, help="logit-normal std, > 0 (default 1)")
 
 
 def add_training_options(p: argparse.ArgumentParser, latent: bool = False) -> None:
@@ -326,8 +353,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
     data = data_config(args)
     channels, num_classes = data_shape(data)
+    schedule = schedule_config(args)
     return RunConfig(
-        schedule=schedule_config(args),
+        schedule=schedule,
         model=ModelConfig(
             preset=args.preset,
             image_size=data.image_size,
@@ -337,15 +365,35 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         data=data,
         loss=loss_config(args, unconditional=args.unconditional),
         train=train_config(args),
-        sample=sample_config(args),
+        sample=sample_config(args, schedule=schedule),
     )
+
+
+# The options of one schedule family only: (option, dest, family).
+_FAMILY_OPTIONS = (
+    ("--beta-schedule", "beta_schedule", "ddpm"),
+    ("--no-zero-snr", "zero_snr", "ddpm"),
+    ("--shift", "shift", "flow"),
+)
 
 
 def schedule_config(args: argparse.Namespace) -> ScheduleConfig:
-    """The ScheduleConfig of parsed :func:`add_schedule_options`."""
-    return ScheduleConfig(
-        beta_schedule=args.beta_schedule, zero_terminal_snr=args.zero_snr, prediction_type=args.prediction_type
-    )
+    """The ScheduleConfig of parsed :func:`add_schedule_options`; an option of the other family is one error."""
+    family = getattr(args, "schedule_family", "ddpm")
+    wrong = [flag for flag, dest, owner in _FAMILY_OPTIONS if owner != family and getattr(args, dest, None) is not None]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: not an option of --schedule {family}")
+    fields = {
+        "family": family,
+        "prediction_type": args.prediction_type,
+        "beta_schedule": getattr(args, "beta_schedule", None),
+        "zero_terminal_snr": getattr(args, "zero_snr", None),
+        "shift": getattr(args, "shift", None),
+        "time_distribution": getattr(args, "time_distribution", None),
+        "logit_mean": getattr(args, "logit_mean", None),
+        "logit_std": getattr(args, "logit_std", None),
+    }
+    return ScheduleConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
 def loss_config(args: argparse.Namespace, unconditional: bool = False) -> LossConfig:
@@ -376,13 +424,17 @@ def add_report_to_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def sample_config(args: argparse.Namespace, cfg_scale: float | None = None) -> SampleConfig:
-    """The SampleConfig of parsed sampling options (``cfg_scale`` overrides the option, for several scales)."""
+def sample_config(
+    args: argparse.Namespace, cfg_scale: float | None = None, schedule: ScheduleConfig | None = None
+) -> SampleConfig:
+    """The SampleConfig of parsed sampling options (``cfg_scale`` overrides the option, for several scales). Under
+    a flow ``schedule`` x0 is never clipped (Euler has no clipping), so --no-clip-x0's default is off there."""
+    flow = schedule is not None and schedule.family == "flow"
     return SampleConfig(
         steps=args.sample_steps,
         spacing=args.spacing,
         eta=args.eta,
         cfg_scale=args.cfg_scale if cfg_scale is None else cfg_scale,
         guidance_rescale=args.guidance_rescale,
-        clip_x0=args.clip_x0,
+        clip_x0=args.clip_x0 and not flow,
     )

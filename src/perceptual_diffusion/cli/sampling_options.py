@@ -10,7 +10,7 @@ import dataclasses
 import re
 
 from perceptual_diffusion.cli.options import choices
-from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.config import SampleConfig, ScheduleConfig, check_sampler
 from perceptual_diffusion.errors import UserError
 
 # The most images one sampling or evaluation command draws. It bounds -n as --seed is bounded: far above any real
@@ -149,10 +149,15 @@ def use_run_sampling_defaults(p: argparse.ArgumentParser) -> None:
 
 
 def run_sample_config(
-    args: argparse.Namespace, run: SampleConfig, cfg_scale: float | None = None, max_steps: int | None = None
+    args: argparse.Namespace,
+    run: SampleConfig,
+    cfg_scale: float | None = None,
+    max_steps: int | None = None,
+    schedule: ScheduleConfig | None = None,
 ) -> SampleConfig:
     """The model's own sampling settings (``run``), with the options given on the command line over them;
-    ``max_steps`` (the model's training timesteps) bounds the DDIM steps."""
+    ``max_steps`` (the model's training timesteps) bounds the DDIM steps, and what the model's ``schedule`` cannot
+    sample (eta, clipping or another spacing under flow) is one error line before any work."""
     given = {field: getattr(args, dest) for dest, field in _RUN_SAMPLING if getattr(args, dest, None) is not None}
     if getattr(args, _INTERVAL, None) is not None:
         low, high = args.guidance_interval
@@ -161,14 +166,19 @@ def run_sample_config(
     config = dataclasses.replace(run, cfg_scale=scale, **given)
     if max_steps is not None and config.steps > max_steps:
         raise UserError(f"--steps {config.steps} exceeds the model's {max_steps} timesteps")
+    if schedule is not None:
+        check_sampler(config, schedule)
     return config
 
 
-def describe_sampler(cfg: SampleConfig, guidance: bool = True, guide: str | None = None) -> str:
+def describe_sampler(cfg: SampleConfig, guidance: bool = True, guide: str | None = None, flow: bool = False) -> str:
     """One phrase naming every sampler setting that changes the numbers, for a line beside samples or a table of
     metrics: ``guidance`` the scale too (False: the scale is given per row), and where guidance acts the method's
-    settings, its interval and the rescale; ``guide``: the autoguidance guide model."""
+    settings, its interval and the rescale; ``guide``: the autoguidance guide model; ``flow``: a flow model's
+    sampler (Euler on diffusers' grid)."""
     text = f"DDIM {cfg.steps} steps, {cfg.spacing} spacing, eta {cfg.eta:g}, clip x0 {'on' if cfg.clip_x0 else 'off'}"
+    if not cfg.clip_x0 and cfg.eta == 0 and flow:
+        text = f"Euler {cfg.steps} steps (FlowMatchEuler grid)"
     name = cfg.guidance.upper()
     if guidance:
         text += f", {name} scale {cfg.cfg_scale:g}"
@@ -176,6 +186,8 @@ def describe_sampler(cfg: SampleConfig, guidance: bool = True, guide: str | None
         text += f", {name}"
     if guidance and cfg.cfg_scale == 1:
         return text  # no guidance: nothing else changes the numbers
+    if cfg.guidance == "cfg-zero-star":
+        text += f" (zero-init {cfg.zero_init_steps} steps)"
     if cfg.guidance == "apg":
         text += f" (eta {cfg.apg_eta:g}, momentum {cfg.apg_momentum:g}, threshold {cfg.apg_norm_threshold:.4g} RMS)"
     if guide is not None:

@@ -13,7 +13,6 @@ A method only says how the conditional and the guide prediction combine (:meth:`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 
@@ -51,7 +50,7 @@ def rescale_guidance(guided: Tensor, cond_pred: Tensor, phi: float) -> Tensor:
 def check_guide(model: DiffusionModel, guide: DiffusionModel) -> None:
     """Refuse an autoguidance guide whose predictions do not mean what the model's mean (another noise schedule or
     prediction type): the two are combined at the same x_t and t."""
-    if guide.schedule.config != model.schedule.config:
+    if guide.schedule.config.process() != model.schedule.config.process():
         raise UserError(
             "the guide model was trained with another noise schedule or prediction type than the model: "
             "autoguidance needs a weaker model of the same task and schedule"
@@ -154,8 +153,6 @@ class AdaptiveProjectedGuidance(Guidance):
     def __init__(self, model: DiffusionModel, config: SampleConfig, guide: DiffusionModel | None = None) -> None:
         super().__init__(model, config, guide)
         self.running: Tensor | None = None  # the momentum's running average of diff, fresh for each batch
-        # The same schedule read as an x0 predictor: its to_x0_eps gives the eps_hat that goes with an x0_hat at x_t.
-        self.as_x0 = NoiseSchedule(dataclasses.replace(model.schedule.config, prediction_type="x0"))
 
     def combine(self, cond_pred: Tensor, guide_pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The APG prediction; the update is computed on x0_hat and returned in the model's prediction type."""
@@ -169,14 +166,39 @@ class AdaptiveProjectedGuidance(Guidance):
         diff = clip_rms(self.running, self.config.apg_norm_threshold)
         parallel, orthogonal = project(diff, d_cond)
         x0_hat = d_cond + (self.scale - 1) * (orthogonal + self.config.apg_eta * parallel)
-        _, eps_hat = self.as_x0.to_x0_eps(x0_hat, x_t, t)
-        return schedule.from_x0_eps(x0_hat, eps_hat, t)
+        return schedule.from_x0_eps(x0_hat, schedule.eps_from_x0(x0_hat, x_t, t), t)
+
+
+class CFGZeroStar(Guidance):
+    """CFG-Zero* (Fan et al. 2025, arXiv 2503.18886), made for flow models: the unconditional velocity is scaled by
+    the per-sample least-squares s* = <v_cond, v_uncond> / ||v_uncond||^2 (their eq. 8, diffusers'
+    ``cfg_zero_star_scale``), pred = s* v_uncond + w (v_cond - s* v_uncond), and the first ``zero_init_steps``
+    sampler steps output v = 0 (their Sec. 4.2, "zero-init": on the flow path the sample stays where it is). Flow
+    schedules only (``config.check_sampler``). At w = 1 it is off, zero-init included: the unguided sampler."""
+
+    def __init__(self, model: DiffusionModel, config: SampleConfig, guide: DiffusionModel | None = None) -> None:
+        super().__init__(model, config, guide)
+        self.calls = 0  # sampler steps taken by this batch: the object serves one trajectory
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        step, self.calls = self.calls, self.calls + 1
+        if self.scale != 1.0 and step < self.config.zero_init_steps:
+            return torch.zeros_like(x_t)
+        return super().__call__(x_t, t, cond)
+
+    def combine(self, cond_pred: Tensor, guide_pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
+
+        scale = cfg_zero_star_scale(cond_pred.flatten(1), guide_pred.flatten(1))
+        uncond = guide_pred * scale.reshape((-1,) + (1,) * (cond_pred.ndim - 1))
+        return uncond + self.scale * (cond_pred - uncond)
 
 
 # The methods by name: adding one is a Guidance subclass, one line here and its name in config.GuidanceMethod.
 GUIDANCE: dict[str, type[Guidance]] = {
     "cfg": ClassifierFreeGuidance,
     "apg": AdaptiveProjectedGuidance,
+    "cfg-zero-star": CFGZeroStar,
 }
 assert GUIDANCE.keys() == set(typing.get_args(GuidanceMethod))
 

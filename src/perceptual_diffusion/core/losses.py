@@ -2,7 +2,7 @@
 
     loss(model, x0, cond, generator) -> {"loss": Tensor[N], ...}   (per-sample values)
 
-Each loss also has ``draw(shape, T, generator)``, the batch's randomness (t, eps, ...) with one row per sample, which
+Each loss also has ``draw(shape, generator)``, the batch's randomness (t, eps, ...) with one row per sample, which
 ``loss(..., noise=rows)`` accepts instead of drawing: the training loop draws a global batch once and splits it
 between processes and gradient-accumulation micro-batches.
 
@@ -31,16 +31,12 @@ from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.errors import UserError
 
 
-def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """t ~ U{0, ..., T-1} (the paper's U{1..T}, zero-indexed)."""
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
-
-
 def draw_t_eps(
-    shape: torch.Size, num_train_timesteps: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+    schedule: NoiseSchedule, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype = torch.float32
 ) -> dict[str, Tensor]:
-    """t ~ U{0..T-1} and eps ~ N(0, I) for a batch of ``shape``, in this order (resume and DDP rely on it)."""
-    t = draw_timesteps(shape[0], num_train_timesteps, generator, generator.device)
+    """The training-time t (``schedule.train_time``: DDPM's U{0..T-1} by default) and eps ~ N(0, I) for a batch of
+    ``shape``, in this order (resume and DDP rely on it)."""
+    t = schedule.train_time(shape[0], generator)
     return {"t": t, "eps": torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)}
 
 
@@ -77,14 +73,10 @@ class DrawsTimestepNoise:
     schedule: NoiseSchedule
 
     def draw(
-        self,
-        shape: torch.Size,
-        num_train_timesteps: int,
-        generator: torch.Generator,
-        dtype: torch.dtype = torch.float32,
+        self, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> dict[str, Tensor]:
         """The randomness of a batch of ``shape`` (t, eps), one row per sample: a batch can be drawn whole and split."""
-        return draw_t_eps(shape, num_train_timesteps, generator, dtype)
+        return draw_t_eps(self.schedule, shape, generator, dtype)
 
 
 class MSELoss(DrawsTimestepNoise):
@@ -103,7 +95,7 @@ class MSELoss(DrawsTimestepNoise):
         noise: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         if noise is None:
-            noise = self.draw(x0.shape, self.schedule.num_train_timesteps, generator, x0.dtype)
+            noise = self.draw(x0.shape, generator, x0.dtype)
         mse = mse_loss(model, self.schedule, x0, cond, noise["t"], noise["eps"].to(x0.dtype))
         return {"loss": mse, "mse": mse.detach()}
 
@@ -200,7 +192,7 @@ class SelfPerceptualLoss:
     part of the student's state dict or checkpoints.
     """
 
-    def __init__(self, config: LossConfig, teacher: DiffusionModel) -> None:
+    def __init__(self, config: LossConfig, teacher: DiffusionModel, schedule: NoiseSchedule | None = None) -> None:
         if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
             raise ValueError("the teacher must be frozen: call .eval().requires_grad_(False) (networks.frozen_copy)")
         if config.feature_layer not in teacher.taps and config.feature_layer != "all":
@@ -209,21 +201,23 @@ class SelfPerceptualLoss:
             )
         self.config = config
         self.teacher = teacher
+        # The run's schedule draws t (its training-time distribution may differ from the teacher's); the teacher's
+        # converts and re-noises, and both mean the same process (training.loop checks ScheduleConfig.process).
+        self.schedule = schedule or teacher.schedule
 
     def draw(
-        self,
-        shape: torch.Size,
-        num_train_timesteps: int,
-        generator: torch.Generator,
-        dtype: torch.dtype = torch.float32,
+        self, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> dict[str, Tensor]:
         """The randomness of a batch of ``shape`` (t, eps, t'), one row per sample: a batch can be drawn whole and
         split (for gradient accumulation and DDP) without changing what any sample sees."""
-        noise = draw_t_eps(shape, num_train_timesteps, generator, dtype)
+        schedule = self.schedule
+        noise = draw_t_eps(schedule, shape, generator, dtype)
         # t' must be drawn anew: with t' = t and predicted noise, x_hat_t' == x_t exactly and the loss vanishes.
-        same = self.config.t_prime == "same-as-t"
-        t_prime_steps = max(int(self.config.t_prime_max * num_train_timesteps), 1)
-        t_prime = noise["t"] if same else draw_timesteps(shape[0], t_prime_steps, generator, generator.device)
+        # Uniform over the lowest t_prime_max of the noise levels (the paper's U{1..T}, Algorithm 1, line 6; for
+        # flow s' ~ U(0, t_prime_max)), or logit-normal as the schedule draws it.
+        if self.config.t_prime == "same-as-t":
+            return {**noise, "t_prime": noise["t"]}
+        t_prime = schedule.draw_time(shape[0], generator, self.config.t_prime, self.config.t_prime_max)
         return {**noise, "t_prime": t_prime}
 
     def __call__(
@@ -234,9 +228,9 @@ class SelfPerceptualLoss:
         generator: torch.Generator,
         noise: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        schedule = self.teacher.schedule  # the online model's too: both come from the same network
+        schedule = self.schedule
         if noise is None:
-            noise = self.draw(x0.shape, schedule.num_train_timesteps, generator, x0.dtype)
+            noise = self.draw(x0.shape, generator, x0.dtype)
         t, eps, t_prime = noise["t"], noise["eps"].to(x0.dtype), noise["t_prime"]
         x_t = schedule.add_noise(x0, eps, t)
         pred = model(x_t, t, cond)
@@ -340,7 +334,7 @@ class ExternalPerceptualLoss(DrawsTimestepNoise):
         noise: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         if noise is None:
-            noise = self.draw(x0.shape, self.schedule.num_train_timesteps, generator, x0.dtype)
+            noise = self.draw(x0.shape, generator, x0.dtype)
         t, eps = noise["t"], noise["eps"].to(x0.dtype)
         x_t = self.schedule.add_noise(x0, eps, t)
         pred = model(x_t, t, cond)
@@ -381,4 +375,4 @@ def build_loss(
         return ExternalPerceptualLoss(config, schedule, perceptual_net)
     if teacher is None:
         raise ValueError("the self-perceptual loss needs a teacher network")
-    return SelfPerceptualLoss(config, teacher)
+    return SelfPerceptualLoss(config, teacher, schedule)

@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 from torch import Tensor, nn
 
 from perceptual_diffusion.config import PRESETS, ModelConfig, ScheduleConfig
-from perceptual_diffusion.core.schedule import NoiseSchedule
+from perceptual_diffusion.core.schedule import NoiseSchedule, build_schedule
 
 
 def build_unet(model: ModelConfig) -> UNet2DModel:
@@ -72,7 +72,7 @@ class DiffusionUNet(nn.Module):
         super().__init__()
         self.model_config = model_config
         self.schedule_config = schedule_config
-        self.schedule = NoiseSchedule(schedule_config)
+        self.schedule = build_schedule(schedule_config)
         self.unet = build_unet(model_config)
 
     @property

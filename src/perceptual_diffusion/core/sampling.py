@@ -1,4 +1,5 @@
-"""DDIM sampling (Song et al. 2021) with guidance (``core/guidance.py``: CFG, autoguidance, APG, the interval).
+"""DDIM sampling (Song et al. 2021), which on the flow path is Euler on the ODE, with guidance (``core/guidance.py``:
+CFG, autoguidance, APG, CFG-Zero*, the interval).
 
 Every sampler takes the same denoiser callable ``model(x_t, t, cond) -> prediction``. Every image gets its own seed:
 its initial noise (and, for eta > 0, its per-step noise) comes from a generator seeded with that seed alone, so an
@@ -12,10 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.config import SampleConfig, check_sampler
 from perceptual_diffusion.core.guidance import build_guidance
 from perceptual_diffusion.core.networks import DiffusionModel, DiffusionUNet
-from perceptual_diffusion.core.schedule import NoiseSchedule, sampling_timesteps
+from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.runtime import distributed
 from perceptual_diffusion.runtime.progress import progress as progress_iter
 
@@ -26,26 +27,30 @@ def ddim_step(
     schedule: NoiseSchedule,
     pred: Tensor,
     x_t: Tensor,
-    t: int,
-    t_prev: int,
+    t: float,
+    t_prev: float,
     eta: float = 0.0,
     noise: Tensor | None = None,
     clip_x0: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12); returns (x_prev, x0_hat).
+    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12) in (alpha, sigma); returns (x_prev, x0_hat).
 
-    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - s^2) eps_hat + s z,
-    s = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev); t_prev = -1 is the clean end (ab = 1).
+    x_prev = alpha_prev x0_hat + sqrt(sigma_prev^2 - s^2) eps_hat + s z,
+    s = eta (sigma_prev / sigma_t) sqrt(1 - alpha_t^2 / alpha_prev^2); ``t_prev`` = ``schedule.clean_time`` is the
+    clean end (alpha 1, sigma 0). No alpha^2 + sigma^2 = 1 is assumed: on the flow path (alpha = 1 - s, sigma = s)
+    the eta = 0 update is exactly Euler on the ODE, x + (s_prev - s) v_hat (tests/test_flow.py). eta > 0 and
+    clipping are the DDPM sampler's (``config.check_sampler`` refuses them for flow).
     """
     n = x_t.shape[0]
-    tt = torch.full((n,), t, dtype=torch.long, device=x_t.device)
+    tt = schedule.time_tensor(t, n, x_t.device)
     x0_hat, eps_hat = schedule.to_x0_eps(pred, x_t, tt)
     if clip_x0:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
-    ab_t = schedule.alphas_cumprod[t].item()
-    ab_prev = schedule.alpha_bar_prev(torch.tensor(t_prev)).item()
-    s = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5 if eta > 0 else 0.0
-    x_prev = ab_prev**0.5 * x0_hat + max(1 - ab_prev - s**2, 0.0) ** 0.5 * eps_hat
+    alpha_t, sigma_t = schedule.alpha_sigma_at(t)
+    alpha_prev, sigma_prev = schedule.alpha_sigma_at(t_prev)
+    s = eta * (sigma_prev / sigma_t) * (1 - (alpha_t / alpha_prev) ** 2) ** 0.5 if eta > 0 else 0.0
+    noise_coef = max(sigma_prev**2 - s**2, 0.0) ** 0.5 if s > 0 else sigma_prev
+    x_prev = alpha_prev * x0_hat + noise_coef * eps_hat
     if s > 0:
         if noise is None:
             raise ValueError("eta > 0 needs per-step noise")
@@ -73,14 +78,15 @@ def ddim_sample(
     clamp: bool = True,
 ) -> Tensor:
     """Sample one batch: one image per seed, shape (C, H, W) each; returns x0 on the CPU, clamped to [-1, 1] unless
-    ``clamp`` is False (latents are not bounded)."""
+    ``clamp`` is False (latents are not bounded). The time grid is the schedule's (DDPM: the spacing's timesteps;
+    flow: diffusers' FlowMatchEuler grid)."""
+    check_sampler(config, schedule.config)
     gens = _generators(seeds)
     x = _randn_each(gens, shape).to(device)
     cond = None if cond is None else cond.to(device)
-    timesteps = sampling_timesteps(schedule.num_train_timesteps, config.steps, config.spacing)
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+    times = schedule.sampling_times(config.steps, config.spacing)
+    for t, t_prev in zip(times[:-1], times[1:]):
+        tt = schedule.time_tensor(t, x.shape[0], device)
         pred = denoiser(x, tt, cond).float()
         noise = _randn_each(gens, shape).to(device) if config.eta > 0 else None
         x, _ = ddim_step(schedule, pred, x.float(), t, t_prev, config.eta, noise, config.clip_x0)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from perceptual_diffusion.config import LossConfig, SampleConfig
+from perceptual_diffusion.config import LossConfig, default_sampler
 from perceptual_diffusion.experiments.ablation_report import row_key, write_ablation_report
 from perceptual_diffusion.experiments.analysis import paired
 from perceptual_diffusion.experiments.budgets import Budget
@@ -147,7 +147,7 @@ def run_ablation(
                 f"{row_key(name)}-rep0",
                 seed,
                 lambda p=path: load_model(p, ctx.dev)[0],
-                SampleConfig(steps=budget.sample_steps),
+                default_sampler(budget.schedule, steps=budget.sample_steps),
                 list(range(n)),  # the headline rows' seeds: every variant paired on the same samples
             )
             per_seed[row_key(name)] = [res["metrics"]]

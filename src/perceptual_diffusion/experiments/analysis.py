@@ -96,7 +96,7 @@ def losses_on_fixed_batch(ctx: Any, seed: int, chosen: dict[str, float], models:
     idx = torch.randint(len(data), (n,), generator=g)
     x0 = data.images[idx].to(ctx.dev)
     labels = data.labels[idx].to(ctx.dev) if teacher.num_classes else None
-    noise = SelfPerceptualLoss(PAPER, teacher).draw(x0.shape, teacher.schedule.num_train_timesteps, g)
+    noise = SelfPerceptualLoss(PAPER, teacher).draw(x0.shape, g)
     t, eps, t_prime = (noise[k].to(ctx.dev) for k in ("t", "eps", "t_prime"))
     out = {}
     for name in [m for m in models if not m.startswith("uncond/")]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from perceptual_diffusion.config import PRESETS, DataConfig, LossConfig
+from perceptual_diffusion.config import PRESETS, DataConfig, LossConfig, ScheduleConfig
 from perceptual_diffusion.errors import UserError
 
 
@@ -51,7 +51,7 @@ class PlateauSchedule:
             raise UserError(f"a plateau schedule's noise_multiple must be > 0, got {self.noise_multiple}")
 
 
-GridMethod = Literal["cfg", "apg", "interval", "autoguidance"]
+GridMethod = Literal["cfg", "apg", "interval", "autoguidance", "cfg-zero-star"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ class Budget:
     inception: bool = False
     inception_samples: int = 0  # samples per row in Inception features (0: eval_samples; the first N seeds)
     domain_classifier: str | None = None  # the shipped classifier's version (None: the current one)
+    # The forward process of every model of the comparison (issue 18): the paper's zero-SNR DDPM, or rectified flow.
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
         # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from perceptual_diffusion.config import DataConfig, SampleConfig
+from perceptual_diffusion.config import DataConfig, default_sampler
 from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.data.grid import save_grid
 from perceptual_diffusion.errors import UserError
@@ -101,9 +101,16 @@ def evaluate_row(ctx: Context, seed: int, row: Row, chosen: dict[str, float], se
     """One row of one training seed on ``seeds`` (cached as ``name``, keyed by everything that changes it)."""
     path = model_dir(ctx, seed, row.model, chosen)
     guide = _guide_of(ctx, seed, row)
-    cfg = row.sample_config(ctx.budget.sample_steps)
+    cfg = row.sample_config(ctx.budget.sample_steps, ctx.budget.schedule)
+    sample_fields = asdict(cfg)
+    if cfg.guidance != "cfg-zero-star":  # changes nothing then (and folders from before the field keep their hash)
+        del sample_fields["zero_init_steps"]
     fingerprint = row.fingerprint(
-        sample=asdict(cfg), seeds=[seeds[0], len(seeds)], model=str(path), guide=str(guide), extractor=ctx.extractor.key
+        sample=sample_fields,
+        seeds=[seeds[0], len(seeds)],
+        model=str(path),
+        guide=str(guide),
+        extractor=ctx.extractor.key,
     )
     return ctx.evaluate(
         name,
@@ -342,15 +349,20 @@ def write_grids(ctx: Context, chosen: dict[str, float], device: torch.device, n_
         if labels is not None:
             settings.append((f"cfg{mid_scale:g}-phi{phi:g}", mid_scale, labels))
         for tag, scale, lab in settings:
-            cfg = SampleConfig(
-                steps=ctx.budget.sample_steps, cfg_scale=scale, guidance_rescale=phi if scale != 1 else 0
+            cfg = default_sampler(
+                ctx.budget.schedule,
+                steps=ctx.budget.sample_steps,
+                cfg_scale=scale,
+                guidance_rescale=phi if scale != 1 else 0,
             )
             images = sample(model, seeds, lab, cfg, device=device)
             paths.append(save_grid(images, ctx.out / "grids" / f"{name}-{tag}.png", nrow=n_per_class))
     if ctx.budget.unconditional:
         for name in ("stage1-mse", "mse-continued", "self-perceptual"):
             model = load_model(model_dir(ctx, 0, f"uncond/{name}", chosen), device)[0]
-            images = sample(model, seeds, None, SampleConfig(steps=ctx.budget.sample_steps), device=device)
+            images = sample(
+                model, seeds, None, default_sampler(ctx.budget.schedule, steps=ctx.budget.sample_steps), device=device
+            )
             paths.append(save_grid(images, ctx.out / "grids" / f"uncond-{name}.png", nrow=n_per_class))
     return paths
 

@@ -14,13 +14,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from perceptual_diffusion.config import SampleConfig
+from perceptual_diffusion.config import SampleConfig, ScheduleConfig, default_sampler
 
 # "none": the model alone; "null-label": a conditional model on its null label (an unconditional sampler for free);
 # "cfg": classifier-free guidance (Ho & Salimans 2022) with optional rescale (arXiv 2305.08891) and optional noise
 # interval (arXiv 2404.07724); "apg": adaptive projected guidance (arXiv 2410.02416); "autoguidance": a weaker
-# model of the same task as the guide (arXiv 2406.02507).
-GuidanceKind = Literal["none", "null-label", "cfg", "apg", "autoguidance"]
+# model of the same task as the guide (arXiv 2406.02507); "cfg-zero-star": CFG-Zero* for flow models (arXiv 2503.18886).
+GuidanceKind = Literal["none", "null-label", "cfg", "apg", "autoguidance", "cfg-zero-star"]
 PairRole = Literal["headline", "vs-teacher", "teacher-residual", "vs-guidance", "unconditional", "variant"]
 
 
@@ -71,7 +71,7 @@ class Row:
             return "no guidance"
         if self.guidance == "null-label":
             return "null label"
-        name = {"cfg": "CFG", "apg": "APG", "autoguidance": "autoguidance"}[self.guidance]
+        name = {"cfg": "CFG", "apg": "APG", "autoguidance": "autoguidance", "cfg-zero-star": "CFG-Zero*"}[self.guidance]
         text = f"{name} w={self.cfg_scale:g}"
         if self.guidance != "apg" or self.guidance_rescale:
             text += f" φ={self.guidance_rescale:g}"
@@ -89,10 +89,12 @@ class Row:
         """The row as the report names it: "self-perceptual, CFG w=3 φ=0.7"."""
         return f"{self.model}, {self.method_label}"
 
-    def sample_config(self, steps: int) -> SampleConfig:
-        """The sampler settings of this row (DDIM ``steps``; the guide model, if any, is loaded by the caller)."""
+    def sample_config(self, steps: int, schedule: ScheduleConfig | None = None) -> SampleConfig:
+        """The sampler settings of this row (``steps`` steps, the defaults of ``schedule``'s family; the guide model,
+        if any, is loaded by the caller)."""
+        schedule = schedule or ScheduleConfig()
         if self.guidance in ("none", "null-label"):
-            return SampleConfig(steps=steps)
+            return default_sampler(schedule, steps=steps)
         extra: dict[str, Any] = {}
         if self.interval:
             extra |= {"guidance_sigma_min": self.sigma_min, "guidance_sigma_max": self.sigma_max}
@@ -100,7 +102,11 @@ class Row:
             extra["guidance"] = "apg"
             if self.apg_threshold is not None:
                 extra["apg_norm_threshold"] = self.apg_threshold
-        return SampleConfig(steps=steps, cfg_scale=self.cfg_scale, guidance_rescale=self.guidance_rescale, **extra)
+        if self.guidance == "cfg-zero-star":
+            extra["guidance"] = "cfg-zero-star"
+        return default_sampler(
+            schedule, steps=steps, cfg_scale=self.cfg_scale, guidance_rescale=self.guidance_rescale, **extra
+        )
 
     def fingerprint(self, **settings: Any) -> str:
         """A hash of the row and every other setting that changes its numbers (an evaluation cache's identity)."""

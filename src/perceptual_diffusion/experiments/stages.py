@@ -16,9 +16,8 @@ from perceptual_diffusion.config import (
     LossConfig,
     ModelConfig,
     RunConfig,
-    SampleConfig,
-    ScheduleConfig,
     TrainConfig,
+    default_sampler,
 )
 from perceptual_diffusion.data.datasets import data_shape
 from perceptual_diffusion.errors import UserError
@@ -57,7 +56,7 @@ def stage1_config(
     """One stage-1 phase: constant lr after warm-up, a checkpoint and an EMA snapshot at every chunk."""
     chunk = budget.stage1.chunk_steps
     return RunConfig(
-        schedule=ScheduleConfig(),
+        schedule=budget.schedule,
         model=_model_config(budget, data, unconditional),
         data=data,
         loss=LossConfig(kind="mse", cond_dropout=0.0 if unconditional else LossConfig.cond_dropout),
@@ -75,7 +74,7 @@ def stage1_config(
             sample_every=chunk,
             snapshot_every=chunk,
         ),
-        sample=SampleConfig(steps=budget.sample_steps),
+        sample=default_sampler(budget.schedule, steps=budget.sample_steps),
     )
 
 
@@ -94,7 +93,7 @@ def stage2_config(
     if unconditional:
         loss = replace(loss, cond_dropout=0.0)
     return RunConfig(
-        schedule=ScheduleConfig(),
+        schedule=budget.schedule,
         model=_model_config(budget, data, unconditional),
         data=data,
         loss=loss,
@@ -111,7 +110,7 @@ def stage2_config(
             checkpoint_every=max(budget.finetune_steps // 2, 1),
             sample_every=budget.finetune_steps,
         ),
-        sample=SampleConfig(steps=budget.sample_steps),
+        sample=default_sampler(budget.schedule, steps=budget.sample_steps),
     )
 
 

@@ -7,6 +7,7 @@ Layout of ``--out``: ``seed{s}/stage1-phase{p}`` and ``seed{s}/stage1-mse`` (sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from perceptual_diffusion.config import DataConfig, SampleConfig
+from perceptual_diffusion.config import DataConfig, SampleConfig, ScheduleConfig, default_sampler
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.features import auto_extractor
 from perceptual_diffusion.evaluation.scoring import Criterion, criterion_for, evaluate_cached, load_per_sample
@@ -87,7 +88,11 @@ class Context:
 
         seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + self.budget.curve_samples))
         res = self.evaluate(
-            name, seed, lambda: load_model(weights, self.dev)[0], SampleConfig(steps=self.budget.sample_steps), seeds
+            name,
+            seed,
+            lambda: load_model(weights, self.dev)[0],
+            default_sampler(self.budget.schedule, steps=self.budget.sample_steps),
+            seeds,
         )
         per_sample = load_per_sample(self.cache(name, seed)) if self.criterion.key == "fid" else None
         reference = reference_stats(self.data, self.extractor, split=self.reference_split) if per_sample else None
@@ -160,6 +165,10 @@ def check_settings(out: Path, settings: dict[str, Any], fields: tuple[str, ...] 
         )
     )
     old, new = _flat(stored), _flat(current)
+    # Fields added since the folder was made hold their defaults there (a folder from before the schedule families
+    # ran the DDPM family): missing from the old settings, they compare as that default.
+    added = _flat({"budget": {"schedule": dataclasses.asdict(ScheduleConfig())}})
+    old = {**{k: v for k, v in added.items() if k in new}, **old}
     changed = [k for k in sorted(set(old) | set(new)) if keep(k) and old.get(k) != new.get(k)]
     if changed:
         listed = "; ".join(f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in changed[:8])

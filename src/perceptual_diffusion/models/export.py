@@ -1,12 +1,16 @@
-"""Export to and import from the diffusers format: a folder that ``DDIMPipeline.from_pretrained`` loads as is.
+"""Export to and import from the diffusers format: a folder that diffusers' pipeline loads as is.
 
 An exported folder holds:
-    model_index.json, unet/, scheduler/   a DDIMPipeline written by diffusers' own ``save_pretrained`` (safetensors)
+    model_index.json, unet/, scheduler/   a pipeline written by diffusers' own ``save_pretrained`` (safetensors):
+                                          DDPM family: DDIMPipeline + DDIMScheduler; flow family: DDPMPipeline +
+                                          FlowMatchEulerDiscreteScheduler (``SCHEDULERS``)
     unet_conditional/                     class-conditional models only: the U-Net with its class embedding
     perceptual_diffusion_config.json      our RunConfig and step, so that importing the folder is lossless
     README.md                             how to sample from it with diffusers
 
-``DDIMPipeline`` calls ``unet(x, t)`` without class labels, and a ``UNet2DModel`` with a class embedding refuses
+Why DDPMPipeline for flow: its loop is set_timesteps, then unet(x, t) and scheduler.step for each t, which is exactly
+Euler with the scheduler it is given; DDIMPipeline would convert any scheduler to DDIM on load. Both pipelines call
+``unet(x, t)`` without class labels, and a ``UNet2DModel`` with a class embedding refuses
 that call. So for a class-conditional model ``unet/`` holds the model with its null label folded in (see
 :func:`null_label_unet`): the pipeline then draws the same unconditional samples as ``sample --label none``, and
 ``unet_conditional/`` holds the model itself for class-conditional sampling and CFG with a short diffusers loop.
@@ -26,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from perceptual_diffusion.config import PRESETS, DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
 from perceptual_diffusion.core.networks import DiffusionUNet, build_unet
+from perceptual_diffusion.core.schedule import FlowSchedule
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import ownership
@@ -109,6 +114,62 @@ def schedule_from_scheduler(config: dict[str, Any], source: str) -> tuple[Schedu
     return schedule, sample
 
 
+# FlowMatchEulerDiscreteScheduler settings our flow sampler has no counterpart for, with the only values it matches.
+_FIXED_FLOW_FIELDS = {
+    "use_dynamic_shifting": False,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "stochastic_sampling": False,
+}
+
+
+def flow_schedule_from_scheduler(config: dict[str, Any], source: str) -> tuple[ScheduleConfig, SampleConfig]:
+    """The flow ScheduleConfig of a FlowMatchEulerDiscreteScheduler config; settings with no counterpart are errors
+    (unlike DDIM's sampling-only ones, they change the time grid the model was exported for)."""
+    defaults = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    cfg = {k: p.default for k, p in defaults.items() if p.default is not inspect.Parameter.empty} | config
+    other = {k: cfg[k] for k, v in _FIXED_FLOW_FIELDS.items() if cfg.get(k) != v}
+    if other:
+        raise UserError(
+            f"{source}: FlowMatchEulerDiscreteScheduler settings {other} have no counterpart in perceptual-diffusion "
+            "(its flow sampler is Euler on the default time grid with a fixed shift)"
+        )
+    try:
+        schedule = ScheduleConfig(
+            family="flow", num_train_timesteps=cfg["num_train_timesteps"], shift=float(cfg["shift"])
+        )
+        sample = SampleConfig(steps=min(SampleConfig.steps, schedule.num_train_timesteps), clip_x0=False)
+    except UserError as exc:
+        raise UserError(f"{source} has a scheduler perceptual-diffusion cannot use: {exc}") from None
+    return schedule, sample
+
+
+def read_scheduler(config: dict[str, Any], source: str) -> tuple[ScheduleConfig, SampleConfig]:
+    """(schedule, sampler) of any diffusers scheduler config: the family is the scheduler's class."""
+    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        return flow_schedule_from_scheduler(config, source)
+    return schedule_from_scheduler(config, source)
+
+
+def _ddim(schedule: ScheduleConfig, sample: SampleConfig) -> DDIMScheduler:
+    return DDIMScheduler(**scheduler_config(schedule, sample))
+
+
+def _flow(schedule: ScheduleConfig, sample: SampleConfig) -> FlowMatchEulerDiscreteScheduler:
+    return FlowSchedule(schedule).diffusers_scheduler()
+
+
+# Per schedule family: the diffusers pipeline an export declares and the scheduler whose step loop samples as
+# core.sampling does. A new family adds one line here (and its class in core/schedule.py).
+SCHEDULERS: dict[str, tuple[type, Callable[[ScheduleConfig, SampleConfig], Any]]] = {
+    "ddpm": (DDIMPipeline, _ddim),
+    "flow": (DDPMPipeline, _flow),
+}
+
+
 def null_label_unet(model: DiffusionUNet) -> UNet2DModel:
     """The class-conditional U-Net with its null label folded in: an unconditional UNet2DModel, the same function.
 
@@ -136,7 +197,9 @@ def _unet_copy(model: DiffusionUNet) -> UNet2DModel:
 _README = """# {name}: a perceptual-diffusion model in diffusers format
 
 Exported from `{source}` (step {step}). Full training configuration: `{config_file}`.
+{usage}{conditional}"""
 
+_DDIM_USAGE = """
 ```python
 import torch
 from diffusers import DDIMPipeline
@@ -151,7 +214,22 @@ images = pipe(batch_size=4, num_inference_steps={steps}, eta=0.0, output_type="n
 `perceptual-diffusion sample --seed S --cfg-scale 1` for the same seeds (to float rounding) when the spacing is
 trailing or leading and `num_inference_steps` divides {T}: otherwise diffusers' DDIMScheduler steps from t to
 t - {T} // steps instead of to the next timestep of its own list.
-{conditional}"""
+"""
+
+_FLOW_USAGE = """
+```python
+import torch
+from diffusers import DDPMPipeline
+
+pipe = DDPMPipeline.from_pretrained("{name}")  # DDPMPipeline's loop runs the FlowMatchEuler scheduler it holds
+images = pipe(batch_size=4, num_inference_steps={steps}, output_type="np").images
+```
+
+A rectified-flow model ({schedule}): `scheduler/` is a `FlowMatchEulerDiscreteScheduler`, and its step loop is
+perceptual-diffusion's Euler sampler. With per-image generators, `generator=[torch.Generator().manual_seed(s) for s in
+seeds]`, the pipeline gives the same images as `perceptual-diffusion sample --seed S --cfg-scale 1` for the same
+seeds (to float rounding). Do not load it as a `DDIMPipeline`: that converts the scheduler to DDIM.
+"""
 
 _CONDITIONAL_README = """
 ## Class labels
@@ -171,6 +249,7 @@ labels = torch.tensor([c] * n)
 null = torch.full_like(labels, {k})
 x = torch.stack([torch.randn(unet.config.in_channels, {size}, {size}, generator=torch.Generator().manual_seed(s))
                  for s in range(n)])
+# flow models: scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(...); the loop is the same
 scheduler.set_timesteps({steps})
 with torch.no_grad():
     for t in scheduler.timesteps:
@@ -210,7 +289,8 @@ def export_diffusers(
     sample_config: SampleConfig | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a trained model as a DDIMPipeline folder, atomically; ``sample_config`` defaults to the run's own."""
+    """Write a trained model as a diffusers pipeline folder (``SCHEDULERS``), atomically; ``sample_config``
+    defaults to the run's own."""
     out_dir = Path(out_dir)
     check_export_target(out_dir, force, [weights_or_run_dir])  # before any work: a refused target costs nothing
     source = ckpt.resolve_weights(weights_or_run_dir)
@@ -226,21 +306,31 @@ def export_diffusers(
     ckpt.load_state_dict_checked(model, state_dict, str(weights_or_run_dir))
     conditional = config.model.num_classes > 0
 
-    scheduler = DDIMScheduler(**scheduler_config(config.schedule, config.sample))
+    pipeline_class, make_scheduler = SCHEDULERS[config.schedule.family]
+    scheduler = make_scheduler(config.schedule, config.sample)
     unet = null_label_unet(model) if conditional else _unet_copy(model)
     record = {"format": ckpt.FORMAT, "step": step, "config": config.to_dict()}
     s, k = config.schedule, config.model.num_classes
+    if s.family == "flow":
+        usage = _FLOW_USAGE.format(
+            name=out_dir.name, steps=config.sample.steps, schedule=f"shift {s.shift}, velocity eps - x0"
+        )
+    else:
+        usage = _DDIM_USAGE.format(
+            name=out_dir.name,
+            steps=config.sample.steps,
+            schedule=f"{s.beta_schedule} {s.beta_start}-{s.beta_end}, zero terminal SNR {s.zero_terminal_snr}, "
+            f"{s.prediction_type}-prediction",
+            spacing=config.sample.spacing,
+            clip=config.sample.clip_x0,
+            T=s.num_train_timesteps,
+        )
     readme = _README.format(
         name=out_dir.name,
         source=weights_or_run_dir,
         step=step,
         config_file=CONFIG_FILE,
-        steps=config.sample.steps,
-        schedule=f"{s.beta_schedule} {s.beta_start}-{s.beta_end}, zero terminal SNR {s.zero_terminal_snr}, "
-        f"{s.prediction_type}-prediction",
-        spacing=config.sample.spacing,
-        clip=config.sample.clip_x0,
-        T=s.num_train_timesteps,
+        usage=usage,
         conditional=_CONDITIONAL_README.format(
             name=out_dir.name, k=k, size=config.model.image_size, steps=config.sample.steps
         )
@@ -249,7 +339,7 @@ def export_diffusers(
     )
 
     def write(tmp: Path) -> None:
-        DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        pipeline_class(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         if conditional:
             _unet_copy(model).save_pretrained(tmp / CONDITIONAL_UNET_DIR, safe_serialization=True)
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -448,7 +538,7 @@ def read_diffusers(folder: str | Path) -> tuple[dict[str, torch.Tensor], RunConf
         scheduler_file = folder / SCHEDULER_DIR / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise UserError(f"{folder} has no {SCHEDULER_DIR}/scheduler_config.json: its noise schedule is unknown")
-        schedule, sample = schedule_from_scheduler(_read_json(scheduler_file), str(folder))
+        schedule, sample = read_scheduler(_read_json(scheduler_file), str(folder))
         data = DataConfig(image_size=model.image_size)  # unknown; training from the folder gives its own data
         config = RunConfig(schedule=schedule, model=model, data=data, sample=sample)
         step = 0

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from perceptual_diffusion.config import LatentRunConfig, SampleConfig, ScheduleConfig
 from perceptual_diffusion.core.networks import encoder_features, encoder_taps
 from perceptual_diffusion.core.sampling import sample_stream
-from perceptual_diffusion.core.schedule import NoiseSchedule
+from perceptual_diffusion.core.schedule import build_schedule
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.runtime import checkpoint as ckpt
 
@@ -108,7 +108,7 @@ class TextConditionedUNet(nn.Module):
     def __init__(self, unet: nn.Module, schedule_config: ScheduleConfig, null_embedding: Tensor) -> None:
         super().__init__()
         self.schedule_config = schedule_config
-        self.schedule = NoiseSchedule(schedule_config)
+        self.schedule = build_schedule(schedule_config)
         self.unet = unet
         self.register_buffer("null_embedding", null_embedding.detach().clone(), persistent=False)
 
@@ -304,6 +304,13 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
     pretrained = ckpt.config_of(ckpt.resolve_weights(run), "latent")[0].model.pretrained
     check_export_target(out_dir, force, [run, pretrained], command="latent export")
     model, parts, config, step = load_latent_model(run)
+    if config.schedule.family != "ddpm":
+        # StableDiffusionPipeline samples with DDIM-style schedulers only; writing a DDIMScheduler for a flow model
+        # would give wrong images silently. The SD3 path (issue 19) is the flow models' latent pipeline.
+        raise UserError(
+            f"{run} is a {config.schedule.family} model: latent export writes a StableDiffusionPipeline, which has no "
+            "flow sampler; sample it with `latent sample` (flow latent export comes with the SD3 path)"
+        )
 
     def write(tmp: Path) -> None:
         scheduler = DDIMScheduler(**scheduler_config(config.schedule, config.sample))

@@ -202,9 +202,8 @@ def lpl_distance(
 
 
 def snr(schedule: NoiseSchedule, t: Tensor) -> Tensor:
-    """SNR(t) = alpha_t^2 / sigma_t^2 = alpha_bar_t / (1 - alpha_bar_t) (0 at zero terminal SNR), float64."""
-    alpha_bar = schedule.alphas_cumprod.to(t.device)[t.long()]
-    return alpha_bar / (1.0 - alpha_bar)
+    """SNR(t) = alpha_t^2 / sigma_t^2 (0 at zero terminal SNR), float64, in any schedule family."""
+    return schedule.snr(t.to("cpu")).to(t.device)
 
 
 def latent_perceptual_loss(
@@ -282,7 +281,7 @@ class LatentPerceptualLoss(DrawsTimestepNoise):
         noise: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         if noise is None:
-            noise = self.draw(x0.shape, self.schedule.num_train_timesteps, generator, x0.dtype)
+            noise = self.draw(x0.shape, generator, x0.dtype)
         cfg = self.config
         return latent_perceptual_loss(
             model,

@@ -94,9 +94,14 @@ def build_perceptual_net(config: RunConfig, device: torch.device) -> DomainClass
 
 def _check_same_network(other: RunConfig, config: RunConfig, source: str, advice: str) -> None:
     """Weights from ``source`` must come from the same network (preset, image size, channels, classes, schedule)."""
-    if (other.model, other.schedule) != (config.model, config.schedule):
-        mine = {"model": config.to_dict()["model"], "schedule": config.to_dict()["schedule"]}
-        theirs = {"model": other.to_dict()["model"], "schedule": other.to_dict()["schedule"]}
+    if other.schedule.family != config.schedule.family:
+        raise UserError(
+            f"{source} is a {other.schedule.family} model and this run trains a {config.schedule.family} model "
+            f"(--schedule {config.schedule.family}): its predictions mean something else; " + advice
+        )
+    if (other.model, other.schedule.process()) != (config.model, config.schedule.process()):
+        mine = {"model": config.to_dict()["model"], "schedule": config.schedule.process()}
+        theirs = {"model": other.to_dict()["model"], "schedule": other.schedule.process()}
         raise UserError(
             f"{source} was trained with another model or schedule ({'; '.join(config_diff(theirs, mine)[:3])}); "
             + advice

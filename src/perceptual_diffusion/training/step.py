@@ -145,7 +145,7 @@ def draw_global_batch(
         if tc.grad_accum > 1 or world_size() > 1:
             raise ValueError("a loss without draw() cannot be split over processes or --grad-accum micro-batches")
         return GlobalBatch(generator, idx, cond, None)
-    noise = loss_fn.draw((tc.batch_size, *source.x0_shape), config.schedule.num_train_timesteps, generator)
+    noise = loss_fn.draw((tc.batch_size, *source.x0_shape), generator)
     return GlobalBatch(generator, idx, cond, noise)
 
 
