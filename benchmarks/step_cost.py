@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py                # timings, saved-activation memory and peak-RSS memory
     python benchmarks/step_cost.py --profile      # plus a torch.profiler table of the self-perceptual step
+    python benchmarks/step_cost.py --schedule flow  # the rectified-flow family (issue 18)
 
 Setting: ``small`` preset, 16x16 shapes, batch 64, class-conditional, one full training step each (forward, backward,
 AdamW step). Four steps are compared:
@@ -11,6 +12,9 @@ AdamW step). Four steps are compared:
    parameters frozen).
 2b. ``batched-teacher``: the same loss, but the two teacher passes run as one ``features`` call over 2N images (the
    real half detached): one launch instead of two, at the price of a graph (and backward) over 2N.
+T. ``teacher-pieces``: the teacher's own work in a self-perceptual step, alone: its encoder half forward on the real
+   branch under no_grad, forward on a leaf input with a graph, and backward to that input. The bound of (2) is
+   1 + T / (1): the MSE step plus what the teacher adds.
 3. ``naive``: two FULL teacher forwards (decoder included) with the mid-block output captured by a forward hook,
    teacher parameters with requires_grad=True, and no no_grad on the real branch.
 
@@ -50,7 +54,7 @@ from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy, unwra
 from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.data.datasets import shapes_valid_set
 
-METHODS = ("mse", "self-perceptual", "batched-teacher", "naive")
+METHODS = ("mse", "self-perceptual", "batched-teacher", "naive", "teacher-pieces")
 Step = Callable[[Tensor, Tensor, torch.Generator], Tensor]
 
 
@@ -92,14 +96,28 @@ def naive_loss(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tensor, cond: T
     return feature_distance(f_hat, f_real, "mse")
 
 
+def teacher_pieces(model: DiffusionUNet, teacher: DiffusionUNet, x0: Tensor, cond: Tensor, gen) -> Tensor:
+    """The teacher's share of a self-perceptual step: real branch under no_grad, predicted branch on a leaf input
+    with a graph (backward reaches that input only). Returns a loss whose backward is the teacher's backward."""
+    schedule = teacher.schedule
+    t, eps, t_prime = _draws(x0, gen, schedule)
+    x_real = schedule.add_noise(x0, eps, t_prime)
+    x_hat = (x_real + 0.01 * torch.randn(x0.shape, generator=gen)).requires_grad_(True)
+    with torch.no_grad():
+        f_real = teacher.features(x_real, t_prime, cond)["mid"]
+    f_hat = teacher.features(x_hat, t_prime, cond)["mid"]
+    return feature_distance(f_hat, f_real, "mse")
+
+
 class Bench:
     """The demo model, its teachers, the data, and one training-step closure per method."""
 
-    def __init__(self, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, batch_size: int, seed: int = 0, family: str = "ddpm") -> None:
         torch.manual_seed(seed)
         data = shapes_valid_set(16)
         self.images, self.labels, self.batch_size = data.images, data.labels, batch_size
-        self.model = DiffusionUNet(ModelConfig(preset="small", image_size=16, num_classes=4), ScheduleConfig()).train()
+        schedule = ScheduleConfig(family=family)
+        self.model = DiffusionUNet(ModelConfig(preset="small", image_size=16, num_classes=4), schedule).train()
         self.teacher = frozen_copy(self.model)
         self.naive_teacher = copy.deepcopy(self.model).eval().requires_grad_(True)  # the naive version's mistake
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
@@ -110,6 +128,7 @@ class Bench:
             "self-perceptual": lambda x0, c, g: sp_fn(self.model, x0, c, g)["loss"],
             "batched-teacher": lambda x0, c, g: batched_teacher_loss(self.model, self.teacher, x0, c, g),
             "naive": lambda x0, c, g: naive_loss(self.model, self.naive_teacher, x0, c, g),
+            "teacher-pieces": lambda x0, c, g: teacher_pieces(self.model, self.teacher, x0, c, g),
         }
         self.param_storages = {
             p.untyped_storage().data_ptr()
@@ -149,9 +168,9 @@ def saved_activation_mib(bench: Bench, method: str) -> float:
     return sum(saved.values()) / 2**20
 
 
-def peak_rss_mib(method: str, batch_size: int, steps: int) -> float:
+def peak_rss_mib(method: str, batch_size: int, steps: int, family: str = "ddpm") -> float:
     """Peak RSS of a fresh process that sets up and runs ``steps`` steps of one method."""
-    threads = ["--threads", str(torch.get_num_threads())]
+    threads = ["--threads", str(torch.get_num_threads()), "--schedule", family]
     out = subprocess.run(
         [sys.executable, __file__, "--rss-child", method, "--batch-size", str(batch_size), "--rss-steps", str(steps)]
         + threads,
@@ -162,8 +181,8 @@ def peak_rss_mib(method: str, batch_size: int, steps: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def rss_child(method: str, batch_size: int, steps: int) -> None:
-    bench = Bench(batch_size)
+def rss_child(method: str, batch_size: int, steps: int, family: str = "ddpm") -> None:
+    bench = Bench(batch_size, family=family)
     for step in range(steps):
         bench.step(method, step)
     print(_vm_hwm_kib() / 1024)
@@ -201,15 +220,16 @@ def main() -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--profile", action="store_true", help="print a profiler table of the self-perceptual step")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--schedule", choices=["ddpm", "flow"], default="ddpm", help="schedule family (default ddpm)")
     parser.add_argument("--rss-child", choices=METHODS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
-        rss_child(args.rss_child, args.batch_size, args.rss_steps)
+        rss_child(args.rss_child, args.batch_size, args.rss_steps, args.schedule)
         return
 
-    bench = Bench(args.batch_size)
+    bench = Bench(args.batch_size, family=args.schedule)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     order = list(METHODS)
     shuffle = random.Random(0)
@@ -222,15 +242,25 @@ def main() -> None:
                 times[method].append(time.perf_counter() - start)
     median = {m: statistics.median(v) for m, v in times.items()}
     saved = {m: saved_activation_mib(bench, m) for m in METHODS}
-    rss = {m: float("nan") if args.no_rss else peak_rss_mib(m, args.batch_size, args.rss_steps) for m in METHODS}
+    rss = {
+        m: float("nan") if args.no_rss else peak_rss_mib(m, args.batch_size, args.rss_steps, args.schedule)
+        for m in METHODS
+    }
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"# step cost, {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"(load {load:.1f}), torch {torch.__version__} ({torch.get_num_threads()} threads); small preset, shapes "
+        f"(load {load:.1f}), torch {torch.__version__} ({torch.get_num_threads()} threads); {args.schedule} "
+        f"schedule, small preset, shapes "
         f"16x16, batch {args.batch_size}, class-conditional; median of {args.repeats} interleaved rounds\n"
     )
-    labels = {"mse": "(1)", "self-perceptual": "(2)", "batched-teacher": "(2b)", "naive": "(3)"}
+    labels = {
+        "mse": "(1)",
+        "self-perceptual": "(2)",
+        "batched-teacher": "(2b)",
+        "naive": "(3)",
+        "teacher-pieces": "(T)",
+    }
     print("| step | median ms | / MSE | IQR ms | saved activations MiB | / MSE | peak RSS MiB | - MSE's |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in METHODS:
@@ -240,6 +270,11 @@ def main() -> None:
             f"| {saved[m]:.1f} | {saved[m] / saved['mse']:.2f} | {rss[m]:.0f} | {rss[m] - rss['mse']:+.0f} |"
         )
     ratio = median["self-perceptual"] / median["mse"]
+    bound = 1 + median["teacher-pieces"] / median["mse"]
+    print(
+        f"\n(2)/(1) = {ratio:.3f} against its bound 1 + (T)/(1) = {bound:.3f}: {ratio / bound - 1:+.1%} "
+        f"(target within 5%: {'met' if abs(ratio / bound - 1) <= 0.05 else 'MISSED'})"
+    )
     print(
         f"\n(2)/(1) = {ratio:.2f} (target <= 1.3: {'met' if ratio <= 1.3 else 'MISSED'}); "
         f"(2b)/(1) = {median['batched-teacher'] / median['mse']:.2f}; (3)/(1) = {median['naive'] / median['mse']:.2f}"
