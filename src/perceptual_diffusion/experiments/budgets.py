@@ -304,6 +304,15 @@ BUDGETS: dict[str, Budget] = {
     ),
 }
 
+# Issue 18: the v2 Fashion-MNIST protocol for a rectified-flow U-Net, with CFG-Zero* (arXiv 2503.18886, made for flow
+# models) among the guidance baselines. Prepared, not run: its stage-1 learning rates are the DDPM budget's until
+# the flow sweep (issue 18, item 7) measures whether they suit flow.
+BUDGETS["cpu-fair-fmnist-flow"] = replace(
+    BUDGETS["cpu-fair-fmnist"],
+    name="cpu-fair-fmnist-flow",
+    schedule=ScheduleConfig(family="flow"),
+    guidance_grids=(*GRIDS_V2, GuidanceGrid("cfg-zero-star", scales=(1.1, 1.2, 1.3, 1.5, 2.0, 3.0))),
+)
 
 # One line each for --help.
 BUDGET_NOTES: dict[str, str] = {
@@ -313,5 +322,6 @@ BUDGET_NOTES: dict[str, str] = {
     "cpu-fair-v1": "the v1 protocol of results/shapes-fair (fixed CFG rows, independent-error plateau rule)",
     "cpu-fair-fmnist-v1": "the v1 protocol of results/fmnist-fair (and the v1 classifier)",
     "gpu": "Fashion-MNIST with the base U-Net on one GPU",
+    "cpu-fair-fmnist-flow": "cpu-fair-fmnist for a rectified-flow U-Net with CFG-Zero* (prepared; stage-1 lrs unswept)",
 }
 assert BUDGET_NOTES.keys() == BUDGETS.keys()

@@ -279,7 +279,8 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     plots.append(plot_selection(results, out / "guidance_selection.png", crit, LABELS.get(crit, (crit,))[0]))
     loss_table, loss_note = losses_table(results)
     lines = [
-        f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}",
+        f"# Self-perceptual vs MSE vs CFG: `{budget['name']}` on {results['data']['source']}"
+        + (", rectified flow" if (budget.get("schedule") or {}).get("family") == "flow" else ""),
         "",
         "## Verdict",
         "",
@@ -384,9 +385,20 @@ def _protocol_section(results: dict[str, Any]) -> list[str]:
             else ""
         )
         lines.append(f"  - {branch}: {cells} → **{chosen:g}**{edge}")
+    schedule = budget.get("schedule") or {"family": "ddpm"}  # results from before the families ran the DDPM one
+    if schedule.get("family") == "flow":
+        process = (
+            f"Schedule: rectified flow (x_s = (1 - s) x0 + s eps, velocity eps - x0, shift {schedule.get('shift', 1)}, "
+            f"training time {schedule.get('time_distribution', 'uniform')}); sampler: Euler {budget['sample_steps']} "
+            "steps on diffusers' FlowMatchEuler grid."
+        )
+    else:
+        process = (
+            f"Schedule: the paper's zero-terminal-SNR DDPM, v-prediction; sampler: DDIM {budget['sample_steps']} "
+            "steps, trailing spacing, eta 0."
+        )
     lines += [
-        f"- Variants and the unconditional pair use the chosen self-perceptual / branch learning rates. DDIM "
-        f"{budget['sample_steps']} steps, trailing spacing, eta 0.",
+        f"- Variants and the unconditional pair use the chosen self-perceptual / branch learning rates. {process}",
         "",
     ]
     return lines
