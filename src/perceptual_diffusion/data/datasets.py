@@ -143,7 +143,7 @@ def _read_idx(path: Path) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(dims):
         raise UserError(f"{path} is truncated ({data.size} of {math.prod(dims)} bytes); reinstall the package")
-    return data.reshape(dims)
+    return data.reshape(dims).copy()  # frombuffer is read-only; torch.from_numpy warns on read-only arrays
 
 
 def _find(root: Path, stem: str) -> Path:
