@@ -59,6 +59,10 @@ _OPTION_OF = {
     "apg_norm_threshold": "--apg-threshold",
     "guidance_sigma_min": "--guidance-interval SIGMA_LO",
     "guidance_sigma_max": "--guidance-interval SIGMA_HI",
+    "rank": "--lora-rank",
+    "alpha": "--lora-alpha",
+    "dropout": "--lora-dropout",
+    "targets": "--lora-targets",
 }
 
 
@@ -83,9 +87,12 @@ def _check_types(obj: Any) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif base is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif typing.get_origin(base) is tuple:  # tuple[str, ...]
+            ok = isinstance(value, tuple) and all(isinstance(v, typing.get_args(base)[0]) for v in value)
         else:
             ok = isinstance(value, base)
         kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(base, base)
+        kind = "a list of names" if typing.get_origin(base) is tuple else kind
         _check(ok, f"{_flag(f.name)} must be {kind}, got {value!r}")
 
 
@@ -329,6 +336,38 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA adapter (Hu et al. 2021, arXiv 2106.09685) trained through PEFT on a frozen base model
+    (``models/lora.py``): W x + (alpha / rank) B A x, with A and B of rank ``rank`` on the ``targets`` modules (None:
+    the architecture's default, ``models/lora.py`` DEFAULT_TARGETS; a run records the resolved list). ``alpha``
+    defaults to the rank (scale 1). ``base_sha256`` is the sha256 of the base weights the adapter belongs to, recorded
+    by the run (``training.rundir``): an adapter is meaningless on any other base."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+    base_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, list):  # read back from JSON
+            object.__setattr__(self, "targets", tuple(self.targets))
+        _check_types(self)
+        _check(
+            self.rank >= 1,
+            f"--lora-rank must be >= 1 (the adapter's rank; leave it out to fine-tune every weight), got {self.rank}",
+        )
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.rank))
+        _check(self.alpha > 0, f"--lora-alpha must be > 0 (default: the rank, a scale of 1), got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            self.targets is None or (len(self.targets) > 0 and all(name.strip() for name in self.targets)),
+            f"--lora-targets must name at least one module (comma-separated, e.g. to_q,to_v), got {self.targets}",
+        )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping; schedules are pure functions of images seen (EDM2).
 
@@ -456,7 +495,8 @@ class _Sections:
     """JSON round trip for a config made of section dataclasses (``RunConfig``, ``LatentRunConfig``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as JSON holds it (tuples as lists), so that a config read back compares equal to its dict."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -468,6 +508,11 @@ class _Sections:
         parts = {}
         for f in dataclasses.fields(cls):
             sub = typing.get_type_hints(cls)[f.name]
+            if type(None) in typing.get_args(sub):  # an optional section (``lora``): absent or null means none
+                if data.get(f.name) is None:
+                    parts[f.name] = None
+                    continue
+                sub = next(a for a in typing.get_args(sub) if a is not type(None))
             known = {g.name for g in dataclasses.fields(sub)}
             values = data.get(f.name, {})
             _check(isinstance(values, dict), f"config section {f.name!r} must be a JSON object")
@@ -521,8 +566,14 @@ class RunConfig(_Sections):
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoraConfig | None = None  # None: every weight is trained (configs written before LoRA have no section)
 
     def __post_init__(self) -> None:
+        _check(
+            self.lora is None or self.train.init_from is not None or self.loss.kind == "self-perceptual",
+            "--lora-rank trains an adapter on a base model: give the base with --init-from RUN (or --loss "
+            "self-perceptual --teacher RUN, whose teacher is then the base)",
+        )
         _check(
             self.loss.kind != "latent-perceptual",
             "--loss latent-perceptual needs a VAE's decoder: use it with `latent train`",
@@ -595,6 +646,7 @@ class LatentRunConfig(_Sections):
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(clip_x0=False))
+    lora: LoraConfig | None = None  # None: the whole U-Net is trained; the base of an adapter: --init-from or the U-Net
 
     def __post_init__(self) -> None:
         _check(

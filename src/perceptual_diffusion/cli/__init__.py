@@ -243,6 +243,12 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
         default=None,
         help="the scheduler's clip_sample: clamp x0_hat to [-1, 1] each step (default: the run's sampling setting)",
     )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA run: write the model with the adapter merged in (through PEFT) as this pipeline folder "
+        "(default for a LoRA run: a PEFT adapter folder, adapter_config.json + adapter_model.safetensors)",
+    )
     p.set_defaults(func=commands.cmd_export)
 
     add_latent_parser(sub)

@@ -294,6 +294,20 @@ def cmd_export(args: argparse.Namespace) -> None:
     from perceptual_diffusion.models.loading import weights_config
 
     check_export_target(Path(args.out), args.force, [args.model])  # before reading anything: a refusal costs nothing
+    is_lora = weights_config(args.model)[0].lora is not None
+    if args.merge_lora and not is_lora:
+        raise UserError(f"{args.model} is not a LoRA run (no --lora-rank): export it without --merge-lora")
+    if is_lora and not args.merge_lora:
+        if args.spacing is not None or args.clip_x0 is not None:
+            raise UserError("--spacing and --clip-x0 set an exported pipeline's scheduler: add --merge-lora")
+        from perceptual_diffusion.models.export import export_adapter
+
+        out = export_adapter(args.model, args.out, force=args.force)
+        print(
+            f"wrote {out} (a PEFT LoRA adapter on {weights_config(args.model)[0].train.init_from}; --merge-lora "
+            "writes the merged model as a DDIMPipeline folder)"
+        )
+        return
     overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}
     sample = replace(weights_config(args.model)[0].sample, **overrides)  # the run's own setting unless overridden
     out = export_diffusers(args.model, args.out, sample, force=args.force)

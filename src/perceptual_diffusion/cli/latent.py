@@ -17,6 +17,7 @@ from perceptual_diffusion.cli.options import (
     add_schedule_options,
     add_training_options,
     choices,
+    lora_config,
     loss_config,
     sample_config,
     schedule_config,
@@ -56,6 +57,7 @@ def latent_run_config(args: argparse.Namespace):
         loss=loss_config(args),
         train=train_config(args),
         sample=sample_config(args, schedule=schedule),
+        lora=lora_config(args),
     )
 
 
@@ -150,8 +152,15 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
     from perceptual_diffusion.models.latent import export_latent
+    from perceptual_diffusion.runtime.checkpoint import ADAPTER_FILES
 
-    out = export_latent(args.model, args.out, force=args.force)
+    out = export_latent(args.model, args.out, force=args.force, merge_lora=args.merge_lora)
+    if (out / ADAPTER_FILES[2]).is_file():
+        print(
+            f"wrote {out / ADAPTER_FILES[2]} (a LoRA adapter: load it with pipe.load_lora_weights({str(out)!r}) on "
+            "the base StableDiffusionPipeline; --merge-lora writes the merged pipeline instead)"
+        )
+        return
     print(
         f"wrote {out} (load it with diffusers.StableDiffusionPipeline.from_pretrained({str(out)!r}); "
         "its scheduler is DDIM set to the training schedule)"
@@ -275,4 +284,10 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a latent run directory or its model.safetensors")
     p.add_argument("--out", required=True, help="folder to write (written atomically: complete or not at all)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA run: write the pipeline with the adapter merged into the U-Net (default: the adapter alone, "
+        "pytorch_lora_weights.safetensors for load_lora_weights)",
+    )
     p.set_defaults(func=cmd_latent_export)

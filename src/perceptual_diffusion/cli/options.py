@@ -14,6 +14,7 @@ from perceptual_diffusion.config import (
     PRESETS,
     SOURCES,
     DataConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     RunConfig,
@@ -158,6 +159,7 @@ def add_training_options(p: argparse.ArgumentParser, latent: bool = False) -> No
     """The objective, optimisation, speed and bookkeeping groups, shared by ``train`` and ``latent train``
     (``latent``: help texts speak of captions and the empty prompt instead of labels)."""
     add_objective_options(p, latent)
+    add_lora_options(p)
     add_optimisation_options(p)
     add_speed_options(p)
     add_bookkeeping_options(p)
@@ -271,6 +273,50 @@ def add_lpl_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    """A LoRA adapter trained through PEFT instead of every weight (``config.LoraConfig``, ``models/lora.py``)."""
+    g = p.add_argument_group("LoRA (train a low-rank adapter through PEFT; the base stays frozen)")
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train a LoRA adapter of this rank (>= 1) on the base (--init-from, or the teacher of --loss "
+        "self-perceptual; latent runs: the pretrained U-Net), instead of every weight; a self-perceptual run whose "
+        "teacher is the base uses the base itself as teacher (adapter off): no second copy",
+    )
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, > 0 (scale alpha / rank; default: rank)")
+    g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapter's input, in [0, 1)")
+    g.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module names to adapt (default: the attention projections to_q,to_k,to_v,to_out.0 "
+        "where the network has attention levels, else the ResNet convs and time-embedding linears)",
+    )
+
+
+def lora_config(args: argparse.Namespace) -> LoraConfig | None:
+    """The LoraConfig of parsed :func:`add_lora_options` (None without --lora-rank; its other options need it)."""
+    rank = getattr(args, "lora_rank", None)
+    others = [
+        flag
+        for flag, dest in (
+            ("--lora-alpha", "lora_alpha"),
+            ("--lora-dropout", "lora_dropout"),
+            ("--lora-targets", "lora_targets"),
+        )
+        if getattr(args, dest, None) is not None
+    ]
+    if rank is None:
+        if others:
+            raise UserError(f"{', '.join(others)} set(s) up a LoRA adapter: give --lora-rank R too")
+        return None
+    targets = None if args.lora_targets is None else tuple(t.strip() for t in args.lora_targets.split(","))
+    fields = {"alpha": args.lora_alpha, "targets": targets}
+    if args.lora_dropout is not None:
+        fields["dropout"] = args.lora_dropout
+    return LoraConfig(rank=rank, **fields)
+
+
 def add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimiser steps (default %(default)s)")
@@ -366,6 +412,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         loss=loss_config(args, unconditional=args.unconditional),
         train=train_config(args),
         sample=sample_config(args, schedule=schedule),
+        lora=lora_config(args),
     )
 
 

@@ -38,6 +38,7 @@ from perceptual_diffusion.config import PRESETS, DataConfig, ModelConfig, RunCon
 from perceptual_diffusion.core.networks import DiffusionUNet, build_unet
 from perceptual_diffusion.core.schedule import FlowSchedule
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models import lora
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import ownership
 from perceptual_diffusion.runtime.checkpoint import UNET_DIR, is_diffusers_folder
@@ -293,8 +294,7 @@ def export_diffusers(
     defaults to the run's own."""
     out_dir = Path(out_dir)
     check_export_target(out_dir, force, [weights_or_run_dir])  # before any work: a refused target costs nothing
-    source = ckpt.resolve_weights(weights_or_run_dir)
-    state_dict, config, step = read_diffusers(source) if source.is_dir() else ckpt.read_weights(source)
+    state_dict, config, step = read_pixel_weights(weights_or_run_dir)  # a LoRA run's: merged through PEFT
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(
@@ -552,3 +552,77 @@ def import_diffusers(folder: str | Path) -> tuple[DiffusionUNet, RunConfig]:
     model = DiffusionUNet(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, state_dict, str(folder))
     return model.eval(), config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA adapters of pixel models (models/lora.py): PEFT adapter folders, and reading any adapter merged into its base.
+
+
+def adapter_record(folder: str | Path) -> tuple[Any, int, str]:
+    """(config, step, kind) of an exported adapter folder (``CONFIG_FILE``, written beside the adapter)."""
+    from perceptual_diffusion.config import LatentRunConfig
+
+    record = _read_json(Path(folder) / CONFIG_FILE) if (Path(folder) / CONFIG_FILE).is_file() else None
+    if not isinstance(record, dict) or record.get("format") != ckpt.FORMAT or "config" not in record:
+        raise UserError(f"{folder} holds a LoRA adapter without its {CONFIG_FILE}: its base is unknown")
+    kind = record.get("kind", "pixel")
+    try:
+        config = (LatentRunConfig if kind == "latent" else RunConfig).from_dict(record["config"])
+    except UserError as exc:
+        raise UserError(f"{folder / CONFIG_FILE} has an invalid config: {exc}") from None
+    if config.lora is None:
+        raise UserError(f"{folder / CONFIG_FILE} records no LoRA adapter")
+    step = record.get("step", 0)
+    return config, int(step) if isinstance(step, int) else 0, kind
+
+
+def read_raw_weights(source: Path) -> tuple[dict[str, torch.Tensor], RunConfig, int]:
+    """A pixel weights file or exported adapter folder as stored: of a LoRA run, the adapter alone."""
+    if ckpt.is_adapter_folder(source):
+        config, step, kind = adapter_record(source)
+        if kind != "pixel":
+            raise ckpt.wrong_kind(source, kind)
+        return lora.read_adapter_file(source), config, step
+    return ckpt.read_weights(source)
+
+
+def pixel_lora_model(state: dict[str, torch.Tensor], config: RunConfig, source: str) -> DiffusionUNet:
+    """A pixel LoRA model: its base (``--init-from`` of its run, sha256-checked) with the trained adapter on top."""
+    base = lora.check_base(config.lora, config.train.init_from, source)
+    base_state, _, _ = read_pixel_weights(base)
+    model = DiffusionUNet(config.model, config.schedule)
+    ckpt.load_state_dict_checked(model, base_state, str(base))
+    return lora.attach(model, config.lora, state, source)
+
+
+def read_pixel_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, int]:
+    """(state_dict of a DiffusionUNet, config, step) of any pixel weights: a run or weights file, a diffusers folder,
+    or a LoRA adapter (a run's, or an exported folder) merged into its base through PEFT, as a plain model."""
+    source = ckpt.resolve_weights(path)
+    if source.is_dir() and not ckpt.is_adapter_folder(source):
+        return read_diffusers(source)
+    state, config, step = read_raw_weights(source)
+    if config.lora is None:
+        return state, config, step
+    merged = lora.merge_adapter(pixel_lora_model(state, config, str(path)))
+    return merged.state_dict(), replace(config, lora=None), step
+
+
+def export_adapter(run: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """A pixel LoRA run's EMA adapter as a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)
+    with ``CONFIG_FILE`` (the run config: the base's path and sha256), atomically. No diffusers pixel pipeline loads
+    LoRA; ``export --merge-lora`` writes the merged model as a pipeline folder instead."""
+    out_dir = Path(out_dir)
+    check_export_target(out_dir, force, [run])
+    source = ckpt.resolve_weights(run)
+    state, config, step = read_raw_weights(source)
+    if config.lora is None:
+        raise UserError(f"{run} is not a LoRA run (no --lora-rank): export it without --adapter")
+    model = pixel_lora_model(state, config, str(run))
+    record = {"format": ckpt.FORMAT, "kind": "pixel", "step": step, "config": config.to_dict()}
+
+    def write(tmp: Path) -> None:
+        lora.write_peft_folder(model, tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    return publish_folder(out_dir, write, force, checked=True)

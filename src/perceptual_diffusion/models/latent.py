@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from perceptual_diffusion.core.networks import encoder_features, encoder_taps
 from perceptual_diffusion.core.sampling import sample_stream
 from perceptual_diffusion.core.schedule import build_schedule
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models import lora
 from perceptual_diffusion.runtime import checkpoint as ckpt
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -225,7 +226,7 @@ def read_unet_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """U-Net weights in our wrapper's key names (``unet.*``) from a latent run directory, its weights file, or a
     diffusers folder with ``unet/``; returns them and a description of where they came from."""
     p = Path(path)
-    if p.is_dir() and (p / "unet").is_dir() and not (p / ckpt.WEIGHTS_NAME).is_file():
+    if p.is_dir() and (p / "unet").is_dir() and not (p / ckpt.WEIGHTS_NAME).is_file() and not ckpt.is_adapter_folder(p):
         from diffusers import UNet2DConditionModel
 
         kind = _read_config(p / "unet" / "config.json").get("_class_name")
@@ -237,18 +238,50 @@ def read_unet_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
 
         unet = _from_pretrained(UNet2DConditionModel, p, "unet")
         return {f"unet.{k}": v for k, v in unet.state_dict().items()}, f"{p / 'unet'}"
-    state, _, step = ckpt.read_weights(p, kind="latent")
+    state, config, step = read_raw_latent_weights(p)
+    if config.lora is not None:  # an adapter: merged into its base through PEFT, a plain U-Net's weights
+        # The null embedding is a non-persistent buffer (not in the state dict): a placeholder does for merging.
+        model = lora.merge_adapter(latent_lora_model(state, config, torch.zeros(1, 1, 1), str(p)))
+        return model.state_dict(), f"{p} (step {step}, LoRA merged into its base)"
     return state, f"{p} (step {step})"
+
+
+def read_raw_latent_weights(path: str | Path) -> tuple[dict[str, Tensor], LatentRunConfig, int]:
+    """A latent weights file or exported adapter folder as stored: of a LoRA run, the adapter alone."""
+    p = ckpt.resolve_weights(path)
+    if ckpt.is_adapter_folder(p):
+        from perceptual_diffusion.models.export import adapter_record
+
+        config, step, kind = adapter_record(p)
+        if kind != "latent":
+            raise ckpt.wrong_kind(p, kind)
+        return lora.read_adapter_file(p), config, step
+    return ckpt.read_weights(p, kind="latent")
+
+
+def latent_lora_model(
+    state: dict[str, Tensor], config: LatentRunConfig, null_embedding: Tensor, source: str
+) -> TextConditionedUNet:
+    """A latent LoRA model: its base (``--init-from`` or the pretrained U-Net, sha256-checked) with the adapter."""
+    base = lora.check_base(config.lora, lora.base_path(config), source)
+    base_state, where = read_unet_weights(base)
+    model = build_model(config, null_embedding)
+    ckpt.load_state_dict_checked(model, base_state, where)
+    return lora.attach(model, config.lora, state, source)
 
 
 def load_latent_model(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[TextConditionedUNet, FrozenParts, LatentRunConfig, int]:
-    """A trained latent model (EMA weights) from a run directory or weights file, with its frozen parts, in eval."""
-    state, config, step = ckpt.read_weights(path, kind="latent")
+    """A trained latent model (EMA weights) from a run directory or weights file, with its frozen parts, in eval; of
+    a LoRA run, its base with the adapter on top (as trained, not merged)."""
+    state, config, step = read_raw_latent_weights(path)
     parts = load_frozen_parts(config.model.pretrained, device)
-    model = build_model(config, parts.encode_text([""]))
-    ckpt.load_state_dict_checked(model, state, str(path))
+    if config.lora is not None:
+        model = latent_lora_model(state, config, parts.encode_text([""]), str(path))
+    else:
+        model = build_model(config, parts.encode_text([""]))
+        ckpt.load_state_dict_checked(model, state, str(path))
     return model.to(device).eval(), parts, config, step
 
 
@@ -292,9 +325,11 @@ def sd_pipeline(**parts: Any) -> Any:
         )
 
 
-def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+def export_latent(run: str | Path, out_dir: str | Path, force: bool = False, merge_lora: bool = False) -> Path:
     """A trained latent model (EMA U-Net) as a ``StableDiffusionPipeline`` folder, atomically: the pretrained
-    folder's VAE, text encoder and tokenizer, and a ``DDIMScheduler`` matching the training setting."""
+    folder's VAE, text encoder and tokenizer, and a ``DDIMScheduler`` matching the training setting. Of a LoRA run,
+    the adapter where diffusers' ``load_lora_weights`` finds it (:func:`export_latent_adapter`), or with
+    ``merge_lora`` the pipeline with the adapter merged into the U-Net through PEFT."""
     from diffusers import DDIMScheduler
 
     from perceptual_diffusion.models.export import CONFIG_FILE, check_export_target, publish_folder, scheduler_config
@@ -303,7 +338,14 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
     # The pretrained folder is an input too (its VAE and text encoder are copied): never replace it with the export.
     pretrained = ckpt.config_of(ckpt.resolve_weights(run), "latent")[0].model.pretrained
     check_export_target(out_dir, force, [run, pretrained], command="latent export")
+    if ckpt.config_of(ckpt.resolve_weights(run), "latent")[0].lora is None:
+        if merge_lora:
+            raise UserError(f"{run} is not a LoRA run (no --lora-rank): export it without --merge-lora")
+    elif not merge_lora:
+        return export_latent_adapter(run, out_dir, force)
     model, parts, config, step = load_latent_model(run)
+    if config.lora is not None:
+        model, config = lora.merge_adapter(model), replace(config, lora=None)
     if config.schedule.family != "ddpm":
         # StableDiffusionPipeline samples with DDIM-style schedulers only; writing a DDIMScheduler for a flow model
         # would give wrong images silently. The SD3 path (issue 19) is the flow models' latent pipeline.
@@ -323,6 +365,33 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False) -> 
         )
         with quiet_libraries():
             pipe.save_pretrained(tmp, safe_serialization=True)
+        record = {"format": ckpt.FORMAT, "kind": "latent", "step": step, "config": config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    return publish_folder(out_dir, write, force, checked=True, command="latent export")
+
+
+def export_latent_adapter(run: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """A latent LoRA run's EMA adapter as diffusers' LoRA file: ``pytorch_lora_weights.safetensors`` with keys
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and the PEFT config as its adapter metadata (so an alpha other
+    than the rank loads at its scale), written by ``StableDiffusionPipeline.save_lora_weights``, beside our record
+    (the run config: the base's path and sha256). ``pipe.load_lora_weights(out_dir)`` on the base pipeline gives this
+    project's model."""
+    from perceptual_diffusion.models.export import CONFIG_FILE, check_export_target, publish_folder
+
+    out_dir = Path(out_dir)
+    check_export_target(out_dir, force, [run], command="latent export")
+    state, config, step = read_raw_latent_weights(run)
+    model = latent_lora_model(state, config, torch.zeros(1, 1, 1), str(run))
+    metadata = lora.peft_config(config.lora).to_dict()
+
+    def write(tmp: Path) -> None:
+        with quiet_libraries():
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=lora.peft_state(model), unet_lora_adapter_metadata=metadata
+            )
         record = {"format": ckpt.FORMAT, "kind": "latent", "step": step, "config": config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 

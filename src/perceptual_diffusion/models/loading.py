@@ -15,21 +15,26 @@ import torch
 
 from perceptual_diffusion.core.networks import DiffusionUNet
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.models.export import read_diffusers
+from perceptual_diffusion.models.export import adapter_record, pixel_lora_model, read_pixel_weights, read_raw_weights
 from perceptual_diffusion.runtime import checkpoint as ckpt
 
 
 def read_weights(path: str | Path, kind: str = "pixel") -> tuple[dict[str, torch.Tensor], Any, int]:
     """(state_dict, config, step) of a run directory, a weights file or (pixel models) a diffusers folder."""
     p = ckpt.resolve_weights(path)
-    if p.is_dir() and kind == "pixel":
-        return read_diffusers(p)
+    if kind == "pixel":
+        return read_pixel_weights(p)  # a LoRA run or adapter folder: merged into its base
     return ckpt.read_weights(p, kind)
 
 
 def weights_config(path: str | Path, kind: str = "pixel") -> tuple[Any, int]:
     """(config, step) of trained weights, from a weights file's header alone (no tensors read)."""
     p = ckpt.resolve_weights(path)
+    if ckpt.is_adapter_folder(p):
+        config, step, theirs = adapter_record(p)
+        if theirs != kind:
+            raise ckpt.wrong_kind(p, theirs)
+        return config, step
     if p.is_dir():
         return read_weights(p, kind)[1:]
     return ckpt.config_of(p, kind)
@@ -38,6 +43,8 @@ def weights_config(path: str | Path, kind: str = "pixel") -> tuple[Any, int]:
 def weights_kind(path: str | Path) -> str:
     """ "pixel" or "latent": what a path holds (a diffusers folder is read as a pixel model)."""
     p = ckpt.resolve_weights(path)
+    if ckpt.is_adapter_folder(p):
+        return adapter_record(p)[2]
     return "pixel" if p.is_dir() else ckpt.weights_kind(p)
 
 
@@ -61,6 +68,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", kind: str |
         model, parts, config, step = load_latent_model(path, device)
         model.parts = parts  # a plain attribute, not a submodule: never in a state dict or checkpoint
         return model, config, step
+    p = ckpt.resolve_weights(path)
+    if not p.is_dir() or ckpt.is_adapter_folder(p):
+        state_dict, config, step = read_raw_weights(p)
+        if config.lora is not None:  # the base with the adapter on top, as trained (not merged)
+            return pixel_lora_model(state_dict, config, str(path)).to(device).eval(), config, step
     state_dict, config, step = read_weights(path)
     model = DiffusionUNet(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, state_dict, str(path))

@@ -159,6 +159,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file or folder; of a Stable Diffusion folder, of its ``unet/`` only: the teacher is the
+    U-Net, and hashing the VAE and text encoder too would read gigabytes at every start."""
+    path = Path(path)
+    if path.is_dir() and (path / "unet").is_dir() and (path / "text_encoder").is_dir():
+        return sha256_file(path / "unet")
+    return sha256_file(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inference weights: safetensors with the run config in the metadata.
 
@@ -176,13 +185,25 @@ def _kind(config: RunConfig | LatentRunConfig) -> str:
     return "latent" if isinstance(config, LatentRunConfig) else "pixel"
 
 
+# An exported LoRA adapter: PEFT's folder (adapter_config.json, adapter_model.safetensors; pixel models) or the file
+# diffusers' load_lora_weights reads (latent models); models/lora.py writes and reads them.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A folder holding an exported LoRA adapter (``ADAPTER_FILES``)."""
+    p = Path(path)
+    return p.is_dir() and ((p / ADAPTER_FILES[0]).is_file() or (p / ADAPTER_FILES[2]).is_file())
+
+
 def resolve_weights(path: str | Path) -> Path:
-    """A run directory or a weights file -> the weights file; a diffusers folder -> itself; else a clear error."""
+    """A run directory or a weights file -> the weights file; a diffusers or adapter folder -> itself; else a clear
+    error."""
     p = Path(path)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
             return p / WEIGHTS_NAME
-        if is_diffusers_folder(p):
+        if is_diffusers_folder(p) or is_adapter_folder(p):
             return p
         raise UserError(f"{p} has no {WEIGHTS_NAME}: it is not a finished run directory (train it first)")
     if not p.exists():

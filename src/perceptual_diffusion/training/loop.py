@@ -28,6 +28,7 @@ from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.data.datasets import Dataset, load_dataset
 from perceptual_diffusion.data.grid import class_rows, save_grid
 from perceptual_diffusion.errors import TrainingDiverged, UserError
+from perceptual_diffusion.models import lora
 from perceptual_diffusion.models.classifier_net import DomainClassifier, load_perceptual_net, resolve_perceptual_net
 from perceptual_diffusion.models.loading import load_model, read_weights
 from perceptual_diffusion.runtime import checkpoint as ckpt
@@ -38,6 +39,7 @@ from perceptual_diffusion.training.step import BatchSource, TensorSource, Traine
 
 GRID_SEEDS = 16  # fixed seeds of the periodic sample grids
 INIT_STREAM = 2**32 - 1  # the "rank" of the initial-weights seed stream: no real rank reaches it
+LORA_STREAM = 2**32 - 2  # the "rank" of a LoRA adapter's initialisation stream
 
 
 def resolve_device(name: str) -> torch.device:
@@ -293,11 +295,19 @@ def _fit(task: Task, config: Any, run: RunDir, device: torch.device, override: b
 def _build(task: Task, config: Any, device: torch.device, main: bool) -> Trainee:
     tc = config.train
     model = task.build_model(config, device)
-    teacher = task.build_teacher(config, device)  # every rank holds its own frozen copy; never wrapped in DDP
+    if config.lora is not None:  # PEFT's adapter on the base; only its weights train (models/lora.py)
+        lora.add_adapter(model, config.lora, seed=step_seed(tc.seed, 0, rank=LORA_STREAM))
+    if lora.shares_teacher(config):
+        # The teacher is the base itself (arXiv 2401.00110, Sec. 3: the frozen starting model): the online network
+        # with its adapter off, so the base weights exist once. It calls the unwrapped module, never DDP's forward.
+        teacher, separate_teacher = lora.BaseTeacher(model), None
+    else:
+        teacher = separate_teacher = task.build_teacher(config, device)  # every rank's own copy; never in DDP
     perceptual_net = build_perceptual_net(config, device)  # the same: the loss holds it, the optimiser never sees it
-    ema = frozen_copy(model).to(device) if main else None  # rank 0 alone keeps (and saves) the EMA
-    apply_speed_options(model, teacher, tc)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = lora.frozen_ema(model).to(device) if main else None  # rank 0 alone keeps (and saves) the EMA
+    apply_speed_options(model, separate_teacher, tc)  # the shared teacher's pass is never checkpointed
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or a LoRA run's adapter alone
+    optimizer = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
     if config.loss.kind == "latent-perceptual":  # its frozen network is the task's VAE decoder
         loss = task.build_loss(config, model.schedule, device)
     else:
@@ -337,8 +347,8 @@ def _after_step(
             )
         payload = {
             "step": step,
-            "model": trainee.model.state_dict(),
-            "ema": trainee.ema.state_dict(),
+            "model": lora.saved_state(trainee.model),  # of a LoRA run, the adapter: the base is in the config
+            "ema": lora.saved_state(trainee.ema),
             "optimizer": trainee.optimizer.state_dict(),
             "config": config.to_json(),
             "data": fingerprint,

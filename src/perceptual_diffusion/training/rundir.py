@@ -22,9 +22,11 @@ from typing import Any, TextIO
 import torch
 
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models import lora
 from perceptual_diffusion.models.classifier_net import load_perceptual_net, resolve_perceptual_net
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import ownership
+from perceptual_diffusion.runtime.checkpoint import weights_sha256
 
 AnyConfig = Any  # RunConfig | LatentRunConfig: the two model families share this folder's layout
 LOG_NAME = "log.jsonl"
@@ -103,17 +105,9 @@ def check_same_config(old: dict, config: AnyConfig, where: str, override: bool) 
         )
 
 
-def weights_sha256(path: Path) -> str:
-    """sha256 of a weights file or folder; of a Stable Diffusion folder, of its ``unet/`` only: the teacher is the
-    U-Net, and hashing the VAE and text encoder too would read gigabytes at every start."""
-    if path.is_dir() and (path / "unet").is_dir() and (path / "text_encoder").is_dir():
-        return ckpt.sha256_file(path / "unet")
-    return ckpt.sha256_file(path)
-
-
 def with_teacher_hash(config: AnyConfig) -> AnyConfig:
     """Resolve the teacher (and init) path to the weights file and record the teacher's sha256 in the config (and
-    the external-perceptual network's)."""
+    the external-perceptual network's, and a LoRA adapter's targets and base sha256)."""
     changes = {}
     if config.loss.teacher is not None:
         path = ckpt.resolve_weights(config.loss.teacher).resolve()
@@ -123,6 +117,17 @@ def with_teacher_hash(config: AnyConfig) -> AnyConfig:
         train = replace(train, init_from=changes["loss"].teacher)  # the paper: online model starts as the teacher
     if train.init_from is not None:
         train = replace(train, init_from=str(ckpt.resolve_weights(train.init_from).resolve()))
+    if config.lora is not None:
+        # The adapter's targets (the architecture's default unless given) and its base's sha256: an adapter is only
+        # meaningful on the weights it was trained on, and a resume must not change either.
+        base = ckpt.resolve_weights(lora.base_path(replace(config, train=train))).resolve()
+        teacher = changes.get("loss")
+        same = teacher is not None and teacher.teacher == str(base)
+        changes["lora"] = replace(
+            config.lora,
+            targets=config.lora.targets or lora.DEFAULT_TARGETS[lora.architecture(config)],
+            base_sha256=teacher.teacher_sha256 if same else weights_sha256(base),
+        )
     if config.loss.kind == "external-perceptual":  # pixel runs only (LatentRunConfig refuses it)
         name, path = resolve_perceptual_net(config.loss.perceptual_net, config.data.source)
         load_perceptual_net(path, config.data.source, config.model.image_size, config.model.channels)  # fits?
@@ -219,7 +224,7 @@ class RunDir:
         self._trim_log(step)
         if state is not None and ckpt.weights_step(self.weights) != step:  # killed between state and snapshot
             with self.guard("inference snapshot", step):
-                ckpt.save_weights(self.weights, ema.state_dict(), config, step)
+                ckpt.save_weights(self.weights, lora.saved_state(ema), config, step)
         return step
 
     def _load_state(self, state: dict, config: AnyConfig, fingerprint: str, override: bool, model, ema, optimizer):
@@ -235,8 +240,8 @@ class RunDir:
                 f"the training data changed since {self.path} was started ({state['data']} -> {fingerprint}, as "
                 "images:hash); restore it, use a new --run-dir, or pass --override-config"
             )
-        ckpt.load_state_dict_checked(model, state["model"], where)
-        ckpt.load_state_dict_checked(ema, state["ema"], where)
+        lora.load_saved_state(model, state["model"], where)  # a LoRA run's checkpoints hold the adapter alone
+        lora.load_saved_state(ema, state["ema"], where)
         try:
             optimizer.load_state_dict(state["optimizer"])
         except Exception as exc:  # noqa: BLE001 - the file's contents are data from disk: any malformation
@@ -320,7 +325,7 @@ class RunDir:
     def save_snapshot(self, step: int, ema: torch.nn.Module, config: AnyConfig) -> None:
         """The EMA weights of ``step`` kept under ``snapshots/`` (a learning curve's point)."""
         with self.guard("EMA snapshot", step):
-            ckpt.save_weights(snapshot_path(self.path, step), ema.state_dict(), config, step)
+            ckpt.save_weights(snapshot_path(self.path, step), lora.saved_state(ema), config, step)
 
     def save_checkpoint(self, step: int, payload: dict[str, Any], ema: torch.nn.Module, config: AnyConfig) -> None:
         """The training state, then the inference weights: a kill between the two leaves a stale snapshot, which
@@ -328,10 +333,10 @@ class RunDir:
         keep = config.train.keep_checkpoints
         with self.guard("checkpoint", step):
             ckpt.save_state(self.path, step, payload, keep)
-            ckpt.save_weights(self.weights, ema.state_dict(), config, step)
+            ckpt.save_weights(self.weights, lora.saved_state(ema), config, step)
 
     def ensure_weights(self, step: int, ema: torch.nn.Module, config: AnyConfig) -> None:
         """A resumed finished run whose inference weights were removed gets them back."""
         if ckpt.weights_step(self.weights) is None:
             with self.guard("inference snapshot", step):
-                ckpt.save_weights(self.weights, ema.state_dict(), config, step)
+                ckpt.save_weights(self.weights, lora.saved_state(ema), config, step)

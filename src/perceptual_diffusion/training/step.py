@@ -23,6 +23,7 @@ from perceptual_diffusion.config import LatentRunConfig, RunConfig, TrainConfig
 from perceptual_diffusion.core.losses import MSELoss, SelfPerceptualLoss, drop_condition
 from perceptual_diffusion.core.networks import unwrap
 from perceptual_diffusion.errors import TrainingDiverged
+from perceptual_diffusion.models.lora import saved_state
 from perceptual_diffusion.runtime.distributed import mean_across, rank, world_size
 
 
@@ -56,12 +57,34 @@ def ema_beta(images_seen: int, batch_size: int, halflife_images: int, rampup: fl
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * model, parameters and buffers alike."""
-    ema_t = list(ema.state_dict().values())
-    model_t = list(unwrap(model).state_dict().values())
-    torch._foreach_lerp_(
-        [e for e in ema_t if e.is_floating_point()], [m for m in model_t if m.is_floating_point()], 1.0 - beta
-    )
+    """ema <- beta * ema + (1 - beta) * model, parameters and buffers alike; of a LoRA model the adapter alone (its
+    EMA shares the frozen base, ``lora.frozen_ema``)."""
+    ema_state = saved_state(ema)
+    model_state = unwrap(model).state_dict()
+    keys = [k for k, v in ema_state.items() if v.is_floating_point()]
+    torch._foreach_lerp_([ema_state[k] for k in keys], [model_state[k] for k in keys], 1.0 - beta)
+
+
+DROPOUT_STREAM = 2**33  # the "rank" offset of the seed stream of layers that draw from torch's global generator
+
+
+def seeded_layers(
+    config: RunConfig | LatentRunConfig, step: int, device: torch.device
+) -> contextlib.AbstractContextManager:
+    """For a step whose network draws from torch's global generator (LoRA dropout), that generator seeded by (seed,
+    rank, step) for the step and restored afterwards, so a resumed run replays the same masks; otherwise nothing.
+    The masks follow the rank and micro-batch split, as any dropout's do."""
+    lora = getattr(config, "lora", None)
+    if lora is None or lora.dropout == 0:
+        return contextlib.nullcontext()
+    return _seeded_global(step_seed(config.train.seed, step, rank=DROPOUT_STREAM + rank()), device)
+
+
+@contextlib.contextmanager
+def _seeded_global(seed: int, device: torch.device):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def all_finite(*modules: torch.nn.Module) -> bool:
@@ -219,7 +242,8 @@ def take_step(
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     t.optimizer.zero_grad(set_to_none=True)
-    names, term_means = accumulate_gradients(t.train_model, t.loss_fn, t.source, batch, tc, autocast)
+    with seeded_layers(config, step, device):
+        names, term_means = accumulate_gradients(t.train_model, t.loss_fn, t.source, batch, tc, autocast)
     norm_t = grad_norm(t.model, tc.grad_clip)  # gradients are already averaged: equal on every rank
     *values, norm = torch.cat([term_means, norm_t.detach().float().reshape(1).to(term_means)]).tolist()  # one sync
     logged = dict(zip(names, values))
