@@ -135,6 +135,21 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         for kind, file in BAD_FILES.items()
     },
     # --- impossible options
+    "feature-blocks-with-a-unet": (lambda c: _train(c, "--feature-blocks", "2"), "taps transformer blocks"),
+    "feature-blocks-deeper-than-the-dit": (
+        lambda c: _train(c, "--arch", "dit", "--feature-blocks", "5"),
+        "DiT preset 'tiny' has 4 blocks; choose taps in 1..4",
+    ),
+    "feature-blocks-not-numbers": (
+        lambda c: _train(c, "--arch", "dit", "--feature-blocks", "a,b"),
+        "expected block numbers",
+    ),
+    "dit-patch-does-not-divide-the-image": (
+        lambda c: _train(c, "--arch", "dit", "--image-size", "9"),
+        "its patch size 2 must divide it",
+    ),
+    "dit-unknown-preset": (lambda c: _train(c, "--arch", "dit", "--preset", "medium"), "unknown dit preset"),
+    "dit-with-a-unet-tap": (lambda c: _train(c, "--arch", "dit", "--feature-layer", "down0"), "is a U-Net tap"),
     "lr-negative": (lambda c: _train(c, "--lr", "-0.001"), "--lr must be > 0"),
     "lr-negative-exponent": (lambda c: _train(c, "--lr=-1e-3"), "--lr must be > 0"),
     "lr-zero": (lambda c: _train(c, "--lr", "0"), "--lr must be > 0"),

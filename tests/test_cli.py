@@ -51,7 +51,7 @@ def test_train_on_shapes_writes_a_complete_run_directory(cli_mse_run: Path) -> N
         assert (cli_mse_run / name).is_file(), name
     assert list((cli_mse_run / "samples").glob("step-*.png"))
     config = json.loads((cli_mse_run / "config.json").read_text())
-    assert config["model"] == {"preset": "tiny", "image_size": 8, "channels": 3, "num_classes": 4}
+    assert config["model"] == {"preset": "tiny", "image_size": 8, "channels": 3, "num_classes": 4, "arch": "unet"}
     assert config["loss"]["kind"] == "mse" and config["train"]["steps"] == 3
     assert _log_steps(cli_mse_run) == [1, 2, 3]
 
@@ -60,7 +60,7 @@ def test_train_on_shapes_writes_a_complete_run_directory(cli_mse_run: Path) -> N
 def test_train_on_fashion_mnist(tmp_path: Path, train_cli) -> None:
     assert train_cli(tmp_path, "--data", "fashion-mnist", "--steps", "1") == 0
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model"] == {"preset": "tiny", "image_size": 28, "channels": 1, "num_classes": 10}
+    assert config["model"] == {"preset": "tiny", "image_size": 28, "channels": 1, "num_classes": 10, "arch": "unet"}
     assert (tmp_path / "model.safetensors").is_file()
 
 

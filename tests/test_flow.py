@@ -110,7 +110,7 @@ def test_ddpm_logit_normal_draws_stay_on_the_discrete_grid() -> None:
 # The objective.
 
 
-def _reference_flow_loss(online, teacher, x0, cond, s, eps, s_prime):
+def _reference_flow_loss(online, teacher, x0, cond, s, eps, s_prime, tap="mid"):
     """The self-perceptual loss written straight from the flow formulas (no project schedule code)."""
     r = lambda a: a.reshape(-1, 1, 1, 1)  # noqa: E731
     x_s = (1 - r(s)) * x0 + r(s) * eps
@@ -118,8 +118,8 @@ def _reference_flow_loss(online, teacher, x0, cond, s, eps, s_prime):
     x_hat = x_s + r(s_prime - s) * v_hat  # = (1 - s') x0_hat + s' eps_hat
     x_real = x_s + r(s_prime - s) * (eps - x0)  # = (1 - s') x0 + s' eps
     with torch.no_grad():
-        f_real = teacher.features(x_real, s_prime * T, cond)["mid"]
-    f_hat = teacher.features(x_hat, s_prime * T, cond)["mid"]
+        f_real = teacher.features(x_real, s_prime * T, cond, (tap,))[tap]
+    f_hat = teacher.features(x_hat, s_prime * T, cond, (tap,))[tap]
     return ((f_hat - f_real) ** 2).flatten(1).mean(1)
 
 
@@ -134,8 +134,26 @@ def test_explicit_renoise_is_the_closed_form_x_s_plus_ds_v_hat() -> None:
     torch.testing.assert_close(renoised, x_s + (s_prime - s).reshape(-1, 1, 1, 1) * v_hat, atol=1e-5, rtol=0)
 
 
-def test_self_perceptual_loss_and_gradients_equal_the_flow_reference(flow_models) -> None:
-    online, teacher = flow_models
+@pytest.fixture(scope="module")
+def flow_dits() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(online, frozen teacher): two different perturbed tiny class-conditional flow DiTs (issue 19)."""
+    from perceptual_diffusion.models.architectures import build_model
+
+    mc = ModelConfig(preset="tiny", image_size=TINY_IMAGE, channels=3, num_classes=TINY_CLASSES, arch="dit")
+    pair = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(mc, FLOW)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        pair.append(model)
+    return pair[0].train(), frozen_copy(pair[1])
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_self_perceptual_loss_and_gradients_equal_the_flow_reference(arch: str, request) -> None:
+    online, teacher = request.getfixturevalue("flow_models" if arch == "unet" else "flow_dits")
     x0, eps, cond = _batch(4, seed=5)
     s = torch.tensor([0.05, 0.3, 0.7, 0.99])
     s_prime = torch.tensor([0.9, 0.5, 0.1, 0.6])
@@ -144,7 +162,7 @@ def test_self_perceptual_loss_and_gradients_equal_the_flow_reference(flow_models
     ours.sum().backward()
     grads = {k: p.grad.clone() for k, p in online.named_parameters() if p.grad is not None}
     online.zero_grad()
-    ref = _reference_flow_loss(online, teacher, x0, cond, s, eps, s_prime)
+    ref = _reference_flow_loss(online, teacher, x0, cond, s, eps, s_prime, teacher.default_tap)
     ref.sum().backward()
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
     assert float(ours.detach().min()) > 0

@@ -21,6 +21,7 @@ from perceptual_diffusion.core.losses import SelfPerceptualLoss
 from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.models import latent, loading, lora
+from perceptual_diffusion.models.architectures import build_model
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.training import loop as training
 from perceptual_diffusion.training.rundir import check_same_config
@@ -36,10 +37,10 @@ def _one_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
     return err[0]
 
 
-def _base(seed: int = 0, preset: str = "tiny") -> DiffusionUNet:
+def _base(seed: int = 0, preset: str = "tiny", arch: str = "unet") -> DiffusionUNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return DiffusionUNet(replace(TINY, preset=preset), ScheduleConfig())
+        return build_model(replace(TINY, preset=preset, arch=arch), ScheduleConfig())
 
 
 def _with_adapter(base: DiffusionUNet, dropout: float = 0.0, seed: int = 1) -> DiffusionUNet:
@@ -106,6 +107,10 @@ def test_default_targets_per_architecture_and_only_the_adapter_trains() -> None:
     names = {n for n, p in medium.named_parameters() if p.requires_grad}
     assert names and all(".to_" in n for n in names)
     assert lora.architecture(replace(tiny_config(), model=replace(TINY, preset="medium"))) == "pixel-unet"
+    dit = lora.add_adapter(_base(arch="dit"), LoraConfig(rank=2))  # a DiT: the attention projections of each block
+    names = {n for n, p in dit.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("transformer.transformer_blocks.") and ".attn1.to_" in n for n in names)
+    assert lora.architecture(replace(tiny_config(), model=replace(TINY, arch="dit"))) == "pixel-dit"
 
 
 def test_targets_that_match_nothing_are_refused() -> None:
@@ -153,15 +158,16 @@ def test_teacher_features_with_the_adapter_off_are_the_base_models() -> None:
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("arch", ["unet", "dit"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
-def test_shared_teacher_loss_and_lora_gradients_equal_a_two_copy_reference(checkpointing: bool) -> None:
-    base = _base()
+def test_shared_teacher_loss_and_lora_gradients_equal_a_two_copy_reference(checkpointing: bool, arch: str) -> None:
+    base = _base(arch=arch)
     online = _with_adapter(base, dropout=0.2).train()
     online_ref = copy.deepcopy(online)
     reference_teacher = frozen_copy(base)  # the two-copy reference: a deep-copied frozen base
     if checkpointing:
-        online.unet.enable_gradient_checkpointing()
-        online_ref.unet.enable_gradient_checkpointing()
+        online.enable_gradient_checkpointing()
+        online_ref.enable_gradient_checkpointing()
     config = LossConfig(kind="self-perceptual", teacher="base", feature_layer="all")
     shared_loss = SelfPerceptualLoss(config, lora.BaseTeacher(online))
     reference_loss = SelfPerceptualLoss(config, reference_teacher)

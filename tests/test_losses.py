@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from perceptual_diffusion.config import LossConfig
+from perceptual_diffusion.config import LossConfig, ModelConfig, ScheduleConfig
 from perceptual_diffusion.core.losses import (
     MSELoss,
     SelfPerceptualLoss,
@@ -24,6 +24,7 @@ from perceptual_diffusion.core.losses import (
 )
 from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models.dit import DiffusionDiT
 
 T = 1000
 N = 4
@@ -40,11 +41,17 @@ def _alpha_sigma(model: DiffusionUNet, t: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _teacher_features_by_hooks(teacher: DiffusionUNet, x: torch.Tensor, t, cond) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
-    handles = [
-        block.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(f"down{i}", out[0]))
-        for i, block in enumerate(teacher.unet.down_blocks)
-    ]
-    handles.append(teacher.unet.mid_block.register_forward_hook(lambda m, a, out: captured.__setitem__("mid", out)))
+    if isinstance(teacher, DiffusionDiT):  # a transformer's taps: the output of each block
+        handles = [
+            block.register_forward_hook(lambda m, a, out, k=k: captured.__setitem__(f"block{k}", out))
+            for k, block in enumerate(teacher.transformer.transformer_blocks, start=1)
+        ]
+    else:
+        handles = [
+            block.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(f"down{i}", out[0]))
+            for i, block in enumerate(teacher.unet.down_blocks)
+        ]
+        handles.append(teacher.unet.mid_block.register_forward_hook(lambda m, a, out: captured.__setitem__("mid", out)))
     try:
         teacher(x, t, cond)  # the full forward, decoder included, with autograd on
     finally:
@@ -54,9 +61,20 @@ def _teacher_features_by_hooks(teacher: DiffusionUNet, x: torch.Tensor, t, cond)
 
 
 def reference_self_perceptual(
-    online, teacher, x0, cond, t, eps, t_prime, feature_layer="mid", distance="mse", predicted_noise="predicted"
+    online,
+    teacher,
+    x0,
+    cond,
+    t,
+    eps,
+    t_prime,
+    feature_layer="mid",
+    distance="mse",
+    predicted_noise="predicted",
+    layers=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample perceptual loss, per-sample v-MSE) from the formulas, written out."""
+    """(per-sample perceptual loss, per-sample v-MSE) from the formulas, written out; ``layers``: the hooked taps
+    to sum (default: ``feature_layer``, or every tap for "all")."""
     alpha_t, sigma_t = _alpha_sigma(teacher, t)
     x_t = alpha_t * x0 + sigma_t * eps
     v_hat = online(x_t, t, cond)
@@ -67,7 +85,8 @@ def reference_self_perceptual(
     x_hat_tp = alpha_p * x0_hat + sigma_p * (eps_hat if predicted_noise == "predicted" else eps)
     f_real = _teacher_features_by_hooks(teacher, x_real_tp, t_prime, cond)
     f_hat = _teacher_features_by_hooks(teacher, x_hat_tp, t_prime, cond)
-    layers = ["down0", "down1", "mid"] if feature_layer == "all" else [feature_layer]
+    if layers is None:
+        layers = list(f_hat) if feature_layer == "all" else [feature_layer]
     loss = torch.zeros(x0.shape[0])
     for name in layers:
         diff = f_hat[name] - f_real[name]
@@ -132,6 +151,47 @@ def test_self_perceptual_loss_and_gradients_equal_reference(
     # (At t' = T-1 with the true noise both branches are pure eps and agree: a genuine zero, so test the batch.)
     assert ref_loss.max() > 1e-3, "vacuous: the online model and teacher should disagree"
     _assert_same_grads(ours, _grads(online))
+
+
+def _dit(seed: int) -> DiffusionDiT:
+    """A perturbed tiny class-conditional DiT (4 blocks) on 8x8 RGB, 3 classes like the tiny U-Net."""
+    torch.manual_seed(seed)
+    model = DiffusionDiT(ModelConfig(preset="tiny", image_size=8, num_classes=3, arch="dit"), ScheduleConfig())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+# (the project's tap options, the reference's hooked blocks): the default is the middle block, 2 of 4.
+DIT_TAPS = [
+    ({}, ["block2"]),
+    ({"feature_blocks": (1, 3)}, ["block1", "block3"]),
+    ({"feature_blocks": (4,)}, ["block4"]),
+    ({"feature_layer": "all"}, ["block1", "block2", "block3", "block4"]),
+]
+
+
+@pytest.mark.parametrize(("taps", "layers"), DIT_TAPS, ids=["default", "1,3", "4", "all"])
+@pytest.mark.parametrize("predicted_noise", ["predicted", "true"])
+def test_self_perceptual_loss_and_gradients_equal_reference_with_a_dit(
+    taps: dict, layers: list[str], predicted_noise: str
+) -> None:
+    # The same reference, with a DiT as online model and as frozen teacher (issue 19): hooks on the full forward.
+    online, teacher = _dit(0).train(), frozen_copy(_dit(7))
+    x0, cond, t, eps, t_prime = _batch()
+    loss = self_perceptual_loss(online, teacher, x0, cond, t, eps, t_prime, predicted_noise=predicted_noise, **taps)
+    loss.sum().backward()
+    ours = _grads(online)
+    online.zero_grad(set_to_none=True)
+    ref_loss, _ = reference_self_perceptual(
+        online, teacher, x0, cond, t, eps, t_prime, predicted_noise=predicted_noise, layers=layers
+    )
+    ref_loss.sum().backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert ref_loss.max() > 1e-3, "vacuous: the online model and teacher should disagree"
+    _assert_same_grads(ours, _grads(online))
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 @pytest.mark.parametrize(

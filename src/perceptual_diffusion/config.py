@@ -25,7 +25,14 @@ LPLLayerWeights = Literal["uniform", "power-law"]
 # The external-perceptual network's layers (models.classifier_net.TAPS): blockK, its K-th convolution level (at 28 px
 # block1 28x28 x w, block2 14x14 x 2w, block3 7x7 x 4w); features, the 128-d penultimate layer.
 PerceptualLayer = Literal["block1", "block2", "block3", "features"]
+# The self-perceptual tap by name: "mid" is the paper's mid-block (arXiv 2401.00110, Sec. 3), on a transformer its
+# analogue, the output of the middle block (n // 2 of n); "downK" a U-Net's K-th down block; "all" the sum over every
+# tap. A DiT's taps by depth are LossConfig.feature_blocks.
 FeatureLayer = Literal["mid", "down0", "down1", "down2", "down3", "all"]
+# The denoiser's architecture (models/architectures.py ARCHITECTURES: one builder each; presets per architecture in
+# PRESETS_OF): "unet" the paper's kind of network (diffusers UNet2DModel), "dit" a class-conditional pixel DiT
+# (diffusers DiTTransformer2DModel, Peebles & Xie 2023, arXiv 2212.09748).
+Architecture = Literal["unet", "dit"]
 # t' of the self-perceptual loss: "uniform" is the paper's (Algorithm 1, line 6); "logit-normal" draws it as the
 # family's training-time logit-normal (ScheduleConfig.logit_mean / logit_std) does.
 TPrime = Literal["uniform", "same-as-t", "logit-normal"]
@@ -81,18 +88,21 @@ def _check_types(obj: Any) -> None:
         if optional and value is None:
             continue
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+        if typing.get_origin(base) is tuple:  # tuple[int, ...] or tuple[str, ...] (a list once read from JSON)
+            item = typing.get_args(base)[0]
+            ok = isinstance(value, tuple) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+            kind = "a list of integers" if item is int else "a list of names"
+            _check(ok, f"{_flag(f.name)} must be {kind}, got {value!r}")
+            continue
         if base is bool:
             ok = isinstance(value, bool)
         elif base is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif base is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        elif typing.get_origin(base) is tuple:  # tuple[str, ...]
-            ok = isinstance(value, tuple) and all(isinstance(v, typing.get_args(base)[0]) for v in value)
         else:
             ok = isinstance(value, base)
         kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(base, base)
-        kind = "a list of names" if typing.get_origin(base) is tuple else kind
         _check(ok, f"{_flag(f.name)} must be {kind}, got {value!r}")
 
 
@@ -198,21 +208,69 @@ def min_image_multiple(preset: str) -> int:
 
 
 @dataclass(frozen=True)
+class DiTPreset:
+    """A pixel DiT's size (diffusers DiTTransformer2DModel): ``num_layers`` transformer blocks of ``width`` channels
+    (``num_heads`` heads of width / num_heads), on patches of ``patch_size`` pixels (tokens: (size / patch)^2)."""
+
+    num_layers: int
+    width: int
+    num_heads: int
+    patch_size: int
+    note: str
+
+
+# DiT sizes as plain data (models/dit.py builds one). The CPU sizes follow issue 19: on an earlier build of this
+# module, "small" (6 blocks, width 64, patch 4) took 0.19x the small U-Net's MSE step at 28 px (README
+# "Transformers", to be re-measured); patch 2 has 4x the tokens. "base" is DiT-S/2's size (arXiv 2212.09748,
+# Table 1), sized by FLOPs for one GPU.
+DIT_PRESETS: dict[str, DiTPreset] = {
+    "tiny": DiTPreset(4, 32, 2, 2, "tests only: 4 blocks, width 32, patch 2, 0.12 M parameters"),
+    "small": DiTPreset(6, 64, 4, 4, "CPU: 6 blocks, width 64, patch 4, 0.59 M parameters"),
+    "small-p2": DiTPreset(6, 64, 4, 2, "CPU: small at patch 2 (4x the tokens), 0.59 M parameters"),
+    # unmeasured: no GPU has run it yet
+    "base": DiTPreset(12, 384, 6, 2, "one GPU (unmeasured): DiT-S/2, 12 blocks, width 384, patch 2, 35 M parameters"),
+}
+PRESETS_OF: dict[str, dict[str, Any]] = {"unet": PRESETS, "dit": DIT_PRESETS}
+assert PRESETS_OF.keys() == set(typing.get_args(Architecture))
+
+
+def default_feature_block(preset: str) -> int:
+    """A DiT's default tap: the output of the first n // 2 of its n blocks, the analogue of the paper's mid-block
+    (arXiv 2401.00110, Sec. 3): the teacher then runs half of the network, as a U-Net's encoder half."""
+    return DIT_PRESETS[preset].num_layers // 2
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Which U-Net to build: a named size preset plus the data's shape and number of classes (0: unconditional)."""
+    """Which denoiser to build: an architecture (``arch``, default the U-Net) and its named size preset, plus the
+    data's shape and number of classes (0: unconditional). A config saved before ``arch`` existed reads as a U-Net."""
 
     preset: str = "small"
     image_size: int = 16
     channels: int = 3
     num_classes: int = 4
+    arch: Architecture = "unet"
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check(self.preset in PRESETS, f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        _check_choice(self)
+        presets = PRESETS_OF[self.arch]
+        _check(
+            self.preset in presets,
+            f"unknown {self.arch} preset {self.preset!r}; choose one of {', '.join(presets)} (--arch {self.arch})",
+        )
         _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
         _check(self.num_classes >= 0, "num_classes must be >= 0 (0 means unconditional)")
-        multiple = min_image_multiple(self.preset)
         _check(self.image_size <= MAX_IMAGE_SIZE, f"image size {self.image_size} is above {MAX_IMAGE_SIZE} pixels")
+        if self.arch == "dit":
+            patch = DIT_PRESETS[self.preset].patch_size
+            _check(
+                self.image_size >= patch and self.image_size % patch == 0,
+                f"image size {self.image_size} does not fit DiT preset {self.preset!r}: its patch size {patch} must "
+                f"divide it; choose e.g. --image-size {max(patch, round(self.image_size / patch) * patch)}, or "
+                "another --preset",
+            )
+            return
+        multiple = min_image_multiple(self.preset)
         _check(
             self.image_size >= multiple and self.image_size % multiple == 0,
             f"image size {self.image_size} does not fit preset {self.preset!r}: it must be a multiple of {multiple} "
@@ -278,6 +336,9 @@ class LossConfig:
     kind: LossKind = "mse"
     cond_dropout: float = 0.1
     feature_layer: FeatureLayer = "mid"
+    # A DiT's taps by depth: K is the output of its first K transformer blocks, 1 <= K <= n (several: their sum).
+    # Empty: feature_layer's ("mid": block n // 2, the analogue of the paper's mid-block, arXiv 2401.00110, Sec. 3).
+    feature_blocks: tuple[int, ...] = ()
     t_prime: TPrime = "uniform"
     distance: Distance = "mse"
     predicted_noise: PredictedNoise = "predicted"
@@ -307,7 +368,18 @@ class LossConfig:
     lpl_layer_weights: LPLLayerWeights = "uniform"
 
     def __post_init__(self) -> None:
+        if isinstance(self.feature_blocks, list):  # read back from JSON
+            object.__setattr__(self, "feature_blocks", tuple(self.feature_blocks))
         _check_choice(self)
+        blocks = self.feature_blocks
+        _check(
+            all(k >= 1 for k in blocks), f"--feature-blocks must be >= 1 (K: after the first K blocks), got {blocks}"
+        )
+        _check(len(set(blocks)) == len(blocks), f"--feature-blocks lists a block twice: {blocks}")
+        _check(
+            not blocks or self.feature_layer == "mid",
+            f"--feature-blocks and --feature-layer {self.feature_layer} both choose the tap: give one of them",
+        )
         _check(0.0 <= self.cond_dropout < 1.0, f"condition dropout must be in [0, 1), got {self.cond_dropout}")
         _check(self.mse_weight >= 0.0, f"--mse-weight must be >= 0, got {self.mse_weight}")
         _check(0.0 < self.t_prime_max <= 1.0, f"--t-prime-max must be in (0, 1], got {self.t_prime_max}")
@@ -582,7 +654,31 @@ class RunConfig(_Sections):
             self.model.image_size == self.data.image_size,
             f"model image size {self.model.image_size} differs from data image size {self.data.image_size}",
         )
+        check_taps(self.loss, self.model)
         check_sampler(self.sample, self.schedule)
+
+
+def check_taps(loss: LossConfig, model: ModelConfig) -> None:
+    """The loss's feature taps must exist in the model's architecture (the teacher is the same network)."""
+    blocks = loss.feature_blocks
+    if model.arch != "dit":
+        _check(
+            not blocks,
+            f"--feature-blocks {','.join(map(str, blocks))} taps transformer blocks (--arch dit); a U-Net's taps are "
+            "--feature-layer mid, downK or all",
+        )
+        return
+    n = DIT_PRESETS[model.preset].num_layers
+    _check(
+        loss.feature_layer in ("mid", "all"),
+        f"--feature-layer {loss.feature_layer} is a U-Net tap; a DiT's taps are --feature-blocks K[,K..] (default "
+        f"{n // 2}, the middle of its {n} blocks) or --feature-layer all",
+    )
+    _check(
+        all(k <= n for k in blocks),
+        f"--feature-blocks {','.join(map(str, blocks))}: DiT preset {model.preset!r} has {n} blocks; choose taps "
+        f"in 1..{n}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,6 +749,7 @@ class LatentRunConfig(_Sections):
             not self.sample.clip_x0,
             "clipping x0 to [-1, 1] is for pixels; latents are not bounded: sample latent models without --clip-x0",
         )
+        _check(not self.loss.feature_blocks, "--feature-blocks taps a pixel DiT's blocks (train --arch dit)")
         _check(
             self.loss.kind != "external-perceptual",
             "--loss external-perceptual judges pixels with a classifier of the built-in data: use it with the pixel "

@@ -226,7 +226,9 @@ Reference statistics are cached per (data, extractor) in $PD_CACHE_DIR (default 
         "DDIMScheduler set to the training schedule and this project's DDIM sampler, plus the full configuration, "
         "so that sample, evaluate and train --init-from / --teacher read the folder back losslessly. For a "
         "class-conditional model the pipeline draws unconditional samples; unet_conditional/ and the folder's "
-        "README.md show class-conditional sampling with CFG.",
+        "README.md show class-conditional sampling with CFG. A pixel DiT (train --arch dit) fits no diffusers "
+        "pipeline: its folder holds transformer/ (DiTTransformer2DModel) and scheduler/, with the sampling loop in "
+        "its README.md.",
     )
     p.add_argument("model", help="a run directory, a model.safetensors weights file or an exported folder")
     p.add_argument("--out", required=True, help="folder to write (written atomically: complete or not at all)")

@@ -9,8 +9,8 @@ import argparse
 import math
 from dataclasses import replace
 
-from perceptual_diffusion.cli.options import add_data_options, data_config
-from perceptual_diffusion.config import PRESETS, ModelConfig, ScheduleConfig, TrainConfig
+from perceptual_diffusion.cli.options import add_arch_option, add_data_options, data_config
+from perceptual_diffusion.config import PRESETS_OF, ModelConfig, ScheduleConfig, TrainConfig
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.experiments.budgets import BUDGET_NOTES, BUDGETS, Budget, with_stage1
 
@@ -87,10 +87,16 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
         check_teacher_from(args.teacher_from)
         budget = replace(budget, teacher=args.teacher_from)
     budget = _with_schedule(budget, args)
+    arch = getattr(args, "arch", None) or budget.arch
+    if arch != budget.arch and args.preset is None:
+        raise UserError(
+            f"--arch {arch} needs --preset: the budget's {budget.preset!r} is a {budget.arch} size; choose one of "
+            f"{', '.join(PRESETS_OF[arch])}"
+        )
     if args.preset is not None:
-        if args.preset not in PRESETS:
-            raise UserError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        budget = replace(budget, preset=args.preset)
+        if args.preset not in PRESETS_OF[arch]:
+            raise UserError(f"unknown {arch} --preset {args.preset!r}; choose one of {', '.join(PRESETS_OF[arch])}")
+        budget = replace(budget, arch=arch, preset=args.preset)
     if args.data is not None:
         budget = replace(budget, data=data_config(args))
     else:  # the data options without --data change the budget's own data, never go unused
@@ -109,7 +115,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     # The network the budget trains must exist at its image size, and its batch must be one a run takes: checked now
     # by the configs that type them, before the folder records settings that no rerun could then change.
     if budget.teacher is None:  # (a teacher brought by the user is its own network)
-        ModelConfig(preset=budget.preset, image_size=budget.data.image_size)
+        ModelConfig(preset=budget.preset, image_size=budget.data.image_size, arch=budget.arch)
     TrainConfig(batch_size=budget.batch_size, warmup_images=0)
     return budget
 
@@ -168,7 +174,13 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="override the step cap of each stage-1 phase")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's stage-2 steps")
-    p.add_argument("--preset", default=None, help=f"override the budget's U-Net size ({', '.join(PRESETS)})")
+    add_arch_option(p, default=None)
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="override the budget's model size; "
+        + "; ".join(f"--arch {arch}: {', '.join(presets)}" for arch, presets in PRESETS_OF.items()),
+    )
     p.add_argument("--batch-size", type=int, default=None, help="override the budget's batch size")
     p.add_argument("--eval-samples", type=int, default=None, help="override the samples per evaluation")
     p.add_argument("--curve-samples", type=int, default=None, help="override the samples per curve/sweep point")

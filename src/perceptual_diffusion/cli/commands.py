@@ -62,8 +62,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args, config.sample, max_steps=config.schedule.num_train_timesteps, schedule=config.schedule
     )
     guide = _guide_option(args, model, device)
-    mc = model.model_config
-    check_fits_in_memory(args.n, mc.channels, mc.image_size, grid=bool(args.out))
+    channels, size, _ = model.sample_shape
+    check_fits_in_memory(args.n, channels, size, grid=bool(args.out))
     seeds = range(args.seed, args.seed + args.n)  # a range, not a list: nothing is built per image before sampling
     labels = _labels_option(args, model.num_classes, seeds)
     if labels is None and cfg.cfg_scale != 1.0 and guide is None:
@@ -131,11 +131,11 @@ def _guide_option(args: argparse.Namespace, model: Any, device: Any) -> Any:
 
     guide, _, _ = load_model(args.guide, device, kind="pixel")
     check_finite_model(guide, args.guide)
-    ours, theirs = model.model_config, guide.model_config
-    if (theirs.channels, theirs.image_size, theirs.num_classes) != (ours.channels, ours.image_size, ours.num_classes):
+    (c, size, _), (gc, gsize, _) = model.sample_shape, guide.sample_shape
+    if (gc, gsize, guide.num_classes) != (c, size, model.num_classes):
         raise UserError(
-            f"--guide {args.guide} makes {theirs.channels}x{theirs.image_size}px images of {theirs.num_classes} "
-            f"classes, the model {ours.channels}x{ours.image_size}px of {ours.num_classes}: autoguidance needs a "
+            f"--guide {args.guide} makes {gc}x{gsize}px images of {guide.num_classes} "
+            f"classes, the model {c}x{size}px of {model.num_classes}: autoguidance needs a "
             "weaker model of the same task"
         )
     check_guide(model, guide)
@@ -164,7 +164,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     from perceptual_diffusion.experiments.ablation import default_variants, run_ablation
 
     seeds = parse_seeds(args.seeds)
-    variants = default_variants()
+    budget = budget_from_args(args)
+    variants = default_variants(budget)
     if args.variants is not None:  # '' names no variant: refused below, never read as "all of them"
         names = args.variants.split(",")
         unknown = sorted(set(names) - {v.name for v in variants})
@@ -172,7 +173,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             raise UserError(f"unknown --variants {unknown}; choose from {', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in names]
     result_dir = Path(args.out)
-    run_ablation(result_dir, budget_from_args(args), variants, device=args.device, seeds=seeds)
+    run_ablation(result_dir, budget, variants, device=args.device, seeds=seeds)
     print(f"report: {result_dir / 'ablation.md'}")
 
 
@@ -305,10 +306,15 @@ def cmd_export(args: argparse.Namespace) -> None:
         out = export_adapter(args.model, args.out, force=args.force)
         print(
             f"wrote {out} (a PEFT LoRA adapter on {weights_config(args.model)[0].train.init_from}; --merge-lora "
-            "writes the merged model as a DDIMPipeline folder)"
+            "writes the merged model as a diffusers folder)"
         )
         return
     overrides = {k: v for k, v in (("spacing", args.spacing), ("clip_x0", args.clip_x0)) if v is not None}
-    sample = replace(weights_config(args.model)[0].sample, **overrides)  # the run's own setting unless overridden
+    config = weights_config(args.model)[0]
+    sample = replace(config.sample, **overrides)  # the run's own setting unless overridden
     out = export_diffusers(args.model, args.out, sample, force=args.force)
-    print(f"wrote {out} (load it with diffusers.DDIMPipeline.from_pretrained; see {out / 'README.md'})")
+    if config.model.arch == "dit":  # no pipeline fits a pixel DiT: the model, the scheduler and a loop
+        print(f"wrote {out} (transformer/ and scheduler/; the diffusers sampling loop is in {out / 'README.md'})")
+        return
+    pipeline = "DDPMPipeline" if config.schedule.family == "flow" else "DDIMPipeline"
+    print(f"wrote {out} (load it with diffusers.{pipeline}.from_pretrained; see {out / 'README.md'})")

@@ -11,7 +11,7 @@ import typing
 from typing import Any
 
 from perceptual_diffusion.config import (
-    PRESETS,
+    PRESETS_OF,
     SOURCES,
     DataConfig,
     LoraConfig,
@@ -94,14 +94,36 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     add_training_options(p)
 
 
+def preset_help() -> str:
+    """Every architecture's presets with their notes, for --preset's help."""
+    return " | ".join(
+        f"{arch}: " + "; ".join(f"{k}: {v.note}" for k, v in presets.items()) for arch, presets in PRESETS_OF.items()
+    )
+
+
+def preset_names() -> list[str]:
+    return sorted({name for presets in PRESETS_OF.values() for name in presets})
+
+
+def add_arch_option(g: argparse._ActionsContainer, default: str | None = "unet") -> None:
+    g.add_argument(
+        "--arch",
+        choices=choices(ModelConfig, "arch"),
+        default=default,
+        help="denoiser architecture: unet (diffusers UNet2DModel, default) or dit (a class-conditional pixel DiT, "
+        "diffusers DiTTransformer2DModel)" + ("" if default else "; default: the budget's"),
+    )
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The pixel U-Net (preset, conditioning) and its diffusion schedule."""
+    """The pixel denoiser (architecture, preset, conditioning) and its diffusion schedule."""
     g = p.add_argument_group("model and diffusion")
+    add_arch_option(g)
     g.add_argument(
         "--preset",
-        choices=list(PRESETS),
+        choices=preset_names(),
         default="small",
-        help="U-Net size: " + "; ".join(f"{k}: {v.note}" for k, v in PRESETS.items()),
+        help="size preset of --arch (default small): " + preset_help(),
     )
     g.add_argument("--unconditional", action="store_true", help="ignore class labels (no CFG possible)")
     add_schedule_options(g)
@@ -200,6 +222,15 @@ def add_objective_options(p: argparse.ArgumentParser, latent: bool = False) -> N
         default="mid",
         help="self-perceptual feature tap of the teacher: mid block (paper), a down block, or the sum of all",
     )
+    if not latent:
+        g.add_argument(
+            "--feature-blocks",
+            type=feature_blocks,
+            default=(),
+            metavar="K[,K..]",
+            help="--arch dit: self-perceptual taps after the first K transformer blocks, summed (default: the "
+            "middle block, n // 2 of n, the analogue of the paper's mid-block)",
+        )
     g.add_argument(
         "--t-prime",
         choices=choices(LossConfig, "t_prime"),
@@ -393,6 +424,14 @@ def add_bookkeeping_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def feature_blocks(text: str) -> tuple[int, ...]:
+    """--feature-blocks K[,K..] as the integers of ``LossConfig.feature_blocks``."""
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers like 3 or 1,3, got {text!r}") from None
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
     """Build the RunConfig from parsed ``train`` options; the data decides channels and classes."""
     from perceptual_diffusion.data.datasets import data_shape
@@ -403,6 +442,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         schedule=schedule,
         model=ModelConfig(
+            arch=args.arch,
             preset=args.preset,
             image_size=data.image_size,
             channels=channels,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from perceptual_diffusion.config import LossConfig
-from perceptual_diffusion.core.networks import DiffusionModel
+from perceptual_diffusion.core.networks import DiffusionModel, block_taps
 from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.errors import UserError
 
@@ -124,6 +124,7 @@ def self_perceptual_loss(
     t_prime: Tensor,
     *,
     feature_layer: str = "mid",
+    feature_blocks: tuple[int, ...] = (),
     distance: str = "mse",
     predicted_noise: str = "predicted",
     feature_norm: str = "none",
@@ -146,6 +147,7 @@ def self_perceptual_loss(
         eps,
         t_prime,
         feature_layer=feature_layer,
+        feature_blocks=feature_blocks,
         distance=distance,
         predicted_noise=predicted_noise,
         feature_norm=feature_norm,
@@ -163,6 +165,7 @@ def perceptual_from_prediction(
     t_prime: Tensor,
     *,
     feature_layer: str = "mid",
+    feature_blocks: tuple[int, ...] = (),
     distance: str = "mse",
     predicted_noise: str = "predicted",
     feature_norm: str = "none",
@@ -174,7 +177,7 @@ def perceptual_from_prediction(
     x_real = schedule.add_noise(x0, eps, t_prime)
     x_hat = schedule.add_noise(x0_hat, noise_hat, t_prime)
 
-    taps = teacher.taps if feature_layer == "all" else (feature_layer,)
+    taps = resolve_taps(teacher, feature_layer, feature_blocks)
     # Why two calls and not one batched call: the real branch needs no graph at all, and under no_grad it also
     # skips storing activations; batching both through one graph would make backward run over 2N samples.
     with torch.no_grad():
@@ -183,6 +186,19 @@ def perceptual_from_prediction(
     # the online model. The teacher's parameters have requires_grad False, so backward computes no weight grads.
     f_hat = teacher.features(x_hat, t_prime, cond, taps)
     return sum(feature_distance(f_hat[k], f_real[k], distance, feature_norm) for k in taps)
+
+
+def resolve_taps(
+    teacher: DiffusionModel, feature_layer: str = "mid", feature_blocks: tuple[int, ...] = ()
+) -> tuple[str, ...]:
+    """The teacher's taps the loss compares (their sum): a DiT's ``blockK`` for ``feature_blocks``, every tap for
+    "all", the teacher's ``default_tap`` for "mid" (the paper's mid-block, arXiv 2401.00110, Sec. 3, or a
+    transformer's middle block), else the one named tap."""
+    if feature_blocks:
+        return block_taps(feature_blocks)
+    if feature_layer == "all":
+        return teacher.taps
+    return (teacher.default_tap,) if feature_layer == "mid" else (feature_layer,)
 
 
 class SelfPerceptualLoss:
@@ -195,10 +211,16 @@ class SelfPerceptualLoss:
     def __init__(self, config: LossConfig, teacher: DiffusionModel, schedule: NoiseSchedule | None = None) -> None:
         if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
             raise ValueError("the teacher must be frozen: call .eval().requires_grad_(False) (networks.frozen_copy)")
-        if config.feature_layer not in teacher.taps and config.feature_layer != "all":
-            raise UserError(
-                f"--feature-layer {config.feature_layer} is not in this network (it has {', '.join(teacher.taps)})"
+        missing = [
+            k for k in resolve_taps(teacher, config.feature_layer, config.feature_blocks) if k not in teacher.taps
+        ]
+        if missing:
+            option = (
+                f"--feature-blocks {','.join(map(str, config.feature_blocks))}"
+                if config.feature_blocks
+                else f"--feature-layer {config.feature_layer}"
             )
+            raise UserError(f"{option} is not in this network (it has {', '.join(teacher.taps)})")
         self.config = config
         self.teacher = teacher
         # The run's schedule draws t (its training-time distribution may differ from the teacher's); the teacher's
@@ -244,6 +266,7 @@ class SelfPerceptualLoss:
             eps,
             t_prime,
             feature_layer=self.config.feature_layer,
+            feature_blocks=self.config.feature_blocks,
             distance=self.config.distance,
             predicted_noise=self.config.predicted_noise,
             feature_norm=self.config.feature_norm,

@@ -1,5 +1,7 @@
-"""The model protocol (``DiffusionModel``), the pixel-space U-Net (diffusers ``UNet2DModel``) and the explicit
-feature taps of a U-Net's encoder half, shared with the latent models.
+"""The model protocols (``DiffusionModel``, and ``PixelModel`` for pixel denoisers of any architecture), the
+pixel-space U-Net (diffusers ``UNet2DModel``) and the explicit feature taps of a U-Net's encoder half, shared with
+the latent models. Other architectures live in ``models/`` (``models/dit.py``), registered by name in
+``models/architectures.py``; nothing outside the model modules reads a model's inner network or its ModelConfig.
 
 ``DiffusionUNet`` owns its noise schedule, because a trained network only means something together with the
 schedule and prediction type it was trained for. ``features`` runs only the encoder half (time embedding, input
@@ -15,7 +17,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from perceptual_diffusion.config import PRESETS, ModelConfig, ScheduleConfig
+from perceptual_diffusion.config import PRESETS, ModelConfig, ScheduleConfig, min_image_multiple
 from perceptual_diffusion.core.schedule import NoiseSchedule, build_schedule
 
 
@@ -44,6 +46,12 @@ def encoder_taps(num_down_blocks: int) -> tuple[str, ...]:
     return tuple(f"down{i}" for i in range(num_down_blocks)) + ("mid",)
 
 
+def block_taps(blocks: tuple[int, ...] | range) -> tuple[str, ...]:
+    """A transformer's taps by depth: ``blockK`` is the hidden state after its first K blocks (``models/dit.py``;
+    ``LossConfig.feature_blocks`` names them by K)."""
+    return tuple(f"block{k}" for k in blocks)
+
+
 class DiffusionModel(Protocol):
     """What losses, the sampler and the training loop need of a model, pixel (``DiffusionUNet``) or latent
     (``latent.TextConditionedUNet``): ``model(x_t, t, cond)`` is the network output (v, eps or x0 by the schedule's
@@ -64,9 +72,44 @@ class DiffusionModel(Protocol):
 
     def null_condition(self, cond: Tensor) -> Tensor: ...
 
+    @property
+    def default_tap(self) -> str:
+        """The tap of the paper's objective (arXiv 2401.00110, Sec. 3: the mid-block, or its analogue)."""
+        ...
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward (the speed option ``--grad-checkpointing``)."""
+        ...
+
+
+class PixelModel(DiffusionModel, Protocol):
+    """What the training loop, the sampler, evaluation, export and the losses need of a class-conditional (or
+    unconditional) pixel denoiser, whatever its architecture (``DiffusionUNet`` here, ``models.dit.DiffusionDiT``):
+    the images it makes (``sample_shape``), its classes and null label (CFG's unconditional branch; condition
+    dropout), its taps, the down-sampling strides of the grid-artifact probe, gradient checkpointing, the schedule,
+    and ``model_config``, the config a checkpoint records (read by the model modules only)."""
+
+    model_config: ModelConfig
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def null_label(self) -> int: ...
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Pixel periods at which the network's structure could print a grid into its samples (spectrum.py)."""
+        ...
+
 
 class DiffusionUNet(nn.Module):
-    """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss."""
+    """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss (a ``PixelModel``)."""
 
     def __init__(self, model_config: ModelConfig, schedule_config: ScheduleConfig) -> None:
         super().__init__()
@@ -88,6 +131,23 @@ class DiffusionUNet(nn.Module):
     def taps(self) -> tuple[str, ...]:
         """The feature taps this network has: one per down block, then the mid block."""
         return encoder_taps(len(self.unet.down_blocks))
+
+    @property
+    def default_tap(self) -> str:
+        return "mid"  # arXiv 2401.00110, Sec. 3: the mid-block output
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        mc = self.model_config
+        return (mc.channels, mc.image_size, mc.image_size)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """The down-sampling strides 2, 4, ..., 2^(L-1) pixels of a U-Net with L resolution levels."""
+        return tuple(2**k for k in range(1, min_image_multiple(self.model_config.preset).bit_length()))
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
 
     def null_condition(self, cond: Tensor) -> Tensor:
         """The 'no condition' input matching a batch of conditions (CFG's unconditional branch)."""

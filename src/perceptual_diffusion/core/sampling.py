@@ -15,7 +15,7 @@ from torch import Tensor
 
 from perceptual_diffusion.config import SampleConfig, check_sampler
 from perceptual_diffusion.core.guidance import build_guidance
-from perceptual_diffusion.core.networks import DiffusionModel, DiffusionUNet
+from perceptual_diffusion.core.networks import DiffusionModel, PixelModel
 from perceptual_diffusion.core.schedule import NoiseSchedule
 from perceptual_diffusion.runtime import distributed
 from perceptual_diffusion.runtime.progress import progress as progress_iter
@@ -119,36 +119,35 @@ def sample_stream(
 
 
 def sample_batches(
-    model: DiffusionUNet,
+    model: PixelModel,
     seeds: Sequence[int],
     labels: Tensor | None,
     config: SampleConfig,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    guide: DiffusionUNet | None = None,
+    guide: PixelModel | None = None,
     progress: bool = False,
 ) -> Iterator[Tensor]:
     """Batches of samples of a pixel model for ``seeds`` (labels: one per seed, or None for unconditional)."""
-    mc = model.model_config
-    if labels is not None and mc.num_classes == 0:
+    if labels is not None and model.num_classes == 0:
         raise ValueError("labels given, but the model is unconditional")
-    if config.cfg_scale != 1.0 and mc.num_classes == 0 and guide is None:
+    if config.cfg_scale != 1.0 and model.num_classes == 0 and guide is None:
         raise ValueError("classifier-free guidance needs a class-conditional model (or a guide model)")
     if config.cfg_scale != 1.0 and labels is None and guide is None:
         raise ValueError("classifier-free guidance needs labels; unconditional samples use --cfg-scale 1")
-    shape = (mc.channels, mc.image_size, mc.image_size)
+    shape = model.sample_shape
     cond_of = (lambda start, end: None) if labels is None else (lambda start, end: labels[start:end])
     yield from sample_stream(model, shape, seeds, cond_of, config, batch_size, device, guide, progress)
 
 
 def sample(
-    model: DiffusionUNet,
+    model: PixelModel,
     seeds: Sequence[int],
     labels: Tensor | None,
     config: SampleConfig,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    guide: DiffusionUNet | None = None,
+    guide: PixelModel | None = None,
     progress: bool = False,
 ) -> Tensor:
     """All samples for ``seeds`` as one tensor (N, C, H, W) in [-1, 1]; use :func:`sample_batches` to stream."""
@@ -157,13 +156,13 @@ def sample(
 
 
 def sample_sharded(
-    model: DiffusionUNet,
+    model: PixelModel,
     seeds: Sequence[int],
     labels: Tensor | None,
     config: SampleConfig,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    guide: DiffusionUNet | None = None,
+    guide: PixelModel | None = None,
 ) -> Tensor | None:
     """Under torchrun, each process samples seeds[rank::world] and rank 0 gets all samples in seed order (the
     others None); in a single process, the same as :func:`sample`. Per-image seeds make the split exact."""

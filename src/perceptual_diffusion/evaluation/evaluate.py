@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from perceptual_diffusion.config import DataConfig, SampleConfig
-from perceptual_diffusion.core.networks import DiffusionUNet
+from perceptual_diffusion.core.networks import PixelModel
 from perceptual_diffusion.core.sampling import labels_for_seeds, sample_batches
 from perceptual_diffusion.data.datasets import Dataset
 from perceptual_diffusion.errors import UserError
@@ -53,7 +53,7 @@ from perceptual_diffusion.evaluation.reference import (
     nearest_train_metric,
     reference_stats,
 )
-from perceptual_diffusion.evaluation.spectrum import DEFAULT_STRIDES, SpectrumStats, measure, preset_strides
+from perceptual_diffusion.evaluation.spectrum import DEFAULT_STRIDES, SpectrumStats, measure
 from perceptual_diffusion.runtime import distributed
 from perceptual_diffusion.runtime.checkpoint import atomic_write
 
@@ -63,7 +63,7 @@ KID_SE_BLOCKS = 10
 
 
 def evaluate_model(
-    model: DiffusionUNet,
+    model: PixelModel,
     sample_config: SampleConfig,
     data: DataConfig,
     n: int,
@@ -71,7 +71,7 @@ def evaluate_model(
     seeds: list[int] | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    guide: DiffusionUNet | None = None,
+    guide: PixelModel | None = None,
     use_labels: bool = True,
     progress: bool = False,
     **options: Any,
@@ -81,7 +81,7 @@ def evaluate_model(
 
     Conditional models get labels drawn in the training data's class proportions (``use_labels=False``: the null
     label). Under torchrun each process samples and featurises seeds[rank::world] and rank 0 scores them in seed
-    order; every process returns the same numbers. The grid probe's ``strides`` default to the preset's.
+    order; every process returns the same numbers. The grid probe's ``strides`` default to the model's.
     """
     seeds = _check_seeds(seeds, n)
     check_options(options)
@@ -89,14 +89,14 @@ def evaluate_model(
     if options.get("per_sample_path") is not None and distributed.world_size() > 1:
         raise UserError("per-sample output needs one process: evaluate without torchrun to write it")
     ds, _ = dataset_and_hash(data)
-    mc = model.model_config
-    if (mc.channels, mc.image_size) != (ds.channels, ds.image_size):
+    channels, size, _ = model.sample_shape
+    if (channels, size) != (ds.channels, ds.image_size):
         raise UserError(
-            f"the model makes {mc.channels}x{mc.image_size}px images but the reference data {ds.name} is "
+            f"the model makes {channels}x{size}px images but the reference data {ds.name} is "
             f"{ds.channels}x{ds.image_size}px"
         )
     labels = _sampling_labels(model, ds, seeds, use_labels)
-    options["strides"] = strides = tuple(options.get("strides") or preset_strides(mc.preset))
+    options["strides"] = strides = tuple(options.get("strides") or model.strides)
     if labels is None and sample_config.cfg_scale != 1.0 and guide is None:
         raise UserError("classifier-free guidance needs labels: use cfg scale 1 for unconditional samples")
     with distributed.main_first():  # under torchrun, rank 0 fills the disk cache and the others read it
@@ -286,10 +286,10 @@ def _check_seeds(seeds: list[int] | None, n: int) -> list[int]:
     return seeds
 
 
-def _sampling_labels(model: DiffusionUNet, ds: Dataset, seeds: list[int], use_labels: bool) -> Tensor | None:
+def _sampling_labels(model: PixelModel, ds: Dataset, seeds: list[int], use_labels: bool) -> Tensor | None:
     """Labels in the training data's class proportions, one per seed (whatever the reference split, so both
     splits score the very same samples); None for an unconditional model or ``use_labels=False``."""
-    k = model.model_config.num_classes
+    k = model.num_classes
     if k == 0 or not use_labels:
         return None
     counts = torch.bincount(ds.labels, minlength=ds.num_classes).double()

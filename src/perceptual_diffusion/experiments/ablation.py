@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from perceptual_diffusion.config import LossConfig, default_sampler
+from perceptual_diffusion.config import DIT_PRESETS, LossConfig, default_sampler
 from perceptual_diffusion.experiments.ablation_report import row_key, write_ablation_report
 from perceptual_diffusion.experiments.analysis import paired
 from perceptual_diffusion.experiments.budgets import Budget
@@ -52,15 +52,33 @@ class Variant:
     note: str = ""
 
 
-def default_variants() -> list[Variant]:
-    """The ablation grid: one change at a time from the paper's defaults."""
+def tap_variants(budget: Budget | None) -> list[Variant]:
+    """The tap variants: a U-Net's first down block and the sum of all taps; a DiT's (issue 19) quarter and
+    three-quarter depths beside its default middle block, and the sum over all blocks."""
+    if budget is None or budget.arch == "unet":
+        return [
+            Variant("sp-down0", replace(SP, feature_layer="down0"), note="tap after the first down block"),
+            Variant("sp-all", replace(SP, feature_layer="all"), note="sum over all taps"),
+        ]
+    n = DIT_PRESETS[budget.preset].num_layers
+    depths = sorted({max(1, n // 4), max(1, 3 * n // 4)} - {n // 2})
+    return [
+        *(
+            Variant(f"sp-block{k}", replace(SP, feature_blocks=(k,)), note=f"tap after block {k} of {n}")
+            for k in depths
+        ),
+        Variant("sp-all", replace(SP, feature_layer="all"), note=f"sum over all {n} block taps"),
+    ]
+
+
+def default_variants(budget: Budget | None = None) -> list[Variant]:
+    """The ablation grid: one change at a time from the paper's defaults (the taps by ``budget``'s architecture)."""
     return [
         Variant("mse-continued", MSE, note="baseline: MSE continued from the same weights"),
         Variant("self-perceptual", SP, note="paper defaults: mid block, uniform t', MSE distance, predicted noise"),
         Variant("sp-lr/10", SP, lr_factor=0.1, note="learning rate / 10"),
         Variant("sp-lr*5", SP, lr_factor=5.0, note="learning rate x 5"),
-        Variant("sp-down0", replace(SP, feature_layer="down0"), note="tap after the first down block"),
-        Variant("sp-all", replace(SP, feature_layer="all"), note="sum over all taps"),
+        *tap_variants(budget),
         Variant("sp+mse", replace(SP, mse_weight=1.0), note="self-perceptual + 1.0 x MSE"),
         Variant("sp-true-eps", replace(SP, predicted_noise="true"), note="true eps in the predicted branch"),
         Variant("sp-channel-norm", replace(SP, feature_norm="channel"), note="features unit-normalised (LPIPS)"),
@@ -125,7 +143,7 @@ def run_ablation(
     only by a call that covers every seed, from the cached evaluations.
     """
     out = Path(out)
-    variants = variants or default_variants()
+    variants = variants or default_variants(budget)
     make_out_dir(out, command="ablate")
     check_settings(out, {"budget": asdict(budget), "data": asdict(budget.data)}, fields=SHARED_FIELDS)
     ctx = make_context(out, budget, budget.data, device)

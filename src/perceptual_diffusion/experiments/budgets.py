@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from perceptual_diffusion.config import PRESETS, DataConfig, LossConfig, ScheduleConfig
+from perceptual_diffusion.config import PRESETS_OF, Architecture, DataConfig, LossConfig, ScheduleConfig
 from perceptual_diffusion.errors import UserError
 
 
@@ -126,6 +126,8 @@ class Budget:
     domain_classifier: str | None = None  # the shipped classifier's version (None: the current one)
     # The forward process of every model of the comparison (issue 18): the paper's zero-SNR DDPM, or rectified flow.
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The denoiser's architecture (issue 19; ``preset`` is one of its presets): the U-Net, or a pixel DiT.
+    arch: Architecture = "unet"
 
     def __post_init__(self) -> None:
         # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is
@@ -133,8 +135,12 @@ class Budget:
         counts = ("batch_size", "finetune_steps", "sample_steps", "eval_samples", "curve_samples", "training_seeds")
         for name in (*counts, "eval_repeats", "bootstrap", "loss_batch"):
             _check_count(self, name)
-        if self.preset not in PRESETS:
-            raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.arch not in PRESETS_OF:
+            raise UserError(f"unknown --arch {self.arch!r}; choose one of {', '.join(PRESETS_OF)}")
+        if self.preset not in PRESETS_OF[self.arch]:
+            raise UserError(
+                f"unknown {self.arch} --preset {self.preset!r}; choose one of {', '.join(PRESETS_OF[self.arch])}"
+            )
         if not self.finetune_lrs or not all(_positive(lr) for lr in self.finetune_lrs):
             raise UserError(f"a budget needs at least one stage-2 learning rate, all > 0, got {self.finetune_lrs}")
         if not (isinstance(self.finetune_warmup, (int, float)) and 0 <= self.finetune_warmup < 1):

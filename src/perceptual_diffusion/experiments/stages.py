@@ -35,6 +35,7 @@ STAGE2_SEED_OFFSET = 1000  # stage 2 of training seed s uses seed 1000 + s: it n
 def _model_config(budget: Budget, data: DataConfig, unconditional: bool) -> ModelConfig:
     channels, num_classes = data_shape(data)
     return ModelConfig(
+        arch=budget.arch,
         preset=budget.preset,
         image_size=data.image_size,
         channels=channels,

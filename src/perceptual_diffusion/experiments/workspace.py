@@ -166,8 +166,9 @@ def check_settings(out: Path, settings: dict[str, Any], fields: tuple[str, ...] 
     )
     old, new = _flat(stored), _flat(current)
     # Fields added since the folder was made hold their defaults there (a folder from before the schedule families
-    # ran the DDPM family): missing from the old settings, they compare as that default.
-    added = _flat({"budget": {"schedule": dataclasses.asdict(ScheduleConfig())}})
+    # ran the DDPM family, one from before the architectures a U-Net): missing from the old settings, they compare
+    # as that default.
+    added = _flat({"budget": {"schedule": dataclasses.asdict(ScheduleConfig()), "arch": "unet"}})
     old = {**{k: v for k, v in added.items() if k in new}, **old}
     changed = [k for k in sorted(set(old) | set(new)) if keep(k) and old.get(k) != new.get(k)]
     if changed:

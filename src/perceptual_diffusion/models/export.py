@@ -8,6 +8,10 @@ An exported folder holds:
     perceptual_diffusion_config.json      our RunConfig and step, so that importing the folder is lossless
     README.md                             how to sample from it with diffusers
 
+A pixel DiT (``--arch dit``) fits no diffusers pipeline (``DiTPipeline`` needs a VAE; ``DDPMPipeline`` calls the
+model without labels), so its folder holds ``transformer/`` (``DiTTransformer2DModel.save_pretrained``) and
+``scheduler/`` (the family's scheduler, ``SCHEDULERS``), the config record and a README with the sampling loop.
+
 Why DDPMPipeline for flow: its loop is set_timesteps, then unet(x, t) and scheduler.step for each t, which is exactly
 Euler with the scheduler it is given; DDIMPipeline would convert any scheduler to DDIM on load. Both pipelines call
 ``unet(x, t)`` without class labels, and a ``UNet2DModel`` with a class embedding refuses
@@ -34,14 +38,24 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, FlowMatchEulerD
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from perceptual_diffusion.config import PRESETS, DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
+from perceptual_diffusion.config import (
+    DIT_PRESETS,
+    PRESETS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    ScheduleConfig,
+)
 from perceptual_diffusion.core.networks import DiffusionUNet, build_unet
 from perceptual_diffusion.core.schedule import FlowSchedule
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.models import lora
+from perceptual_diffusion.models.architectures import build_model
+from perceptual_diffusion.models.dit import DiffusionDiT, dit_config_from_transformer
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import ownership
-from perceptual_diffusion.runtime.checkpoint import UNET_DIR, is_diffusers_folder
+from perceptual_diffusion.runtime.checkpoint import TRANSFORMER_DIR, UNET_DIR, is_diffusers_folder
 
 CONFIG_FILE = "perceptual_diffusion_config.json"
 EXPORT_KIND = "export"  # the ownership kind of `export` and `latent export` folders (runtime/ownership.py)
@@ -262,6 +276,68 @@ images = (x / 2 + 0.5).clamp(0, 1)
 """
 
 
+_DIT_README = """# {name}: a perceptual-diffusion pixel DiT in diffusers format
+
+Exported from `{source}` (step {step}). Full training configuration: `{config_file}`.
+
+No diffusers pipeline fits a pixel DiT (`DiTPipeline` decodes latents with a VAE; `DDPMPipeline` passes no class
+labels), so this folder holds the model, `transformer/` (a `DiTTransformer2DModel`), and `scheduler/` (a
+`{scheduler}`: {schedule}). Its step loop is perceptual-diffusion's sampler: for the same seeds it gives the same
+images as `perceptual-diffusion sample --seed S` (to float rounding{caveat}). Label {k} is the null class
+(classifier-free guidance's unconditional branch, and every image of an unconditional model).
+
+```python
+import torch
+from diffusers import {scheduler}, DiTTransformer2DModel
+
+c, w, n = 0, 1.0, 4  # class, CFG scale (1: no guidance), number of images
+transformer = DiTTransformer2DModel.from_pretrained("{name}", subfolder="transformer").eval()
+scheduler = {scheduler}.from_pretrained("{name}", subfolder="scheduler")
+labels = torch.tensor([c] * n)  # an unconditional model: torch.full((n,), {k})
+null = torch.full_like(labels, {k})
+x = torch.stack([torch.randn({channels}, {size}, {size}, generator=torch.Generator().manual_seed(s))
+                 for s in range(n)])
+scheduler.set_timesteps({steps})
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        time = t.expand(n)  # DiT's timestep embedding takes one time per image
+        pred = transformer(x, timestep=time, class_labels=labels).sample
+        if w != 1:
+            uncond = transformer(x, timestep=time, class_labels=null).sample
+            pred = uncond + w * (pred - uncond)
+        x = scheduler.step(pred, t, x).prev_sample
+images = (x / 2 + 0.5).clamp(0, 1)
+```
+"""
+
+
+def _dit_readme(name: str, source: str | Path, step: int, config: RunConfig) -> str:
+    s, sample = config.schedule, config.sample
+    if s.family == "flow":
+        scheduler, schedule, caveat = "FlowMatchEulerDiscreteScheduler", f"rectified flow, shift {s.shift}", ""
+    else:
+        scheduler = "DDIMScheduler"
+        schedule = (
+            f"{s.beta_schedule} {s.beta_start}-{s.beta_end}, zero terminal SNR {s.zero_terminal_snr}, "
+            f"{s.prediction_type}-prediction, DDIM spacing {sample.spacing}, clip_sample {sample.clip_x0}"
+        )
+        caveat = f"; with trailing or leading spacing when the number of steps divides {s.num_train_timesteps}"
+    mc = config.model
+    return _DIT_README.format(
+        name=name,
+        source=source,
+        step=step,
+        config_file=CONFIG_FILE,
+        scheduler=scheduler,
+        schedule=schedule,
+        caveat=caveat,
+        k=mc.num_classes,
+        channels=mc.channels,
+        size=mc.image_size,
+        steps=sample.steps,
+    )
+
+
 def _fsync_tree(folder: Path) -> None:
     """Flush every file and folder under ``folder`` to disk, so that the rename publishes complete data."""
     for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
@@ -302,14 +378,24 @@ def export_diffusers(
             "the model produces non-finite samples, so there is nothing worth exporting"
         )
     config = replace(config, sample=sample_config or config.sample)
-    model = DiffusionUNet(config.model, config.schedule)
+    model = build_model(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, state_dict, str(weights_or_run_dir))
     conditional = config.model.num_classes > 0
 
     pipeline_class, make_scheduler = SCHEDULERS[config.schedule.family]
     scheduler = make_scheduler(config.schedule, config.sample)
-    unet = null_label_unet(model) if conditional else _unet_copy(model)
     record = {"format": ckpt.FORMAT, "step": step, "config": config.to_dict()}
+    if isinstance(model, DiffusionDiT):
+        readme = _dit_readme(out_dir.name, weights_or_run_dir, step, config)
+
+        def write_dit(tmp: Path) -> None:
+            model.transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
+            scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+            (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            (tmp / "README.md").write_text(readme, errors="backslashreplace")
+
+        return publish_folder(out_dir, write_dit, force, checked=True)
+    unet = null_label_unet(model) if conditional else _unet_copy(model)
     s, k = config.schedule, config.model.num_classes
     if s.family == "flow":
         usage = _FLOW_USAGE.format(
@@ -501,7 +587,7 @@ def _read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def read_diffusers(folder: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, int]:
-    """(state_dict of a DiffusionUNet, config, step) from a diffusers folder, the shape ``read_weights`` returns.
+    """(state_dict of a pixel model, config, step) from a diffusers folder, the shape ``read_weights`` returns.
 
     A folder written by :func:`export_diffusers` is read losslessly from its config file; any other folder is
     accepted when its U-Net is one of our presets, its config built from the U-Net and scheduler configs.
@@ -517,16 +603,10 @@ def read_diffusers(folder: str | Path) -> tuple[dict[str, torch.Tensor], RunConf
             f"{folder} is a latent text-to-image (Stable Diffusion) folder, not a pixel model; use it with the "
             "`latent` commands (latent train --pretrained / --init-from / --teacher)"
         )
-    ours = folder / CONFIG_FILE
-    if ours.is_file():
-        record = _read_json(ours)
-        if not isinstance(record, dict) or record.get("format") != ckpt.FORMAT or "config" not in record:
-            raise UserError(f"{ours} is not a perceptual-diffusion export record")
-        try:
-            config = RunConfig.from_dict(record["config"])
-        except UserError as exc:
-            raise UserError(f"{ours} has an invalid config: {exc}") from None
-        step = record.get("step", 0)
+    if (folder / TRANSFORMER_DIR / "config.json").is_file():
+        return _read_dit_folder(folder)
+    if (folder / CONFIG_FILE).is_file():
+        config, step = _read_record(folder)
         unet_dir = folder / (CONDITIONAL_UNET_DIR if config.model.num_classes > 0 else UNET_DIR)
     else:
         # A conditional export's unet/ has the null label folded in; the model itself is in unet_conditional/.
@@ -543,13 +623,54 @@ def read_diffusers(folder: str | Path) -> tuple[dict[str, torch.Tensor], RunConf
         config = RunConfig(schedule=schedule, model=model, data=data, sample=sample)
         step = 0
     state_dict = {f"unet.{k}": v for k, v in _read_unet_weights(unet_dir).items()}
-    return state_dict, config, int(step) if isinstance(step, int) else 0
+    return state_dict, config, step
 
 
-def import_diffusers(folder: str | Path) -> tuple[DiffusionUNet, RunConfig]:
-    """A diffusers folder (written by :func:`export_diffusers`, or holding a preset's U-Net) as our model, in eval."""
+def _read_record(folder: Path) -> tuple[RunConfig, int]:
+    """(config, step) of an export's ``perceptual_diffusion_config.json``."""
+    ours = folder / CONFIG_FILE
+    record = _read_json(ours)
+    if not isinstance(record, dict) or record.get("format") != ckpt.FORMAT or "config" not in record:
+        raise UserError(f"{ours} is not a perceptual-diffusion export record")
+    try:
+        config = RunConfig.from_dict(record["config"])
+    except UserError as exc:
+        raise UserError(f"{ours} has an invalid config: {exc}") from None
+    step = record.get("step", 0)
+    return config, int(step) if isinstance(step, int) else 0
+
+
+def _read_dit_folder(folder: Path) -> tuple[dict[str, torch.Tensor], RunConfig, int]:
+    """A pixel DiT's export (``transformer/`` + ``scheduler/``): from its record, or, for a folder without one,
+    from the transformer's config (one of our DiT presets) and the scheduler's."""
+    transformer_dir = folder / TRANSFORMER_DIR
+    if (folder / CONFIG_FILE).is_file():
+        config, step = _read_record(folder)
+        if config.model.arch != "dit":
+            raise UserError(f"{folder} holds {TRANSFORMER_DIR}/ but its record is of a {config.model.arch} model")
+    else:
+        arch = _read_json(transformer_dir / "config.json")
+        model = dit_config_from_transformer(arch) if arch.get("_class_name") == "DiTTransformer2DModel" else None
+        if model is None:
+            raise UserError(
+                f"the transformer in {transformer_dir} is not one of perceptual-diffusion's pixel DiT presets "
+                f"({', '.join(DIT_PRESETS)}): only DiTs this project builds can be trained"
+            )
+        scheduler_file = folder / SCHEDULER_DIR / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise UserError(f"{folder} has no {SCHEDULER_DIR}/scheduler_config.json: its noise schedule is unknown")
+        schedule, sample = read_scheduler(_read_json(scheduler_file), str(folder))
+        config = RunConfig(schedule=schedule, model=model, data=DataConfig(image_size=model.image_size), sample=sample)
+        step = 0
+    state_dict = {f"transformer.{k}": v for k, v in _read_unet_weights(transformer_dir).items()}
+    return state_dict, config, step
+
+
+def import_diffusers(folder: str | Path) -> tuple[Any, RunConfig]:
+    """A diffusers folder (written by :func:`export_diffusers`, or holding a preset's U-Net or DiT) as our model,
+    in eval."""
     state_dict, config, _ = read_diffusers(folder)
-    model = DiffusionUNet(config.model, config.schedule)
+    model = build_model(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, state_dict, str(folder))
     return model.eval(), config
 
@@ -582,15 +703,15 @@ def read_raw_weights(source: Path) -> tuple[dict[str, torch.Tensor], RunConfig, 
         config, step, kind = adapter_record(source)
         if kind != "pixel":
             raise ckpt.wrong_kind(source, kind)
-        return lora.read_adapter_file(source), config, step
+        return lora.read_adapter_file(source, lora.NETWORK[lora.architecture(config)]), config, step
     return ckpt.read_weights(source)
 
 
-def pixel_lora_model(state: dict[str, torch.Tensor], config: RunConfig, source: str) -> DiffusionUNet:
+def pixel_lora_model(state: dict[str, torch.Tensor], config: RunConfig, source: str) -> Any:
     """A pixel LoRA model: its base (``--init-from`` of its run, sha256-checked) with the trained adapter on top."""
     base = lora.check_base(config.lora, config.train.init_from, source)
     base_state, _, _ = read_pixel_weights(base)
-    model = DiffusionUNet(config.model, config.schedule)
+    model = build_model(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, base_state, str(base))
     return lora.attach(model, config.lora, state, source)
 

@@ -117,6 +117,13 @@ class TextConditionedUNet(nn.Module):
     def taps(self) -> tuple[str, ...]:
         return encoder_taps(len(self.unet.down_blocks))
 
+    @property
+    def default_tap(self) -> str:
+        return "mid"  # arXiv 2401.00110, Sec. 3: the mid-block output
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
     def null_condition(self, cond: Tensor) -> Tensor:
         return self.null_embedding.to(cond.dtype).expand(cond.shape[0], -1, -1)
 

@@ -1,9 +1,10 @@
 """One way to load what training made: run directories, weights files and diffusers folders, of either model kind.
 
-``load_model`` returns a ready model (``networks.DiffusionModel``) in eval mode whatever the path holds: a pixel
-``DiffusionUNet`` from our weights or from a diffusers folder (``export.read_diffusers``), or a latent
-``TextConditionedUNet`` with its frozen VAE and text encoder as ``model.parts``. The kind is read from the weights
-file's own record, so a command never needs to be told which family a path belongs to.
+``load_model`` returns a ready model (``networks.DiffusionModel``) in eval mode whatever the path holds: a
+``networks.PixelModel`` of its architecture (``models.architectures``: a U-Net or a DiT) from our weights or from a
+diffusers folder (``export.read_diffusers``), or a latent ``TextConditionedUNet`` with its frozen VAE and text
+encoder as ``model.parts``. The kind is read from the weights file's own record, so a command never needs to be told
+which family a path belongs to.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ from typing import Any
 
 import torch
 
-from perceptual_diffusion.core.networks import DiffusionUNet
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.models.export import adapter_record, pixel_lora_model, read_pixel_weights, read_raw_weights
+from perceptual_diffusion.models.architectures import build_model
+from perceptual_diffusion.models.export import (
+    adapter_record,
+    pixel_lora_model,
+    read_pixel_weights,
+    read_raw_weights,
+)
 from perceptual_diffusion.runtime import checkpoint as ckpt
 
 
@@ -74,6 +80,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", kind: str |
         if config.lora is not None:  # the base with the adapter on top, as trained (not merged)
             return pixel_lora_model(state_dict, config, str(path)).to(device).eval(), config, step
     state_dict, config, step = read_weights(path)
-    model = DiffusionUNet(config.model, config.schedule)
+    model = build_model(config.model, config.schedule)
     ckpt.load_state_dict_checked(model, state_dict, str(path))
     return model.to(device).eval(), config, step

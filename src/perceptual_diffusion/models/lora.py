@@ -1,7 +1,8 @@
 """LoRA adapters through PEFT for every architecture the project trains, and the teacher they give for free.
 
 An adapter (Hu et al. 2021, arXiv 2106.09685) is injected by PEFT's ``inject_adapter_in_model`` into the diffusers
-network of a model (``model.unet``): one path for the pixel ``UNet2DModel`` (which has no adapter mixin) and the
+network of a model (``model.unet``, a DiT's ``model.transformer``: ``NETWORK``): one path for the pixel
+``UNet2DModel`` (which has no adapter mixin) and the
 latent ``UNet2DConditionModel`` (whose mixin's ``add_adapter`` is this same call plus diffusers' bookkeeping, which
 nothing here needs: exports go through ``get_peft_model_state_dict`` and diffusers' ``save_lora_weights``). No
 low-rank layer is written here; PEFT owns the layers, their merge and their state dict.
@@ -45,6 +46,14 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "pixel-unet": ATTENTION,  # UNet2DModel with AttnDownBlock2D levels (presets medium, base, large)
     "pixel-unet-no-attention": RESNET,  # UNet2DModel without attention levels (presets tiny, small)
     "sd-unet": ATTENTION,  # Stable Diffusion's UNet2DConditionModel (attn1 and attn2 in every transformer block)
+    "pixel-dit": ATTENTION,  # DiTTransformer2DModel (attn1 of every block)
+}
+# The attribute of each model class that holds its diffusers network (where the adapter goes), by architecture.
+NETWORK: dict[str, str] = {
+    "pixel-unet": "unet",
+    "pixel-unet-no-attention": "unet",
+    "sd-unet": "unet",
+    "pixel-dit": "transformer",
 }
 
 
@@ -52,6 +61,8 @@ def architecture(config: Any) -> str:
     """The ``DEFAULT_TARGETS`` entry of a run config (``RunConfig`` or ``LatentRunConfig``), from the config alone."""
     if isinstance(config, LatentRunConfig):
         return "sd-unet"
+    if config.model.arch == "dit":
+        return "pixel-dit"
     return "pixel-unet" if any(PRESETS[config.model.preset].attention) else "pixel-unet-no-attention"
 
 
@@ -101,7 +112,8 @@ def _check_targets(net: nn.Module, targets: tuple[str, ...]) -> None:
 
 
 def add_adapter(model: nn.Module, lora: LoraConfig, seed: int = 0) -> nn.Module:
-    """Inject a LoRA adapter into ``model.unet`` through PEFT and train it alone: every other weight is frozen.
+    """Inject a LoRA adapter into the model's diffusers network (``network``) through PEFT and train it alone: every
+    other weight is frozen.
 
     PEFT initialises B to zero (the adapted network starts as its base) and A from the global generator, so the
     injection runs under a generator seeded by ``seed`` (the run's own stream): a run killed before its first
@@ -110,11 +122,13 @@ def add_adapter(model: nn.Module, lora: LoraConfig, seed: int = 0) -> nn.Module:
     from peft import inject_adapter_in_model
 
     if lora.targets is not None:
-        _check_targets(model.unet, lora.targets)
+        _check_targets(network(model), lora.targets)
     with torch.random.fork_rng(devices=[]):  # PEFT builds the layers on the CPU, then moves them to the base's device
         torch.manual_seed(seed)
         try:
-            inject_adapter_in_model(peft_config(lora, _module_architecture(model)), model.unet, adapter_name=ADAPTER)
+            inject_adapter_in_model(
+                peft_config(lora, _module_architecture(model)), network(model), adapter_name=ADAPTER
+            )
         except ValueError as exc:  # PEFT's NoMatchingPeftModuleError, or a target of an unsupported layer type
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"--lora-targets cannot be adapted here ({first})") from None
@@ -126,9 +140,18 @@ def add_adapter(model: nn.Module, lora: LoraConfig, seed: int = 0) -> nn.Module:
     return model
 
 
+def network(model: nn.Module) -> nn.Module:
+    """The diffusers network inside one of our models (``NETWORK``): where the adapter lives."""
+    return getattr(unwrap(model), NETWORK[_module_architecture(model)])
+
+
 def _module_architecture(model: nn.Module) -> str:
     from perceptual_diffusion.core.networks import DiffusionUNet
+    from perceptual_diffusion.models.dit import DiffusionDiT
 
+    model = unwrap(model)
+    if isinstance(model, DiffusionDiT):
+        return "pixel-dit"
     if isinstance(model, DiffusionUNet):
         has_attention = any(PRESETS[model.model_config.preset].attention)
         return "pixel-unet" if has_attention else "pixel-unet-no-attention"
@@ -216,6 +239,10 @@ class BaseTeacher:
     def taps(self) -> tuple[str, ...]:
         return self.model.taps
 
+    @property
+    def default_tap(self) -> str:
+        return self.model.default_tap
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """The base's parameters (the teacher's weights); the adapter is not part of the teacher."""
         return (p for n, p in self.model.named_parameters() if not is_adapter_key(n))
@@ -275,18 +302,20 @@ def attach(model: nn.Module, lora: LoraConfig, state: dict[str, Tensor], source:
     """``model`` (its base weights loaded) with a trained adapter on top: our keys (:func:`saved_state`) or PEFT's
     (``get_peft_model_state_dict``: no adapter name, no ``unet.`` prefix)."""
     add_adapter(model, lora)
-    if state and not any(k.startswith("unet.") for k in state):
-        state = from_peft_keys(state)
+    prefix = NETWORK[_module_architecture(model)]
+    if state and not any(k.startswith(prefix + ".") for k in state):
+        state = from_peft_keys(state, prefix)
     load_saved_state(model, state, source)
     return model
 
 
-def from_peft_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """PEFT's file keys (``x.lora_A.weight``) as our modules' (``unet.x.lora_A.default.weight``)."""
+def from_peft_keys(state: dict[str, Tensor], prefix: str = "unet") -> dict[str, Tensor]:
+    """PEFT's file keys (``x.lora_A.weight``) as our modules' (``unet.x.lora_A.default.weight``; ``prefix`` is the
+    model's network attribute, ``NETWORK``)."""
     out = {}
     for key, value in state.items():
         stem, dot, leaf = key.rpartition(".")
-        out[f"unet.{stem}.{ADAPTER}{dot}{leaf}"] = value
+        out[f"{prefix}.{stem}.{ADAPTER}{dot}{leaf}"] = value
     return out
 
 
@@ -295,7 +324,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     ``merge`` (W + scale B A), then its base layer replaces it. The result is a plain model of the base's layout."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    net = unwrap(model).unet
+    net = network(model)
     for name, module in list(net.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
@@ -311,7 +340,7 @@ def peft_state(model: nn.Module) -> dict[str, Tensor]:
     """The adapter in PEFT's file format (``get_peft_model_state_dict``): keys relative to the diffusers network."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unwrap(model).unet, adapter_name=ADAPTER)
+    state = get_peft_model_state_dict(network(model), adapter_name=ADAPTER)
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -325,11 +354,11 @@ def write_peft_folder(model: nn.Module, folder: Path) -> None:
     save_file(peft_state(model), str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
 
 
-def read_adapter_file(folder: Path) -> dict[str, Tensor]:
-    """The adapter weights of an exported adapter folder, in our keys."""
+def read_adapter_file(folder: Path, prefix: str = "unet") -> dict[str, Tensor]:
+    """The adapter weights of an exported adapter folder, in our keys (``prefix``: the network's attribute)."""
     from safetensors.torch import load_file
 
     if (folder / DIFFUSERS_LORA_WEIGHTS).is_file():  # diffusers' keys: "unet." + PEFT's
         state = load_file(str(folder / DIFFUSERS_LORA_WEIGHTS))
         return from_peft_keys({k.removeprefix("unet."): v for k, v in state.items()})
-    return from_peft_keys(load_file(str(folder / PEFT_WEIGHTS)))
+    return from_peft_keys(load_file(str(folder / PEFT_WEIGHTS)), prefix)

@@ -443,9 +443,14 @@ def latest_state(run_dir: Path) -> dict[str, Any] | None:
 
 
 UNET_DIR = "unet"
+TRANSFORMER_DIR = "transformer"  # a pixel DiT's export: transformer/ + scheduler/, no pipeline (models/export.py)
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
-    """True for a folder that looks like a diffusers pipeline or model (``model_index.json`` or ``unet/``)."""
+    """True for a folder that looks like a diffusers pipeline or model (``model_index.json``, ``unet/`` or
+    ``transformer/``)."""
     p = Path(path)
-    return p.is_dir() and ((p / "model_index.json").is_file() or (p / UNET_DIR / "config.json").is_file())
+    return p.is_dir() and any(
+        (p / name).is_file()
+        for name in ("model_index.json", f"{UNET_DIR}/config.json", f"{TRANSFORMER_DIR}/config.json")
+    )

@@ -23,12 +23,13 @@ import torch
 
 from perceptual_diffusion.config import LatentRunConfig, RunConfig, TrainConfig
 from perceptual_diffusion.core.losses import build_loss
-from perceptual_diffusion.core.networks import DiffusionUNet, frozen_copy
+from perceptual_diffusion.core.networks import PixelModel, frozen_copy
 from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.data.datasets import Dataset, load_dataset
 from perceptual_diffusion.data.grid import class_rows, save_grid
 from perceptual_diffusion.errors import TrainingDiverged, UserError
 from perceptual_diffusion.models import lora
+from perceptual_diffusion.models.architectures import build_model
 from perceptual_diffusion.models.classifier_net import DomainClassifier, load_perceptual_net, resolve_perceptual_net
 from perceptual_diffusion.models.loading import load_model, read_weights
 from perceptual_diffusion.runtime import checkpoint as ckpt
@@ -75,7 +76,7 @@ def _check_fits(config: RunConfig, data: Dataset) -> None:
         raise UserError(f"the data has {classes} classes but the model was configured for {mc.num_classes}")
 
 
-def _build_teacher(config: RunConfig, device: torch.device) -> DiffusionUNet | None:
+def _build_teacher(config: RunConfig, device: torch.device) -> PixelModel | None:
     if config.loss.kind != "self-perceptual":
         return None
     teacher, tconfig, _ = load_model(config.loss.teacher, device)
@@ -137,7 +138,8 @@ class Task(Protocol):
 
 
 class PixelTask:
-    """The pixel-space models (shapes, Fashion-MNIST, image folders): resident data and a ``DiffusionUNet``.
+    """The pixel-space models (shapes, Fashion-MNIST, image folders): resident data and a ``PixelModel`` of any
+    architecture (``models.architectures``).
 
     A task is what the one training loop needs to know about a model family: its data as a
     :class:`BatchSource`, how to build the online model and the teacher, and how to draw a grid.
@@ -160,11 +162,11 @@ class PixelTask:
         labels = self.data.labels.to(device) if self.config.model.num_classes > 0 else None
         return TensorSource(self.data.images.to(device), labels, self.config.model.num_classes)
 
-    def build_model(self, config: RunConfig, device: torch.device) -> DiffusionUNet:
+    def build_model(self, config: RunConfig, device: torch.device) -> PixelModel:
         """Seeded initial weights, or those of ``--init-from``."""
         with torch.random.fork_rng(devices=[]):  # seeded: a run killed before its first checkpoint restarts the same
             torch.manual_seed(init_seed(config.train.seed))
-            model = DiffusionUNet(config.model, config.schedule).to(device)
+            model = build_model(config.model, config.schedule).to(device)
         if config.train.init_from is not None:
             init_state, init_config, _ = read_weights(config.train.init_from)
             where = f"--init-from {config.train.init_from}"
@@ -172,10 +174,10 @@ class PixelTask:
             ckpt.load_state_dict_checked(model, init_state, config.train.init_from)
         return model
 
-    def build_teacher(self, config: RunConfig, device: torch.device) -> DiffusionUNet | None:
+    def build_teacher(self, config: RunConfig, device: torch.device) -> PixelModel | None:
         return _build_teacher(config, device)
 
-    def sample_grid(self, ema: DiffusionUNet, config: RunConfig, path: Path, device: torch.device) -> None:
+    def sample_grid(self, ema: PixelModel, config: RunConfig, path: Path, device: torch.device) -> None:
         n_cls = config.model.num_classes
         grid_labels = class_rows(GRID_SEEDS, n_cls) if n_cls > 0 else None  # one class per row, as everywhere
         images_ = sample(ema, list(range(GRID_SEEDS)), grid_labels, config.sample, device=device)
@@ -200,7 +202,7 @@ def apply_speed_options(model: torch.nn.Module, teacher: torch.nn.Module | None,
         if tc.channels_last:
             net.to(memory_format=torch.channels_last)
         if tc.grad_checkpointing:
-            net.unet.enable_gradient_checkpointing()
+            net.enable_gradient_checkpointing()
 
 
 class Progress:

@@ -92,12 +92,25 @@ def is_finished(run_dir: str | Path, steps: int) -> bool:
     return ckpt.weights_step(Path(run_dir) / ckpt.WEIGHTS_NAME) == ckpt.state_step(states[-1])
 
 
+def as_read_back(old: dict, config: AnyConfig) -> dict:
+    """A saved config as its type reads it back, in JSON form: a field added since it was saved holds its default
+    (a run from before ``model.arch`` is a U-Net), tuples are lists on both sides. Unreadable: as saved, so that the
+    comparison names what differs."""
+    with contextlib.suppress(UserError, TypeError):
+        old = type(config).from_dict(old).to_dict()
+    return json.loads(json.dumps(old, default=str))
+
+
 def check_same_config(old: dict, config: AnyConfig, where: str, override: bool) -> None:
     """Refuse to resume with a configuration that changes what the steps compute, naming the fields that differ."""
     resumable = RESUMABLE_FIELDS
     if config.train.lr_schedule != "constant":  # a decay is a function of the total steps: changing them is new run
         resumable = resumable - {"train.steps"}
-    diffs = [d for d in config_diff(old, config.to_dict()) if d.split(":")[0] not in resumable]
+    diffs = [
+        d
+        for d in config_diff(as_read_back(old, config), json.loads(config.to_json()))
+        if d.split(":")[0] not in resumable
+    ]
     if diffs and not override:
         raise UserError(
             f"{where} was started with another configuration ({'; '.join(diffs)}); use a new --run-dir, "
