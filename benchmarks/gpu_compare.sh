@@ -11,10 +11,14 @@
 #   OUT=/tmp/gpu-out DATA=shapes PRESET=tiny BATCH=8 STEPS=4 FINETUNE=2 SAMPLES=12 CURVE=12 SEEDS=2 DEVICE=cpu \
 #     bash benchmarks/gpu_compare.sh
 #   EXTRA_ARGS: more compare options (the CPU test passes --no-inception --no-guidance-grids: plumbing only)
+#   ARCH=dit PRESET=small: the pixel DiT (issue 19); SCHEDULE=flow: the rectified-flow family (issue 18), e.g.
+#     ARCH=dit PRESET=base SCHEDULE=flow bash benchmarks/gpu_compare.sh   (the DiT's GPU preset, unmeasured)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 RUN=${RUN:-runs/gpu-compare}
 PRESET=${PRESET:-medium}
+ARCH=${ARCH:-unet}          # unet or dit (then PRESET is a DiT preset: tiny, small, small-p2, base)
+SCHEDULE=${SCHEDULE:-ddpm}  # ddpm (the paper's zero-SNR v-prediction) or flow (rectified flow)
 STEPS=${STEPS:-3000}        # step cap of each stage-1 phase (chunks of 1000 steps, or fewer)
 FINETUNE=${FINETUNE:-500}   # stage-2 steps of each branch
 SAMPLES=${SAMPLES:-2000}    # samples per headline row
@@ -49,7 +53,8 @@ fi
 # The logs live beside the comparison, not in it: its folder holds only what compare makes (ownership markers).
 mkdir -p "$OUT/logs" "$RUN"
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1  # one thread per seed's process
-ARGS=(compare --out "$RUN" --budget gpu --data "$DATA" --preset "$PRESET" --batch-size "$BATCH" --steps "$STEPS"
+ARGS=(compare --out "$RUN" --budget gpu --data "$DATA" --arch "$ARCH" --preset "$PRESET" --schedule "$SCHEDULE"
+      --batch-size "$BATCH" --steps "$STEPS"
       --finetune-steps "$FINETUNE" --eval-samples "$SAMPLES" --curve-samples "$CURVE" --training-seeds "$SEEDS"
       --bootstrap "$BOOTSTRAP" ${EXTRA_ARGS:-}
       --device "$DEVICE")

@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                       # small preset on the default device (CUDA if present)
     python benchmarks/train_speed.py --preset base --batch-size 256 --with-compile    # a GPU
+    python benchmarks/train_speed.py --arch dit --preset small --schedule flow          # the DiT, rectified flow
 
 Every variant runs the training loop's own step (trainstep.draw_global_batch, accumulate_gradients, gradient
 clipping, AdamW) on its own copy of the same model. The variants are interleaved: each round times ``--steps`` steps
@@ -21,10 +22,20 @@ from dataclasses import replace
 
 import torch
 
-from perceptual_diffusion.config import DataConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from perceptual_diffusion.config import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    ScheduleConfig,
+    TrainConfig,
+    default_sampler,
+)
 from perceptual_diffusion.core.losses import build_loss
-from perceptual_diffusion.core.networks import DiffusionUNet, count_parameters
+from perceptual_diffusion.core.networks import count_parameters
 from perceptual_diffusion.data.datasets import load_dataset
+from perceptual_diffusion.models.architectures import build_model
 from perceptual_diffusion.runtime import distributed
 from perceptual_diffusion.training.loop import apply_speed_options, resolve_device
 from perceptual_diffusion.training.step import TensorSource, accumulate_gradients, draw_global_batch, grad_norm
@@ -52,7 +63,7 @@ class Variant:
         self.config, self.device = config, device
         self.source = TensorSource(images, labels, config.model.num_classes)
         torch.manual_seed(0)
-        self.model = DiffusionUNet(config.model, config.schedule).to(device)
+        self.model = build_model(config.model, config.schedule).to(device)
         apply_speed_options(self.model, None, config.train)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.train_model = distributed.wrap_for_training(self.model, config.train.compile, device)
@@ -85,7 +96,9 @@ class Variant:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="model preset (default %(default)s)")
+    p.add_argument("--arch", choices=["unet", "dit"], default="unet", help="architecture (default %(default)s)")
+    p.add_argument("--preset", default="small", help="model preset of --arch (default %(default)s)")
+    p.add_argument("--schedule", choices=["ddpm", "flow"], default="ddpm", help="schedule family (default ddpm)")
     p.add_argument("--image-size", type=int, default=16, help="shapes image size (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch per step (default %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round (default %(default)s)")
@@ -98,12 +111,17 @@ def main() -> None:
     device = resolve_device(args.device)
     data_config = DataConfig(source="shapes", image_size=args.image_size)
     data = load_dataset(data_config)
+    schedule = ScheduleConfig(family=args.schedule)
+    model = ModelConfig(
+        preset=args.preset, image_size=args.image_size, channels=3, num_classes=data.num_classes, arch=args.arch
+    )
     config = RunConfig(
-        model=ModelConfig(preset=args.preset, image_size=args.image_size, channels=3, num_classes=data.num_classes),
+        schedule=schedule,
+        model=model,
         data=data_config,
         loss=LossConfig(),
         train=TrainConfig(batch_size=args.batch_size, device=str(device)),
-        sample=SampleConfig(steps=2),
+        sample=default_sampler(schedule, steps=2) if args.schedule == "flow" else SampleConfig(steps=2),
     )
     images, labels = data.images.to(device), data.labels.to(device)
     chosen = {**VARIANTS, **(COMPILED if args.with_compile else {})}
@@ -123,8 +141,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     n_params = count_parameters(variants["fp32 eager"].model) / 1e6
     print(
-        f"# Training speed by option: {args.preset} preset ({n_params:.2f} M parameters), {args.image_size}x"
-        f"{args.image_size} shapes, global batch {args.batch_size}, MSE loss\n\n"
+        f"# Training speed by option: {args.arch} {args.preset} preset ({n_params:.2f} M parameters), "
+        f"{args.schedule} schedule, {args.image_size}x{args.image_size} shapes, global batch {args.batch_size}, "
+        "MSE loss\n\n"
         f"{datetime.date.today()}, torch {torch.__version__}, {device.type} ({device_name}), "
         f"{torch.get_num_threads()} CPU threads; median of {args.rounds} interleaved rounds of {args.steps} steps "
         f"after {args.warmup} warm-up steps.\n"

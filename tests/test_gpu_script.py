@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_compare_script_runs_tiny_on_the_cpu_and_packs_the_report(tmp_path) -> None:
+@pytest.mark.parametrize(("arch", "schedule"), [("unet", "ddpm"), ("dit", "flow")])
+def test_gpu_compare_script_runs_tiny_on_the_cpu_and_packs_the_report(tmp_path, arch: str, schedule: str) -> None:
     env = {
         **os.environ,
+        "ARCH": arch,
+        "SCHEDULE": schedule,
         "OUT": str(tmp_path / "out"),
         "RUN": str(tmp_path / "run"),
         "DATA": "shapes",
