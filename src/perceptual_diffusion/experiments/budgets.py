@@ -126,6 +126,11 @@ class Budget:
     domain_classifier: str | None = None  # the shipped classifier's version (None: the current one)
     # The forward process of every model of the comparison (issue 18): the paper's zero-SNR DDPM, or rectified flow.
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # compare --lora-rank (issue 20): the stage-2 learning rates of both LoRA branches. An adapter of a few thousand
+    # weights on a frozen base moves far less per step than the whole network, so LoRA usually wants a learning
+    # rate about 10x the full fine-tune's (these two bracket that for the CPU budgets' 2e-4 / 5e-5); swept, each
+    # LoRA branch at its best on held-out seeds, like ``finetune_lrs``.
+    lora_lrs: tuple[float, ...] = (1e-3, 3e-4)
 
     def __post_init__(self) -> None:
         # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is
@@ -137,6 +142,8 @@ class Budget:
             raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if not self.finetune_lrs or not all(_positive(lr) for lr in self.finetune_lrs):
             raise UserError(f"a budget needs at least one stage-2 learning rate, all > 0, got {self.finetune_lrs}")
+        if not self.lora_lrs or not all(_positive(lr) for lr in self.lora_lrs):
+            raise UserError(f"a budget needs at least one LoRA learning rate, all > 0, got {self.lora_lrs}")
         if not (isinstance(self.finetune_warmup, (int, float)) and 0 <= self.finetune_warmup < 1):
             raise UserError(f"the stage-2 warm-up fraction must be in [0, 1), got {self.finetune_warmup}")
         if not (isinstance(self.finetune_ema, (int, float)) and 0 <= self.finetune_ema < float("inf")):
