@@ -248,10 +248,10 @@ def rss_child(method: str, batch_size: int, steps: int, bench_options: dict) -> 
     bench = Bench(batch_size, **bench_options)
     for step in range(steps):
         bench.step(method, step)
-    print(_vm_hwm_kib() / 1024)
+    print(vm_hwm_kib() / 1024)
 
 
-def _vm_hwm_kib() -> float:
+def vm_hwm_kib() -> float:
     """This process's peak resident set size in KiB (Linux; elsewhere ru_maxrss, which may include the parent's)."""
     try:
         with open("/proc/self/status") as fh:

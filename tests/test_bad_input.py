@@ -889,6 +889,26 @@ EXPERIMENT_CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "compare-seeds-repeated": (lambda c: ["compare", "--out", str(c.tmp), "--seeds", "0,0"], "distinct"),
     "compare-seeds-negative": (lambda c: ["compare", "--out", str(c.tmp), "--seeds", "-1"], ">= 0"),
     "ablate-seeds-empty": (lambda c: ["ablate", "--out", str(c.tmp), "--seeds", ""], "--seeds must be"),
+    "compare-lora-rank-zero": (
+        lambda c: ["compare", "--out", str(c.tmp), "--lora-rank", "0"],
+        "--lora-rank must be >= 1",
+    ),
+    "compare-lora-alpha-without-rank": (
+        lambda c: ["compare", "--out", str(c.tmp), "--lora-alpha", "2"],
+        "give --lora-rank R too",
+    ),
+    "compare-lora-lrs-without-rank": (
+        lambda c: ["compare", "--out", str(c.tmp), "--lora-lrs", "1e-3"],
+        "--lora-lrs sets the learning rates of the LoRA arm: give --lora-rank R too",
+    ),
+    "compare-lora-lrs-not-numbers": (
+        lambda c: ["compare", "--out", str(c.tmp), "--lora-rank", "4", "--lora-lrs", "1e-3,x"],
+        "--lora-lrs must be comma-separated numbers",
+    ),
+    "compare-lora-lrs-zero": (
+        lambda c: ["compare", "--out", str(c.tmp), "--lora-rank", "4", "--lora-lrs", "0"],
+        "at least one LoRA learning rate, all > 0",
+    ),
     "compare-teacher-from-self-perceptual": (
         lambda c: ["compare", "--out", str(c.tmp / "c"), "--teacher-from", _self_perceptual_weights(c)],
         "was trained with the self-perceptual loss, not mse",

@@ -22,7 +22,13 @@ from typing import Any, TextIO
 from perceptual_diffusion.cli import commands
 from perceptual_diffusion.cli.budget_options import add_budget_options
 from perceptual_diffusion.cli.latent import add_latent_parser
-from perceptual_diffusion.cli.options import add_report_to_option, add_run_dir_options, add_train_options, choices
+from perceptual_diffusion.cli.options import (
+    add_lora_options,
+    add_report_to_option,
+    add_run_dir_options,
+    add_train_options,
+    choices,
+)
 from perceptual_diffusion.cli.sampling_options import (
     add_guidance_options,
     add_sample_options,
@@ -108,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop before stage 2 if a teacher did not reach its plateau within the step cap",
     )
+    lora = add_lora_options(
+        p,
+        rank_help="also run both stage-2 branches as LoRA adapters of this rank (>= 1) on the same teachers, in the "
+        "same --out (runs seed*/loraR-*; ranks coexist): MSE-continued LoRA vs self-perceptual LoRA, whose teacher "
+        "is its own base (adapter off: one copy of the base), each at the best lr of the budget's lora_lrs",
+    )
+    lora.add_argument("--lora-lrs", default=None, help="override the budget's LoRA learning rates, e.g. 1e-3,3e-4")
     p.set_defaults(func=commands.cmd_compare)
 
     p = sub.add_parser(

@@ -32,6 +32,14 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``1e-3,3e-4`` -> (0.001, 0.0003); anything else is one error line naming ``option``."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated numbers such as 1e-3,3e-4, got {text!r}") from None
+
+
 def check_teacher_from(path: str) -> None:
     """``--teacher-from`` must be an MSE model: the protocol fine-tunes against an MSE teacher, and the run's own
     config records its loss. Reads the weights' header only (imports torch: called when a command runs)."""
@@ -68,6 +76,10 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
         overrides["extras"] = args.extras
     if getattr(args, "inception", None) is not None:
         overrides["inception"] = args.inception
+    if getattr(args, "lora_lrs", None) is not None:  # compare --lora-lrs: the LoRA arm's learning-rate sweep
+        if getattr(args, "lora_rank", None) is None:
+            raise UserError("--lora-lrs sets the learning rates of the LoRA arm: give --lora-rank R too")
+        overrides["lora_lrs"] = parse_floats(args.lora_lrs, "--lora-lrs")
     if getattr(args, "guidance_grids", None) is False:  # v1 rows: fixed CFG scales instead of each method's grid
         overrides["guidance_grids"] = ()
     budget = replace(BUDGETS[args.budget], **overrides)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from perceptual_diffusion.cli.budget_options import budget_from_args, parse_seeds
-from perceptual_diffusion.cli.options import run_config
+from perceptual_diffusion.cli.options import lora_config, run_config
 from perceptual_diffusion.cli.sampling_options import (
     check_image_count,
     check_sample_counts,
@@ -157,6 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         device=args.device,
         seeds=parse_seeds(args.seeds),
         require_plateau=args.require_plateau,
+        lora=lora_config(args),
     )
 
 

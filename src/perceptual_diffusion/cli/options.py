@@ -304,14 +304,16 @@ def add_lpl_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_lora_options(p: argparse.ArgumentParser) -> None:
-    """A LoRA adapter trained through PEFT instead of every weight (``config.LoraConfig``, ``models/lora.py``)."""
+def add_lora_options(p: argparse.ArgumentParser, rank_help: str | None = None) -> argparse._ArgumentGroup:
+    """A LoRA adapter trained through PEFT instead of every weight (``config.LoraConfig``, ``models/lora.py``);
+    ``rank_help`` words --lora-rank for another command (``compare``). Returns the group, for more options."""
     g = p.add_argument_group("LoRA (train a low-rank adapter through PEFT; the base stays frozen)")
     g.add_argument(
         "--lora-rank",
         type=int,
         default=None,
-        help="train a LoRA adapter of this rank (>= 1) on the base (--init-from, or the teacher of --loss "
+        help=rank_help
+        or "train a LoRA adapter of this rank (>= 1) on the base (--init-from, or the teacher of --loss "
         "self-perceptual; latent runs: the pretrained U-Net), instead of every weight; a self-perceptual run whose "
         "teacher is the base uses the base itself as teacher (adapter off): no second copy",
     )
@@ -323,6 +325,7 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
         help="comma-separated module names to adapt (default: the attention projections to_q,to_k,to_v,to_out.0 "
         "where the network has attention levels, else the ResNet convs and time-embedding linears)",
     )
+    return g
 
 
 def lora_config(args: argparse.Namespace) -> LoraConfig | None:

@@ -145,7 +145,7 @@ def run_ablation(
     out = Path(out)
     variants = variants or default_variants(budget)
     make_out_dir(out, command="ablate")
-    check_settings(out, {"budget": asdict(budget), "data": asdict(budget.data)}, fields=SHARED_FIELDS)
+    check_settings(out, {"budget": budget, "data": budget.data}, fields=SHARED_FIELDS)
     ctx = make_context(out, budget, budget.data, device)
     chosen = chosen_lrs(ctx)
     all_seeds = list(range(budget.training_seeds))

@@ -18,7 +18,8 @@ from perceptual_diffusion.data.datasets import load_dataset
 from perceptual_diffusion.evaluation import stats
 from perceptual_diffusion.evaluation.reference import reference_stats
 from perceptual_diffusion.evaluation.scoring import load_per_sample
-from perceptual_diffusion.experiments.rows import Pair, Row
+from perceptual_diffusion.experiments.lora_arm import LoraArm
+from perceptual_diffusion.experiments.rows import Pair, PairRole, Row
 from perceptual_diffusion.experiments.variants import PAPER
 from perceptual_diffusion.experiments.workspace import branch_dir, model_dir, teacher_dir
 from perceptual_diffusion.models.loading import load_model
@@ -61,27 +62,38 @@ def paired(ctx: Any, seeds: list[int], key_a: str, key_b: str, n_boot: int = 100
     return out
 
 
-def plan_pairs(rows: list[Row], variants: tuple[str, ...] | list[str], selected: bool = False) -> list[Pair]:
+def guidance_pairs(rows: list[Row], a: Row, baseline: str, role: PairRole, selected: bool) -> list[Pair]:
+    """``a`` (no guidance) against each guidance row of ``baseline``: each method's best setting (``selected``, one
+    row per method), or (v1) the first CFG row with rescale 0.7."""
+    if selected:
+        guided = [r for r in rows if r.model == baseline and r.guidance in ("cfg", "apg", "autoguidance")]
+        return [Pair(role, a, r, method="interval" if r.interval else r.guidance, selected=True) for r in guided]
+    cfg = sorted(
+        (r for r in rows if r.model == baseline and r.guidance == "cfg" and r.guidance_rescale == 0.7),
+        key=lambda r: r.slug,
+    )
+    return [Pair(role, a, cfg[0], method="cfg")] if cfg else []
+
+
+def plan_pairs(
+    rows: list[Row], variants: tuple[str, ...] | list[str], selected: bool = False, arm: LoraArm | None = None
+) -> list[Pair]:
     """Every pair the report discusses, by role, the paper's headline first: self-perceptual without guidance against
     each guidance method's row (``selected``: each method's best setting, one row per method; otherwise, v1, the
-    first CFG row with rescale 0.7)."""
+    first CFG row with rescale 0.7). With a LoRA ``arm``, its pairs last: self-perceptual LoRA vs MSE-continued
+    LoRA (``lora-headline``), each LoRA branch vs the full fine-tune of the same branch (``lora-vs-full``), and
+    self-perceptual LoRA vs MSE-continued LoRA with each guidance method (``lora-vs-guidance``)."""
     by_slug = {r.slug: r for r in rows}
     sp, mse, teacher = Row("self-perceptual"), Row("mse-continued"), Row("stage1-mse")
     pairs = [Pair("headline", sp, mse), Pair("vs-teacher", sp, teacher), Pair("teacher-residual", mse, teacher)]
-    if selected:
-        guided = [r for r in rows if r.model == "mse-continued" and r.guidance in ("cfg", "apg", "autoguidance")]
-        for r in guided:
-            method = "interval" if r.interval else r.guidance
-            pairs.append(Pair("vs-guidance", sp, r, method=method, selected=True))
-    else:
-        cfg = sorted(
-            (r for r in rows if r.model == "mse-continued" and r.guidance == "cfg" and r.guidance_rescale == 0.7),
-            key=lambda r: r.slug,
-        )
-        if cfg:
-            pairs.append(Pair("vs-guidance", sp, cfg[0], method="cfg"))
+    pairs += guidance_pairs(rows, sp, mse.model, "vs-guidance", selected)
     pairs.append(Pair("unconditional", Row("uncond/self-perceptual"), Row("uncond/mse-continued")))
     pairs += [Pair("variant", Row(v), mse) for v in variants]
+    if arm is not None:
+        lora_sp, lora_mse = Row(arm.sp), Row(arm.mse)
+        pairs += [Pair("lora-headline", lora_sp, lora_mse), Pair("lora-vs-full", lora_sp, sp)]
+        pairs += [Pair("lora-vs-full", lora_mse, mse)]
+        pairs += guidance_pairs(rows, lora_sp, arm.mse, "lora-vs-guidance", selected)
     return [p for p in pairs if p.a.slug in by_slug and p.b.slug in by_slug]
 
 

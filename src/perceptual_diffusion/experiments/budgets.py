@@ -128,6 +128,11 @@ class Budget:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # The denoiser's architecture (issue 19; ``preset`` is one of its presets): the U-Net, or a pixel DiT.
     arch: Architecture = "unet"
+    # compare --lora-rank (issue 20): the stage-2 learning rates of both LoRA branches. An adapter of a few thousand
+    # weights on a frozen base moves far less per step than the whole network, so LoRA usually wants a learning
+    # rate about 10x the full fine-tune's (these two bracket that for the CPU budgets' 2e-4 / 5e-5); swept, each
+    # LoRA branch at its best on held-out seeds, like ``finetune_lrs``.
+    lora_lrs: tuple[float, ...] = (1e-3, 3e-4)
 
     def __post_init__(self) -> None:
         # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is
@@ -143,6 +148,8 @@ class Budget:
             )
         if not self.finetune_lrs or not all(_positive(lr) for lr in self.finetune_lrs):
             raise UserError(f"a budget needs at least one stage-2 learning rate, all > 0, got {self.finetune_lrs}")
+        if not self.lora_lrs or not all(_positive(lr) for lr in self.lora_lrs):
+            raise UserError(f"a budget needs at least one LoRA learning rate, all > 0, got {self.lora_lrs}")
         if not (isinstance(self.finetune_warmup, (int, float)) and 0 <= self.finetune_warmup < 1):
             raise UserError(f"the stage-2 warm-up fraction must be in [0, 1), got {self.finetune_warmup}")
         if not (isinstance(self.finetune_ema, (int, float)) and 0 <= self.finetune_ema < float("inf")):

@@ -14,6 +14,9 @@ The fair protocol (arXiv 2401.00110, Sec. 4, read as an experiment about a *conv
    the paper, self-perceptual + CFG, autoguidance by the teacher and the loss variants of ``variants.py``.
 4. ``report.py`` pairs the models per training seed (same teacher, same sampling seeds), bootstraps intervals and
    writes the verdict.
+5. With ``lora`` (``compare --lora-rank R``, ``lora_arm.py``): both stage-2 branches again as LoRA adapters of rank
+   R on the same teachers, in the same folder, swept over ``Budget.lora_lrs``, with their own guidance grids, rows,
+   pairs (roles ``lora-*``) and report section (``report_lora.py``).
 
 Work for some training seeds can run in parallel processes (``seeds=[...]``); a final call without ``seeds``
 gathers everything from the caches and writes the report.
@@ -30,22 +33,23 @@ from typing import Any
 
 import torch
 
-from perceptual_diffusion.config import DataConfig, default_sampler
+from perceptual_diffusion.config import DataConfig, LoraConfig, default_sampler
 from perceptual_diffusion.core.sampling import sample
 from perceptual_diffusion.data.grid import save_grid
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.scoring import is_cached
 from perceptual_diffusion.experiments.analysis import losses_on_fixed_batch, paired, plan_pairs, training_losses
 from perceptual_diffusion.experiments.budgets import BUDGETS, Budget, with_stage1
-from perceptual_diffusion.experiments.guidance_sweep import Selection, guide_path, select_guidance
+from perceptual_diffusion.experiments.guidance_sweep import BASELINE, Selection, guide_path, select_guidance
+from perceptual_diffusion.experiments.lora_arm import LoraArm, check_arm, lora_results, lora_rows
 from perceptual_diffusion.experiments.report import write_report
 from perceptual_diffusion.experiments.rows import Row
 from perceptual_diffusion.experiments.stages import (
-    branch_losses,
     check_teachers,
     choose_lrs,
     sweep_done,
     sweep_points,
+    swept,
     teacher_for,
     train_branches,
 )
@@ -63,9 +67,15 @@ from perceptual_diffusion.models.loading import load_model
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
 
 
-def plan_rows(budget: Budget, selections: dict[str, Selection] | None = None) -> list[Row]:
+def plan_rows(
+    budget: Budget,
+    selections: dict[str, Selection] | None = None,
+    arm: LoraArm | None = None,
+    lora_selections: dict[str, Selection] | None = None,
+) -> list[Row]:
     """The table's rows, the paper's first, then those beyond it. With guidance grids (v2 budgets) the guidance rows
-    are each method's best setting on held-out seeds; without them (v1), MSE + CFG at every fixed scale."""
+    are each method's best setting on held-out seeds; without them (v1), MSE + CFG at every fixed scale. A LoRA
+    ``arm`` adds its two branches without guidance and its MSE branch with guidance (its own best settings)."""
     rows = [Row(m) for m in ("stage1-mse", "mse-continued", "self-perceptual")]
     if budget.guidance_grids:
         rows += [sel.best for sel in (selections or {}).values() if sel.best is not None]
@@ -78,6 +88,8 @@ def plan_rows(budget: Budget, selections: dict[str, Selection] | None = None) ->
         rows += [Row("self-perceptual", "cfg", w, max(budget.guidance_rescales)) for w in budget.cfg_scales[:2]]
         rows += [Row("mse-continued", "autoguidance", w, 0.0) for w in budget.cfg_scales[:2]]
         rows += [Row(m, "null-label") for m in ("mse-continued", "self-perceptual")]
+    if arm is not None:
+        rows += lora_rows(budget, arm, lora_selections or {})
     return rows
 
 
@@ -140,8 +152,11 @@ def evaluate_rows(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, fl
     return out
 
 
-def _select(ctx: Context, my_seeds: list[int], all_seeds: list[int], chosen: dict) -> dict[str, Selection] | None:
-    """Each guidance grid's best setting on the held-out selection seeds (None while other seeds are pending)."""
+def _select(
+    ctx: Context, my_seeds: list[int], all_seeds: list[int], chosen: dict, model: str = BASELINE
+) -> dict[str, Selection] | None:
+    """Each guidance grid's best setting for ``model`` on the held-out selection seeds (None while other seeds are
+    pending)."""
     if not ctx.budget.guidance_grids:
         return {}
     n = ctx.budget.selection_samples or ctx.budget.curve_samples
@@ -151,7 +166,7 @@ def _select(ctx: Context, my_seeds: list[int], all_seeds: list[int], chosen: dic
         return ctx.criterion.value(evaluate_row(ctx, seed, row, chosen, seeds, f"select-{row.slug}"))
 
     done = lambda row, seed: is_cached(ctx.cache(f"select-{row.slug}", seed))  # noqa: E731
-    return select_guidance(ctx, my_seeds, all_seeds, evaluate, done)
+    return select_guidance(ctx, my_seeds, all_seeds, evaluate, done, model)
 
 
 def run_compare(
@@ -162,9 +177,11 @@ def run_compare(
     evaluate: bool = True,
     seeds: list[int] | None = None,
     require_plateau: bool = False,
+    lora: LoraConfig | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the whole comparison into ``out``; returns the results dictionary (empty rows when some
-    seeds' work is left to other processes)."""
+    seeds' work is left to other processes). ``lora``: also the LoRA arm of that rank (``lora_arm.py``), whose
+    runs live beside the full fine-tune's and share its teachers."""
     out, data = Path(out), data or budget.data
     all_seeds = list(range(budget.training_seeds))
     my_seeds = all_seeds if seeds is None else seeds
@@ -172,7 +189,10 @@ def run_compare(
     if bad:
         raise UserError(f"--seeds {bad} are outside the budget's training seeds 0..{budget.training_seeds - 1}")
     make_out_dir(out)
-    check_settings(out, {"budget": asdict(budget), "data": asdict(data)})
+    check_settings(out, {"budget": budget, "data": data})
+    arm = LoraArm(lora) if lora is not None else None
+    if arm is not None:
+        check_arm(out, arm, budget)
     atomic_write_text(out / "budget.json", json.dumps(asdict(budget), indent=2, default=str))
     t0 = time.perf_counter()
     ctx = make_context(out, budget, data, device)
@@ -180,13 +200,17 @@ def run_compare(
     points, chosen = _sweep(ctx, my_seeds, all_seeds)
     if chosen is None:
         return {"rows": []}
-    selections = _select(ctx, my_seeds, all_seeds, chosen)
-    if selections is None:
+    lora_points, lora_chosen = _sweep(ctx, my_seeds, all_seeds, arm) if arm is not None else ({}, {})
+    if lora_chosen is None:
         return {"rows": []}
-    rows = plan_rows(budget, selections)
+    selections = _select(ctx, my_seeds, all_seeds, chosen)
+    lora_selections = _select(ctx, my_seeds, all_seeds, lora_chosen, arm.mse) if arm is not None else {}
+    if selections is None or lora_selections is None:
+        return {"rows": []}
+    rows = plan_rows(budget, selections, arm, lora_selections)
     per_seed = {}
     for seed in my_seeds:
-        per_seed[seed], uncond_teacher = _finish_seed(ctx, seed, rows, chosen, evaluate)
+        per_seed[seed], uncond_teacher = _finish_seed(ctx, seed, rows, chosen, evaluate, lora_chosen)
         if uncond_teacher is not None:
             teachers[f"seed{seed}/uncond"] = uncond_teacher
     if seeds is not None:  # the report is the gathering call's: parallel processes never write it twice
@@ -194,36 +218,43 @@ def run_compare(
         return {"rows": []}
     if not evaluate:
         return {"rows": []}
-    results = _gather(ctx, rows, chosen, points, teachers, per_seed, selections)
+    results = _gather(ctx, rows, chosen, points, teachers, per_seed, selections, arm, lora_chosen)
+    if arm is not None:
+        results["lora"] = lora_results(ctx, arm, lora_points, lora_chosen, lora_selections)
     results["seconds"] = time.perf_counter() - t0
     write_report(out, results)
     log(f"report: {out / 'report.md'}")
     return results
 
 
-def _sweep(ctx: Context, my_seeds: list[int], all_seeds: list[int]) -> tuple[dict, dict[str, float] | None]:
-    """Stage 2 at every learning rate of the sweep for this process's seeds; the chosen rates once every seed's
-    sweep is done (None while other processes still have sweeps to finish)."""
-    lrs = ctx.budget.finetune_lrs
-    sweep = {b: lrs for b in branch_losses(ctx.budget)}
+def _sweep(
+    ctx: Context, my_seeds: list[int], all_seeds: list[int], arm: LoraArm | None = None
+) -> tuple[dict, dict[str, float] | None]:
+    """Stage 2 at every learning rate of the sweep for this process's seeds (the full fine-tune's, or ``arm``'s
+    LoRA branches at ``Budget.lora_lrs``); the chosen rates once every seed's sweep is done (None while other
+    processes still have sweeps to finish)."""
+    branches, lrs = swept(ctx.budget, arm)
+    sweep = {b: lrs for b in branches}
     for seed in my_seeds:
-        train_branches(ctx, seed, sweep)
+        train_branches(ctx, seed, sweep, arm=arm)
     if len(lrs) > 1:
         for seed in my_seeds:
-            sweep_points(ctx, [seed])
-    waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s)]
+            sweep_points(ctx, [seed], arm)
+    waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s, arm)]
     if waiting:
         log(f"seeds {waiting} have not finished their sweep: rerun without --seeds (or with theirs) to continue")
         return {}, None
-    points = sweep_points(ctx, all_seeds) if len(lrs) > 1 else {}
+    points = sweep_points(ctx, all_seeds, arm) if len(lrs) > 1 else {}
     chosen = choose_lrs(ctx.criterion, points) if points else {b: lrs[0] for b in sweep}
-    log(f"stage-2 learning rates: {chosen}")
+    log(f"stage-2 {'LoRA ' if arm is not None else ''}learning rates: {chosen}")
     return points, chosen
 
 
-def _finish_seed(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float], evaluate: bool) -> tuple:
-    """The rest of one training seed: variant arms, the unconditional pair, then every row's evaluation. Returns
-    (the evaluations by row, the unconditional teacher or None)."""
+def _finish_seed(
+    ctx: Context, seed: int, rows: list[Row], chosen: dict[str, float], evaluate: bool, lora_chosen: dict[str, float]
+) -> tuple:
+    """The rest of one training seed: variant arms, the unconditional pair, then every row's evaluation (a LoRA
+    arm's rows at ``lora_chosen``). Returns (the evaluations by row, the unconditional teacher or None)."""
     budget = ctx.budget
     train_branches(ctx, seed, {v: (chosen["self-perceptual"],) for v in budget.variants})
     uncond_teacher = None
@@ -232,18 +263,28 @@ def _finish_seed(ctx: Context, seed: int, rows: list[Row], chosen: dict[str, flo
         train_branches(ctx, seed, {b: (lr,) for b, lr in chosen.items()}, unconditional=True)
     if not evaluate:
         return {}, uncond_teacher
-    evaluations = evaluate_rows(ctx, seed, rows, chosen)
+    evaluations = evaluate_rows(ctx, seed, rows, {**chosen, **lora_chosen})
     if budget.inception:  # in this process, so that parallel seeds measure their own rows
         evaluate_standard(ctx, seed, rows, chosen)
     return evaluations, uncond_teacher
 
 
 def _gather(
-    ctx: Context, rows: list[Row], chosen: dict, points: dict, teachers: dict, per_seed: dict, selections: dict
+    ctx: Context,
+    rows: list[Row],
+    chosen: dict,
+    points: dict,
+    teachers: dict,
+    per_seed: dict,
+    selections: dict,
+    arm: LoraArm | None = None,
+    lora_chosen: dict[str, float] | None = None,
 ) -> dict:
-    """Every number the report renders: rows per seed, paired differences, fixed-batch losses, curves, grids."""
+    """Every number the report renders: rows per seed, paired differences, fixed-batch losses, curves, grids (a LoRA
+    arm's rows and pairs among them; its own numbers in ``lora_results``)."""
     budget, out = ctx.budget, ctx.out
     all_seeds = list(range(budget.training_seeds))
+    all_chosen = {**chosen, **(lora_chosen or {})}
     log("writing sample grids")
     grids = write_grids(ctx, chosen, ctx.dev)
     models = [r.model for r in rows if r.guidance == "none"]
@@ -262,11 +303,11 @@ def _gather(
         "rows": [r.to_dict() for r in rows],
         "evaluations": {str(s): {k: [r["metrics"] for r in v] for k, v in per_seed[s].items()} for s in all_seeds},
         "fixed_batch_losses": {
-            str(s): losses_on_fixed_batch(ctx, s, chosen, models, budget.loss_batch) for s in all_seeds
+            str(s): losses_on_fixed_batch(ctx, s, all_chosen, models, budget.loss_batch) for s in all_seeds
         },
         "grids": [str(p.relative_to(out)) for p in grids],
     }
-    pairs = plan_pairs(rows, budget.variants, selected=bool(budget.guidance_grids))
+    pairs = plan_pairs(rows, budget.variants, selected=bool(budget.guidance_grids), arm=arm)
     results["pairs"] = [
         p.to_dict() | {"metrics": paired(ctx, all_seeds, p.a.slug, p.b.slug, budget.bootstrap)} for p in pairs
     ]

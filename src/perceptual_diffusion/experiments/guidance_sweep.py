@@ -104,8 +104,10 @@ def select_guidance(
     all_seeds: list[int],
     evaluate: Callable[[Row, int], float],
     done: Callable[[Row, int], bool],
+    model: str = BASELINE,
 ) -> dict[str, Selection] | None:
-    """Each grid's best setting, or None while other processes still have grid points to evaluate.
+    """Each grid's best setting applied to ``model`` (MSE continued, or its LoRA form), or None while other
+    processes still have grid points to evaluate.
 
     ``evaluate(row, seed)`` returns the criterion of ``row`` on the selection seeds (cached); ``done(row, seed)``
     says whether that evaluation exists (for the seeds of other processes)."""
@@ -120,7 +122,7 @@ def select_guidance(
             continue
         sel = Selection(grid.method, list(grid.scales))
         while True:
-            rows = grid_rows(grid, sel.scales)
+            rows = grid_rows(grid, sel.scales, model)
             for seed in my_seeds:
                 for row in rows:
                     evaluate(row, seed)
@@ -139,7 +141,7 @@ def select_guidance(
                 break
             sel.scales.append(nxt)
             sel.extensions += 1
-            log(f"guidance grid {grid.method}: best w={best.cfg_scale:g} at an end, extending to w={nxt:g}")
+            log(f"guidance grid {grid.method} of {model}: best w={best.cfg_scale:g} at an end, extending to w={nxt:g}")
         out[grid.method] = sel
     if waiting:
         log("other seeds have guidance-grid points left: rerun without --seeds (or with theirs) to continue")

@@ -14,14 +14,17 @@ from typing import Any
 import numpy as np
 
 from perceptual_diffusion.evaluation import stats
+from perceptual_diffusion.experiments.report_lora import lora_section
 from perceptual_diffusion.experiments.report_plots import plot_cfg, plot_curves
 from perceptual_diffusion.experiments.report_sections import (
     LABELS,
     TABLE_METRICS,
+    fmt_diff,
     inception_section,
     plot_selection,
     seed_values,
     selection_section,
+    significant,
 )
 from perceptual_diffusion.experiments.rows import Pair, Row
 from perceptual_diffusion.runtime.checkpoint import atomic_write_text
@@ -61,14 +64,6 @@ def pair_by_role(results: dict[str, Any], role: str, method: str | None = None) 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paired differences.
-
-
-def _significant(d: dict[str, Any]) -> bool:
-    return d["ci_low"] > 0 or d["ci_high"] < 0
-
-
-def _fmt_diff(d: dict[str, Any]) -> str:
-    return f"{d['estimate']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
 
 
 def paired_table(diffs: dict[str, dict[str, Any]]) -> str:
@@ -147,8 +142,8 @@ def _inception_sentences(results: dict[str, Any]) -> list[str]:
     for metric in ("fid", "kid"):
         if metric in head:
             d = head[metric]
-            sig = "" if _significant(d) else ", not significant"
-            parts.append(f"{LABELS[metric][0]} {_fmt_diff(d)}{sig}")
+            sig = "" if significant(d) else ", not significant"
+            parts.append(f"{LABELS[metric][0]} {fmt_diff(d)}{sig}")
     return [
         f"In the standard Inception-v3 features ({n} samples per row), self-perceptual − MSE continued without "
         f"guidance: {'; '.join(parts)} (lower is better)."
@@ -161,7 +156,7 @@ def _headline(head: dict[str, dict[str, Any]], crit: str, n_seeds: int) -> list[
     sp_better = (d["estimate"] > 0) == higher
     agree = sum(1 for v in d["per_seed"] if (v > 0) == (d["estimate"] > 0) and v != 0)
     spread = f"95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], {agree} of {len(d['per_seed'])} seeds agree"
-    if _significant(d):
+    if significant(d):
         winner, loser = ("self-perceptual", "MSE continued") if sp_better else ("MSE continued", "self-perceptual")
         out = [
             f"**Without guidance, {winner} beats {loser} on {label}**: self-perceptual − MSE continued = "
@@ -173,9 +168,7 @@ def _headline(head: dict[str, dict[str, Any]], crit: str, n_seeds: int) -> list[
             f"{d['estimate']:+.4f} ({spread})."
         ]
     # Diagnostics (direction None, e.g. the nearest-train distance) are neither better nor worse.
-    ranked = {
-        m: x for m, x in head.items() if m != crit and _significant(x) and LABELS.get(m, (m, True))[1] is not None
-    }
+    ranked = {m: x for m, x in head.items() if m != crit and significant(x) and LABELS.get(m, (m, True))[1] is not None}
     better = [LABELS[m][0] for m, x in ranked.items() if (x["estimate"] > 0) == LABELS[m][1]]
     worse = [LABELS[m][0] for m, x in ranked.items() if (x["estimate"] > 0) != LABELS[m][1]]
     out.append(
@@ -211,14 +204,14 @@ def _residual_sentence(results: dict[str, Any], crit: str, teachers: dict[str, A
     label, higher = LABELS.get(crit, (crit, True))
     residual = (pair_by_role(results, "teacher-residual") or {}).get(crit)
     converged = all(t["at_plateau"] for t in teachers.values()) and not results["budget"].get("teacher")
-    if not (converged and residual is not None and _significant(residual) and (residual["estimate"] > 0) == higher):
+    if not (converged and residual is not None and significant(residual) and (residual["estimate"] > 0) == higher):
         return []
     vs_teacher = (pair_by_role(results, "vs-teacher") or {}).get(crit)
     return [
-        f"MSE continued still gains on its teacher ({label} {_fmt_diff(residual)}): the plateau criterion at "
+        f"MSE continued still gains on its teacher ({label} {fmt_diff(residual)}): the plateau criterion at "
         f"{results['budget']['curve_samples']} samples per point does not exclude gains of this size, so part of "
         "the headline difference may be further convergence"
-        + (f"; against the same teacher, self-perceptual moves by {_fmt_diff(vs_teacher)}." if vs_teacher else ".")
+        + (f"; against the same teacher, self-perceptual moves by {fmt_diff(vs_teacher)}." if vs_teacher else ".")
     ]
 
 
@@ -233,13 +226,13 @@ def _baseline_sentences(results: dict[str, Any], crit: str) -> list[str]:
             continue
         c = metrics[crit]
         rel = "better than" if (c["estimate"] > 0) == higher else "worse than"
-        sig = "" if _significant(c) else " (not significant)"
+        sig = "" if significant(c) else " (not significant)"
         where = ""
         if pair.selected and pair.method in selection:
             where = f" (its best setting on held-out seeds: {selection[pair.method]['position']})"
         out.append(
             f"Against MSE + {pair.b.method_label}{where}, self-perceptual without guidance is {rel} it on {label}: "
-            f"{_fmt_diff(c)}{sig}."
+            f"{fmt_diff(c)}{sig}."
         )
     for method, sel in selection.items():
         if sel.get("note"):
@@ -247,8 +240,8 @@ def _baseline_sentences(results: dict[str, Any], crit: str) -> list[str]:
     u = (pair_by_role(results, "unconditional") or {}).get(crit)
     if u:
         rel = "better" if (u["estimate"] > 0) == higher else "worse"
-        sig = "" if _significant(u) else ", not significant"
-        out.append(f"Unconditionally, self-perceptual is {rel} than MSE continued on {label}: {_fmt_diff(u)}{sig}.")
+        sig = "" if significant(u) else ", not significant"
+        out.append(f"Unconditionally, self-perceptual is {rel} than MSE continued on {label}: {fmt_diff(u)}{sig}.")
     return out
 
 
@@ -286,6 +279,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "",
         " ".join(verdict(results)),
         "",
+        *lora_section(results),
         _how_to_read(results, len(seeds)),
         "",
         f"Feature extractor: {results['extractor']}. Reference images: the {results['reference_split']} split.",

@@ -30,6 +30,15 @@ TABLE_METRICS = (
 LABELS = {k: (label, higher) for k, label, higher in TABLE_METRICS}
 
 
+def significant(d: dict[str, Any]) -> bool:
+    """A paired difference whose 95% interval excludes 0."""
+    return d["ci_low"] > 0 or d["ci_high"] < 0
+
+
+def fmt_diff(d: dict[str, Any]) -> str:
+    return f"{d['estimate']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+
+
 def seed_values(results: dict[str, Any], key: str, metric: str) -> list[float]:
     """One value per training seed (the mean over its sampling repeats)."""
     values = []
@@ -45,15 +54,21 @@ INCEPTION_METRICS = (("fid", "FID"), ("kid", "KID"), ("precision", "precision"),
                      ("coverage", "coverage"))  # fmt: skip
 
 
-def selection_section(results: dict[str, Any], crit_label: str) -> list[str]:
-    """Each guidance method's grid on the held-out selection seeds, its chosen setting and where it sits."""
-    selection = results.get("guidance_selection") or {}
+def selection_section(
+    results: dict[str, Any],
+    crit_label: str,
+    selection: dict[str, Any] | None = None,
+    title: str = "## Guidance baselines at their best settings",
+) -> list[str]:
+    """Each guidance method's grid on the held-out selection seeds, its chosen setting and where it sits
+    (``selection``: another model's grids, e.g. the LoRA arm's; default the comparison's)."""
+    selection = results.get("guidance_selection") if selection is None else selection
     if not selection:
         return []
     budget = results["budget"]
     n = budget.get("selection_samples") or budget["curve_samples"]
     lines = [
-        "## Guidance baselines at their best settings",
+        title,
         "",
         f"Each method's grid was evaluated on {n} held-out sampling seeds (not the table's) for every training seed; "
         f"the setting with the best mean {crit_label} over training seeds is the one in the table, and a grid whose "

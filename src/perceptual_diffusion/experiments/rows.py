@@ -21,7 +21,20 @@ from perceptual_diffusion.config import SampleConfig, ScheduleConfig, default_sa
 # interval (arXiv 2404.07724); "apg": adaptive projected guidance (arXiv 2410.02416); "autoguidance": a weaker
 # model of the same task as the guide (arXiv 2406.02507); "cfg-zero-star": CFG-Zero* for flow models (arXiv 2503.18886).
 GuidanceKind = Literal["none", "null-label", "cfg", "apg", "autoguidance", "cfg-zero-star"]
-PairRole = Literal["headline", "vs-teacher", "teacher-residual", "vs-guidance", "unconditional", "variant"]
+# "lora-*": the pairs of a LoRA arm (compare --lora-rank): its two branches without guidance, each against the full
+# fine-tune of the same branch, and its self-perceptual branch against its MSE branch with each guidance method.
+PairRole = Literal[
+    "headline",
+    "vs-teacher",
+    "teacher-residual",
+    "vs-guidance",
+    "unconditional",
+    "variant",
+    "lora-headline",
+    "lora-vs-full",
+    "lora-vs-guidance",
+]
+LORA_ROLES: tuple[PairRole, ...] = ("lora-headline", "lora-vs-full", "lora-vs-guidance")
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,13 @@ class Pair:
             return f"self-perceptual (no guidance) vs MSE + {self.b.method_label}{best}"
         if self.role == "unconditional":
             return "unconditional: self-perceptual vs MSE continued"
+        if self.role == "lora-headline":
+            return f"LoRA: {self.a.model} vs {self.b.model}, no guidance"
+        if self.role == "lora-vs-full":
+            return f"LoRA vs full fine-tuning: {self.a.model} vs {self.b.model}, no guidance"
+        if self.role == "lora-vs-guidance":
+            best = ", its best setting" if self.selected else ""
+            return f"LoRA: {self.a.model} (no guidance) vs {self.b.label}{best}"
         return f"{self.a.model} vs MSE continued (beyond the paper)"
 
     def to_dict(self) -> dict[str, Any]:

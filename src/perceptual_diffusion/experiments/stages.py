@@ -13,6 +13,7 @@ import numpy as np
 
 from perceptual_diffusion.config import (
     DataConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     RunConfig,
@@ -23,6 +24,7 @@ from perceptual_diffusion.data.datasets import data_shape
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.scoring import Criterion, is_cached
 from perceptual_diffusion.experiments.budgets import Budget
+from perceptual_diffusion.experiments.lora_arm import LoraArm
 from perceptual_diffusion.experiments.teacher import TeacherResult, train_to_plateau
 from perceptual_diffusion.experiments.variants import VARIANTS
 from perceptual_diffusion.experiments.workspace import Context, branch_dir, log, teacher_dir
@@ -88,8 +90,10 @@ def stage2_config(
     teacher_dir: str,
     device: str,
     unconditional: bool = False,
+    lora: LoraConfig | None = None,
 ) -> RunConfig:
-    """One stage-2 branch; both branches get exactly this, apart from the loss."""
+    """One stage-2 branch; both branches get exactly this, apart from the loss (and of a LoRA arm, ``lora``: the
+    same schedule, with an adapter on the teacher's weights instead of every weight trained)."""
     images = budget.finetune_steps * budget.batch_size
     if unconditional:
         loss = replace(loss, cond_dropout=0.0)
@@ -112,12 +116,20 @@ def stage2_config(
             sample_every=budget.finetune_steps,
         ),
         sample=default_sampler(budget.schedule, steps=budget.sample_steps),
+        lora=lora,
     )
 
 
 def branch_losses(budget: Budget) -> dict[str, LossConfig]:
     """The stage-2 branches that get the learning-rate sweep: MSE continued and self-perceptual."""
     return {"mse-continued": LossConfig(kind="mse"), "self-perceptual": budget.perceptual}
+
+
+def swept(budget: Budget, arm: LoraArm | None = None) -> tuple[dict[str, LossConfig], tuple[float, ...]]:
+    """The branches of one learning-rate sweep and its rates: the full fine-tune's, or a LoRA arm's."""
+    if arm is None:
+        return branch_losses(budget), budget.finetune_lrs
+    return arm.branches(budget), budget.lora_lrs
 
 
 def train_teacher(ctx: Context, seed: int, unconditional: bool = False) -> TeacherResult:
@@ -164,29 +176,40 @@ def check_teachers(ctx: Context, seeds: list[int], require_plateau: bool) -> dic
     return teachers
 
 
-def train_branches(ctx: Context, seed: int, lrs: dict[str, tuple[float, ...]], unconditional: bool = False) -> None:
-    """Stage 2: every branch at every learning rate it is given, all from the same teacher weights."""
+def train_branches(
+    ctx: Context,
+    seed: int,
+    lrs: dict[str, tuple[float, ...]],
+    unconditional: bool = False,
+    arm: LoraArm | None = None,
+) -> None:
+    """Stage 2: every branch at every learning rate it is given, all from the same teacher weights (``arm``: the
+    LoRA arm's branches, adapters on those weights; the self-perceptual one's teacher is its base, so shared)."""
 
     root = ctx.root(seed, unconditional)
     teacher = str(teacher_dir(ctx, seed, unconditional))
     losses = {**branch_losses(ctx.budget), **{v: VARIANTS[v] for v in ctx.budget.variants}}
+    if arm is not None:
+        losses = arm.branches(ctx.budget)
     for branch, branch_lrs in lrs.items():
         loss = losses[branch]
         if loss.kind == "self-perceptual":
             loss = replace(loss, teacher=teacher)
         for lr in branch_lrs:
-            cfg = stage2_config(ctx.budget, ctx.data, loss, lr, seed, teacher, ctx.device, unconditional)
+            lora = arm.lora if arm is not None else None
+            cfg = stage2_config(ctx.budget, ctx.data, loss, lr, seed, teacher, ctx.device, unconditional, lora)
             run_dir = branch_dir(root, branch, lr)
             if not is_finished(run_dir, cfg.train.steps):
                 log(f"seed {seed}: stage 2 {'unconditional ' if unconditional else ''}{branch} at lr {lr:g}")
                 train(cfg, run_dir)
 
 
-def sweep_points(ctx: Context, seeds: list[int]) -> dict[str, dict[float, list[float]]]:
+def sweep_points(ctx: Context, seeds: list[int], arm: LoraArm | None = None) -> dict[str, dict[float, list[float]]]:
     """Criterion of every (branch, lr) per seed on the selection seeds (evaluating what is missing)."""
     points: dict[str, dict[float, list[float]]] = {}
-    for branch in branch_losses(ctx.budget):
-        for lr in ctx.budget.finetune_lrs:
+    branches, lrs = swept(ctx.budget, arm)
+    for branch in branches:
+        for lr in lrs:
             for seed in seeds:
                 run_dir = branch_dir(ctx.root(seed), branch, lr)
                 value, _, _ = ctx.selection_point(f"sweep-{branch}-lr{lr:g}", seed, run_dir)
@@ -200,13 +223,10 @@ def choose_lrs(criterion: Criterion, points: dict[str, dict[float, list[float]]]
     return {b: max(by_lr, key=lambda lr: sign * float(np.mean(by_lr[lr]))) for b, by_lr in points.items()}
 
 
-def sweep_done(ctx: Context, seed: int) -> bool:
+def sweep_done(ctx: Context, seed: int, arm: LoraArm | None = None) -> bool:
     """Every stage-2 run of the sweep of this seed is trained (and, with several learning rates, evaluated)."""
-    lrs = ctx.budget.finetune_lrs
+    branches, lrs = swept(ctx.budget, arm)
     if len(lrs) == 1:
-        return all(
-            is_finished(branch_dir(ctx.root(seed), b, lrs[0]), ctx.budget.finetune_steps)
-            for b in branch_losses(ctx.budget)
-        )
-    names = [f"sweep-{b}-lr{lr:g}" for b in branch_losses(ctx.budget) for lr in lrs]
+        return all(is_finished(branch_dir(ctx.root(seed), b, lrs[0]), ctx.budget.finetune_steps) for b in branches)
+    names = [f"sweep-{b}-lr{lr:g}" for b in branches for lr in lrs]
     return all(is_cached(ctx.cache(n, seed)) for n in names)

@@ -2,7 +2,8 @@
 of ``compare`` and ``ablate`` shares (``Context``: budget, data, device, criterion, feature extractor).
 
 Layout of ``--out``: ``seed{s}/stage1-phase{p}`` and ``seed{s}/stage1-mse`` (stage 1), ``seed{s}/{branch}-lr{lr}``
-(stage 2), ``seed{s}/uncond/...`` (the unconditional pair), ``eval/seed{s}/{name}.json|.npz`` (cached evaluations).
+(stage 2), ``seed{s}/uncond/...`` (the unconditional pair), ``seed{s}/lora{R}-{branch}-lr{lr}`` and ``lora{R}.json``
+(a LoRA arm, ``lora_arm.py``), ``eval/seed{s}/{name}.json|.npz`` (cached evaluations).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from perceptual_diffusion.config import DataConfig, SampleConfig, ScheduleConfig, default_sampler
+from perceptual_diffusion.config import DataConfig, SampleConfig, default_sampler
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.evaluation.features import auto_extractor
 from perceptual_diffusion.evaluation.scoring import Criterion, criterion_for, evaluate_cached, load_per_sample
@@ -131,6 +132,9 @@ def make_out_dir(out: Path, command: str = "compare") -> None:
 # Budget fields that only change what the gathering call recomputes every time (the report, the bootstrap, the
 # fixed-batch losses): a rerun may change them. Every other field changes a trained model or a cached evaluation.
 RECOMPUTED_FIELDS = ("name", "bootstrap", "loss_batch")
+# Budget fields of a LoRA arm alone (``compare --lora-rank``): its own settings file guards them (``lora_arm.py``),
+# so that a LoRA arm with its own learning rates can join a folder made without one.
+ARM_FIELDS = ("lora_lrs",)
 # What ``ablate`` shares with ``compare`` in one folder: the runs and the evaluations of the same rows.
 SHARED_FIELDS = (
     "data", "preset", "batch_size", "stage1", "finetune_steps", "finetune_lrs", "sample_steps", "eval_samples",
@@ -144,35 +148,68 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def plain(value: Any) -> Any:
+    """Settings as JSON would hold them: dataclasses as dictionaries, tuples as lists, anything else as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return json.loads(json.dumps(value, default=str))
+
+
+def with_defaults(stored: Any, current: Any) -> Any:
+    """``stored`` settings (read from an older folder) with every dataclass field of ``current`` they lack set to
+    that field's declared default: a field added to a budget (or to a config inside it) after a folder was made held
+    its default there, so it compares as that default instead of refusing the resume (a folder from before the
+    schedule families ran the DDPM family; one from before ``lora_lrs`` trained no LoRA arm). Nested dataclasses,
+    tuples of them and dictionaries of them are filled recursively; a field without a default stays missing."""
+    if dataclasses.is_dataclass(current) and not isinstance(current, type) and isinstance(stored, dict):
+        out = dict(stored)
+        for f in dataclasses.fields(current):
+            if f.name in out:
+                out[f.name] = with_defaults(out[f.name], getattr(current, f.name))
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = plain(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = plain(f.default_factory())
+        return out
+    if isinstance(current, (tuple, list)) and isinstance(stored, list) and len(stored) == len(current):
+        return [with_defaults(s, c) for s, c in zip(stored, current)]
+    if isinstance(current, dict) and isinstance(stored, dict):
+        return {k: with_defaults(v, current[k]) if k in current else v for k, v in stored.items()}
+    return stored
+
+
+def changed_settings(stored: Any, current: Any, keep: Any = lambda key: True) -> list[str]:
+    """ "key: old -> new" for every flattened setting that differs (``stored`` filled by :func:`with_defaults`)."""
+    old, new = _flat(plain(with_defaults(stored, current))), _flat(plain(current))
+    changed = [k for k in sorted(set(old) | set(new)) if keep(k) and old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in changed]
+
+
 def check_settings(out: Path, settings: dict[str, Any], fields: tuple[str, ...] | None = None) -> None:
     """Refuse to resume ``out`` with settings other than those it was made with (``settings.json``), naming every
-    changed field; write them when the folder is new. ``fields``: compare only these top-level fields (``ablate``
-    shares a folder with ``compare``). A folder that mixed two configurations would report settings it did not run."""
+    changed field; write them when the folder is new. ``settings`` maps names to the typed configs (``Budget``,
+    ``DataConfig``), so that a field added since the folder was made compares as its default (:func:`with_defaults`).
+    ``fields``: compare only these top-level budget fields (``ablate`` shares a folder with ``compare``). A folder that
+    mixed two configurations would report settings it did not run."""
     path = out / "settings.json"
-    current = json.loads(json.dumps(settings, default=str))
     # A folder without any run or evaluation yet holds no work to mix with: a command that failed before its first
     # run (a typo in --data-path, say) must not lock the folder to its mistaken settings.
     has_work = any(p.name.startswith(("seed", "eval")) for p in out.iterdir()) if out.is_dir() else False
     if not path.is_file() or not has_work:
         if fields is None:
-            atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+            atomic_write_text(path, json.dumps(plain(settings), indent=2, sort_keys=True))
         return
-    stored = json.loads(path.read_text())
-    keep = lambda key: (
-        key.split(".")[1] not in RECOMPUTED_FIELDS
-        and (  # noqa: E731
-            fields is None or key.split(".")[1] in fields or not key.startswith("budget.")
-        )
+    keep = lambda key: (  # noqa: E731
+        key.split(".")[1] not in (*RECOMPUTED_FIELDS, *ARM_FIELDS)
+        and (fields is None or key.split(".")[1] in fields or not key.startswith("budget."))
     )
-    old, new = _flat(stored), _flat(current)
-    # Fields added since the folder was made hold their defaults there (a folder from before the schedule families
-    # ran the DDPM family, one from before the architectures a U-Net): missing from the old settings, they compare
-    # as that default.
-    added = _flat({"budget": {"schedule": dataclasses.asdict(ScheduleConfig()), "arch": "unet"}})
-    old = {**{k: v for k, v in added.items() if k in new}, **old}
-    changed = [k for k in sorted(set(old) | set(new)) if keep(k) and old.get(k) != new.get(k)]
+    changed = changed_settings(json.loads(path.read_text()), settings, keep)
     if changed:
-        listed = "; ".join(f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in changed[:8])
+        listed = "; ".join(changed[:8])
         more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
         raise UserError(
             f"--out {out} was made with other settings ({listed}{more}); its runs and evaluations belong to those: "
