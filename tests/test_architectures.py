@@ -175,6 +175,17 @@ def test_dit_has_diffusers_null_class_and_no_label_dropout_of_its_own() -> None:
     assert model.transformer.config.num_embeds_ada_norm == TINY_CLASSES
 
 
+def test_dit_starts_adaln_zero_every_block_the_identity_and_the_output_zero() -> None:
+    """DiT's adaLN-Zero initialisation (arXiv 2212.09748, Sec. 3.2), which diffusers' class leaves out."""
+    model = DiffusionDiT(tiny("dit"), ScheduleConfig())
+    x, t, cond = torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE), torch.tensor([3, 700]), torch.tensor([0, 1])
+    assert torch.equal(model(x, t, cond), torch.zeros_like(x))
+    taps = model.features(x, t, cond, model.taps)
+    first = taps[model.taps[0]]
+    assert all(torch.equal(h, first) for h in taps.values())  # every block passes its input through
+    assert torch.equal(first, model.transformer.pos_embed(x))
+
+
 class _Forbidden(RuntimeError):
     pass
 

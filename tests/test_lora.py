@@ -40,7 +40,12 @@ def _one_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
 def _base(seed: int = 0, preset: str = "tiny", arch: str = "unet") -> DiffusionUNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(replace(TINY, preset=preset, arch=arch), ScheduleConfig())
+        model = build_model(replace(TINY, preset=preset, arch=arch), ScheduleConfig())
+        with torch.no_grad():  # a DiT starts with zero gates (adaLN-Zero): give them values, as training would
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0.0, 0.1)
+        return model
 
 
 def _with_adapter(base: DiffusionUNet, dropout: float = 0.0, seed: int = 1) -> DiffusionUNet:

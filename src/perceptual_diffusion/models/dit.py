@@ -48,7 +48,22 @@ def build_transformer(model: ModelConfig) -> DiTTransformer2DModel:
         num_embeds_ada_norm=model.num_classes,  # LabelEmbedding adds row K, the null class
     )
     disable_label_dropout(transformer)
+    adaln_zero_init(transformer)
     return transformer
+
+
+@torch.no_grad()
+def adaln_zero_init(transformer: DiTTransformer2DModel) -> None:
+    """DiT's adaLN-Zero initialisation (arXiv 2212.09748, Sec. 3.2), which diffusers' class does not apply (it is
+    built to load trained weights): every block's modulation linear is zero, so each block starts as the identity
+    (its gates alpha are 0), and the final layer's modulation and projection are zero, so the network starts by
+    predicting 0. The DiT paper found this the best of its conditioning schemes by a clear margin in FID."""
+    for block in transformer.transformer_blocks:
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (transformer.proj_out_1, transformer.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 def disable_label_dropout(transformer: DiTTransformer2DModel) -> None:
