@@ -12,7 +12,8 @@ restores it. What is kept, per run directory:
   from the file name and the step of ``model.safetensors``, and ``compare`` never loads the state of a finished
   run. A placeholder is plain text, so a resume that tried to load it as a state would fail loudly;
 - the EMA snapshots that autoguidance uses as its weaker guides (stage 1's first phase after K chunks, the
-  budget's ``stage1-chunkK`` names); other snapshots served the learning curve, whose points are cached.
+  budget's ``stage1-chunkK`` names), and any snapshot whose learning-curve point is not cached yet; the others
+  served the learning curve and are never read again.
 
 Usage, from the repository root, venv active:
 
@@ -61,6 +62,16 @@ def _closed(run: Path, budget: dict) -> bool:
     return (root / f"stage1-phase{phase + 1}").is_dir() or (root / "stage1-mse").is_dir()
 
 
+def _curve_cached(src: Path, run: Path, step: int, phases: int) -> bool:
+    """Whether the learning-curve point of a stage-1 snapshot is cached (``teacher.train_to_plateau`` names it
+    ``curve-phase{p}-step{N}``): then the snapshot is never read again. Other snapshots are kept."""
+    if not run.name.startswith("stage1-"):
+        return False
+    phase = phases - 1 if run.name == "stage1-mse" else int(run.name.removeprefix("stage1-phase"))
+    cache = src / "eval" / run.parent.name / f"curve-phase{phase}-step{step:08d}"
+    return all((cache.parent / (cache.name + ext)).is_file() for ext in (".json", ".npz"))
+
+
 def pack(src: Path, dest: Path) -> None:
     budget = json.loads((src / "budget.json").read_text())
     guides = _guide_steps(budget)
@@ -84,7 +95,8 @@ def pack(src: Path, dest: Path) -> None:
                 continue
         elif path.parent.name == "snapshots" and SNAPSHOT.fullmatch(path.name):
             step = int(SNAPSHOT.fullmatch(path.name).group(1))
-            if not (run.name == "stage1-phase0" and step in guides):
+            guide = run.name == "stage1-phase0" and step in guides
+            if not guide and _curve_cached(src, run, step, len(budget["stage1"]["lrs"])):
                 continue
         elif path.name.endswith((".lock", ".tmp")):
             continue
