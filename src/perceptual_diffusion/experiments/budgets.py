@@ -326,6 +326,12 @@ BUDGETS["cpu-fair-fmnist-flow"] = replace(
     schedule=ScheduleConfig(family="flow"),
     guidance_grids=(*GRIDS_V2, GuidanceGrid("cfg-zero-star", scales=(1.1, 1.2, 1.3, 1.5, 2.0, 3.0))),
 )
+# The fair comparison for the pixel DiT (issue 19, item 5): cpu-fair-fmnist with the 6-block DiT at patch 4 in the
+# paper's zero-SNR DDPM family, so that its verdict differs from the U-Net's in the architecture alone. Prepared, not
+# run: its stage-1 learning rates wait for results/stage1-lr-sweep (ARCH=dit PRESET=small).
+BUDGETS["cpu-fair-fmnist-dit"] = replace(
+    BUDGETS["cpu-fair-fmnist"], name="cpu-fair-fmnist-dit", arch="dit", preset="small"
+)
 
 # One line each for --help.
 BUDGET_NOTES: dict[str, str] = {
@@ -336,5 +342,6 @@ BUDGET_NOTES: dict[str, str] = {
     "cpu-fair-fmnist-v1": "the v1 protocol of results/fmnist-fair (and the v1 classifier)",
     "gpu": "Fashion-MNIST with the base U-Net on one GPU",
     "cpu-fair-fmnist-flow": "cpu-fair-fmnist for a rectified-flow U-Net with CFG-Zero* (prepared; stage-1 lrs unswept)",
+    "cpu-fair-fmnist-dit": "cpu-fair-fmnist for the pixel DiT (small, patch 4; prepared; stage-1 lrs unswept)",
 }
 assert BUDGET_NOTES.keys() == BUDGETS.keys()
