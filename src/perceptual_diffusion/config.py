@@ -687,8 +687,11 @@ def check_taps(loss: LossConfig, model: ModelConfig) -> None:
 
 @dataclass(frozen=True)
 class LatentModelConfig:
-    """A Stable-Diffusion-style model from a local diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``): the U-Net is trained, the VAE and text encoder stay frozen. ``resolution`` is in pixels."""
+    """A latent text-to-image model from a local diffusers folder: Stable Diffusion's (``unet/``, ``vae/``,
+    ``text_encoder/``, ``tokenizer/``) or SD3's (``transformer/``, two CLIP text encoders, optional T5; the folder's
+    model_index.json says which, ``models/latent.py`` LATENT_ARCHITECTURES): the network is trained, the VAE and
+    text encoders stay frozen. ``resolution`` is in pixels. Taps and resolution are checked against the folder when
+    the run starts (``LatentArchitecture.check``)."""
 
     pretrained: str = ""
     resolution: int = 512
@@ -749,7 +752,6 @@ class LatentRunConfig(_Sections):
             not self.sample.clip_x0,
             "clipping x0 to [-1, 1] is for pixels; latents are not bounded: sample latent models without --clip-x0",
         )
-        _check(not self.loss.feature_blocks, "--feature-blocks taps a pixel DiT's blocks (train --arch dit)")
         _check(
             self.loss.kind != "external-perceptual",
             "--loss external-perceptual judges pixels with a classifier of the built-in data: use it with the pixel "

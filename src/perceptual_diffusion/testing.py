@@ -1,4 +1,4 @@
-"""Fixtures that need no download: tiny Stable-Diffusion-style components and captioned shapes.
+"""Fixtures that need no download: tiny Stable-Diffusion-style (and SD3-style) components and captioned shapes.
 
 Not part of the method: the tests use them, and so do ``latent tiny`` and ``latent shapes-captions``, which let a
 user try the latent text-to-image path end to end on a CPU.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,28 +18,43 @@ from perceptual_diffusion.models.latent import quiet_libraries, sd_pipeline
 from perceptual_diffusion.runtime import ownership
 
 
+def _char_vocab() -> dict[str, int]:
+    """A character-level CLIP vocabulary: byte-level characters, alone and word-final (no merges)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):  # one token per character
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    return vocab
+
+
+def _tiny_tokenizer(tmp: Path, vocab: dict[str, int]) -> Any:
+    """A CLIPTokenizer of ``vocab`` built offline (its files in a scratch folder under ``tmp``, removed after)."""
+    from transformers import CLIPTokenizer
+
+    words = tmp / ".vocab"
+    words.mkdir()
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=32)
+    shutil.rmtree(words)
+    return tokenizer
+
+
 def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
     """Write a randomly initialised, tiny Stable-Diffusion-style folder (0.8 M parameters in all): a character-level
     CLIP tokenizer and 2-layer text encoder, a 2-level ``UNet2DConditionModel`` with cross-attention, and a VAE
     that downsamples 2x. Its images are noise until trained; it exists to run the latent path end to end offline."""
     from diffusers import DDIMScheduler
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     from perceptual_diffusion.models.export import publish_folder, scheduler_config
 
-    chars = list(bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):  # byte-level characters, alone and word-final: no merges, one token per character
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
+    vocab = _char_vocab()
 
     def write(tmp: Path) -> None:
-        words = tmp / ".vocab"
-        words.mkdir()
-        (words / "vocab.json").write_text(json.dumps(vocab))
-        (words / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=32)
+        tokenizer = _tiny_tokenizer(tmp, vocab)
         text_encoder, unet, vae = _tiny_components(len(vocab), seed)
         scheduler = DDIMScheduler(**scheduler_config(ScheduleConfig(), SampleConfig(clip_x0=False)))
         pipe = sd_pipeline(
@@ -50,7 +66,95 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
         )
         with quiet_libraries():
             pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(words)
+
+    return publish_folder(Path(out_dir), write, force, kind="tiny-pipeline", command="latent tiny")
+
+
+# SD3's VAE constants (stabilityai/stable-diffusion-3-medium, vae/config.json): the shift is what SD3 adds.
+SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
+
+
+def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False, shift: float = 3.0) -> Path:
+    """Write a randomly initialised, tiny SD3-style folder in ``StableDiffusion3Pipeline`` layout without T5
+    (model_index.json names text_encoder_3 and tokenizer_3 null): a 4-block ``SD3Transformer2DModel`` (patch 2,
+    width 32, SD3.5's qk RMS norm and dual attention in its first block), a 2x VAE with SD3's scaling and shift
+    factors, two character-level CLIP text encoders with projections (widths 32 and 48, so their penultimate states,
+    80 channels, are zero-padded to the joint width 96 as SD3's 768 + 1280 are to 4096) and a
+    FlowMatchEulerDiscreteScheduler at ``shift``. Its images are noise until trained."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from perceptual_diffusion.models.export import publish_folder
+
+    vocab = _char_vocab()
+
+    def clip(width: int) -> Any:
+        config = CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=32,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        return CLIPTextModelWithProjection(config)
+
+    def write(tmp: Path) -> None:
+        tokenizer = _tiny_tokenizer(tmp, vocab)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoders = (clip(32), clip(48))
+            transformer = SD3Transformer2DModel(
+                sample_size=8,
+                patch_size=2,
+                in_channels=4,
+                num_layers=4,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=96,
+                caption_projection_dim=32,
+                pooled_projection_dim=64,  # both projections, 32 + 32
+                out_channels=4,
+                pos_embed_max_size=16,
+                dual_attention_layers=(0,),
+                qk_norm="rms_norm",
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                block_out_channels=(16, 32),
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=16,
+                scaling_factor=SD3_VAE_SCALING,
+                shift_factor=SD3_VAE_SHIFT,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+            vae=vae,
+            text_encoder=encoders[0],
+            tokenizer=tokenizer,
+            text_encoder_2=encoders[1],
+            tokenizer_2=tokenizer,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+        with quiet_libraries():
+            pipe.save_pretrained(tmp, safe_serialization=True)
 
     return publish_folder(Path(out_dir), write, force, kind="tiny-pipeline", command="latent tiny")
 

@@ -46,10 +46,13 @@ def _data_config(args: argparse.Namespace) -> CaptionDataConfig:
 
 
 def latent_run_config(args: argparse.Namespace):
-    """The LatentRunConfig of parsed ``latent train`` options."""
+    """The LatentRunConfig of parsed ``latent train`` options. Under --schedule flow, an SD3 folder's own scheduler
+    gives the shift unless --shift does (``latent.native_schedule``)."""
     from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig
+    from perceptual_diffusion.models.latent import native_schedule
 
-    schedule = schedule_config(args)
+    given = {"shift"} if getattr(args, "shift", None) is not None else set()
+    schedule = native_schedule(args.pretrained, schedule_config(args), given)
     return LatentRunConfig(
         schedule=schedule,
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
@@ -62,10 +65,18 @@ def latent_run_config(args: argparse.Namespace):
 
 
 def cmd_latent_tiny(args: argparse.Namespace) -> None:
-    from perceptual_diffusion.testing import make_tiny_pipeline
+    from perceptual_diffusion.testing import make_tiny_pipeline, make_tiny_sd3_pipeline
 
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be >= 0 and at most 2**63 - 1, got {args.seed}")
+    if args.kind == "sd3":
+        out = make_tiny_sd3_pipeline(args.out, seed=args.seed, force=args.force)
+        print(
+            f"wrote {out} (a tiny random SD3-style folder without T5; its images are noise until trained); next: "
+            f"perceptual-diffusion latent train --pretrained {out} --schedule flow --resolution 16 --data-path DATA "
+            "--run-dir RUN"
+        )
+        return
     out = make_tiny_pipeline(args.out, seed=args.seed, force=args.force)
     print(
         f"wrote {out} (a tiny random Stable-Diffusion-style folder; its images are noise until trained); next: "
@@ -96,11 +107,15 @@ def cmd_latent_train(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_cache(args: argparse.Namespace) -> None:
-    from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig, TrainConfig
+    from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig, ScheduleConfig, TrainConfig
+    from perceptual_diffusion.models.latent import latent_architecture, native_schedule
     from perceptual_diffusion.runtime.distributed import launched_rank
     from perceptual_diffusion.training.latent import precompute_latents
 
+    # The cache depends on the VAE alone; the schedule is the folder's own (an SD3 folder is a flow model).
+    family = "flow" if latent_architecture(args.pretrained).name == "sd3" else "ddpm"
     config = LatentRunConfig(
+        schedule=native_schedule(args.pretrained, ScheduleConfig(family=family)),
         model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
         data=_data_config(args),
         train=TrainConfig(device=args.device),
@@ -151,20 +166,17 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
-    from perceptual_diffusion.models.latent import export_latent
+    from perceptual_diffusion.models.latent import export_latent, export_load_hint
     from perceptual_diffusion.runtime.checkpoint import ADAPTER_FILES
 
     out = export_latent(args.model, args.out, force=args.force, merge_lora=args.merge_lora)
     if (out / ADAPTER_FILES[2]).is_file():
         print(
             f"wrote {out / ADAPTER_FILES[2]} (a LoRA adapter: load it with pipe.load_lora_weights({str(out)!r}) on "
-            "the base StableDiffusionPipeline; --merge-lora writes the merged pipeline instead)"
+            "the base pipeline; --merge-lora writes the merged pipeline instead)"
         )
         return
-    print(
-        f"wrote {out} (load it with diffusers.StableDiffusionPipeline.from_pretrained({str(out)!r}); "
-        "its scheduler is DDIM set to the training schedule)"
-    )
+    print(f"wrote {out} ({export_load_hint(out)})")
 
 
 def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = True) -> None:
@@ -172,7 +184,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = T
     g.add_argument(
         "--pretrained",
         required=True,
-        help="local diffusers folder in StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/)",
+        help="local diffusers folder in StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/) or "
+        "StableDiffusion3Pipeline layout (transformer/, vae/, two CLIP text encoders, T5 optional; --schedule flow)",
     )
     g.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
     g.add_argument(
@@ -216,6 +229,13 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
         "images, VAE downsampling 2x); its images are noise until trained.",
     )
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument(
+        "--kind",
+        choices=["sd", "sd3"],
+        default="sd",
+        help="sd: a StableDiffusionPipeline folder (U-Net, one CLIP; default); sd3: a StableDiffusion3Pipeline "
+        "folder (SD3Transformer2DModel, two CLIPs with projections, no T5, a VAE with a shift; --schedule flow)",
+    )
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     p.set_defaults(func=cmd_latent_tiny)
@@ -276,10 +296,11 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
 
     p = lsub.add_parser(
         "export",
-        help="write a trained latent model as a diffusers StableDiffusionPipeline folder",
-        description="Write a folder that diffusers' StableDiffusionPipeline.from_pretrained loads as is: the trained "
-        "U-Net (EMA weights), the pretrained folder's VAE, text encoder and tokenizer, and a DDIMScheduler set to the "
-        "training schedule.",
+        help="write a trained latent model as a diffusers pipeline folder (StableDiffusion or StableDiffusion3)",
+        description="Write a folder that diffusers loads: of a Stable Diffusion run a StableDiffusionPipeline (the "
+        "trained U-Net's EMA weights, the pretrained folder's VAE, text encoder and tokenizer, a DDIMScheduler set to "
+        "the training schedule); of an SD3 run a StableDiffusion3Pipeline (the EMA transformer, the frozen parts, the "
+        "run's FlowMatchEulerDiscreteScheduler; without T5, load it with text_encoder_3=None, tokenizer_3=None).",
     )
     p.add_argument("model", help="a latent run directory or its model.safetensors")
     p.add_argument("--out", required=True, help="folder to write (written atomically: complete or not at all)")

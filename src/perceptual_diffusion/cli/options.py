@@ -222,15 +222,18 @@ def add_objective_options(p: argparse.ArgumentParser, latent: bool = False) -> N
         default="mid",
         help="self-perceptual feature tap of the teacher: mid block (paper), a down block, or the sum of all",
     )
-    if not latent:
-        g.add_argument(
-            "--feature-blocks",
-            type=feature_blocks,
-            default=(),
-            metavar="K[,K..]",
-            help="--arch dit: self-perceptual taps after the first K transformer blocks, summed (default: the "
-            "middle block, n // 2 of n, the analogue of the paper's mid-block)",
+    g.add_argument(
+        "--feature-blocks",
+        type=feature_blocks,
+        default=(),
+        metavar="K[,K..]",
+        help=(
+            "an SD3 folder: self-perceptual taps after the first K joint transformer blocks, summed"
+            if latent
+            else "--arch dit: self-perceptual taps after the first K transformer blocks, summed"
         )
+        + " (default: the middle block, n // 2 of n, the analogue of the paper's mid-block)",
+    )
     g.add_argument(
         "--t-prime",
         choices=choices(LossConfig, "t_prime"),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from perceptual_diffusion.config import PRESETS, LatentRunConfig, LoraConfig
 from perceptual_diffusion.core.networks import frozen_copy, unwrap
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.models.pretrained import folder_kind
 from perceptual_diffusion.runtime import checkpoint as ckpt
 
 ADAPTER = "default"  # PEFT's adapter name inside our modules; PEFT's and diffusers' files drop it from the keys
@@ -39,6 +40,11 @@ PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_LORA_WEIGHTS = ckpt.ADAPTER_FILES
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' Attention projections (self- and cross-attention)
 # The ResNet blocks' convolutions and time projection, and the time embedding's two linears.
 RESNET = ("conv1", "conv2", "time_emb_proj", "time_embedding.linear_1", "time_embedding.linear_2")
+# SD3's joint attention: the image stream's projections and the text stream's (add_*), as diffusers' SD3 DreamBooth
+# LoRA script targets by default (examples/dreambooth/train_dreambooth_lora_sd3.py); an SD3.5 block's second,
+# image-only attention (attn2) matches the first four too. The last block has no to_add_out (its text output is
+# never used): PEFT matches each name wherever it exists.
+SD3_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 # Default target modules per architecture: attention projections where the network has attention levels, else the
 # ResNet convolutions and time-embedding linears (the pixel tiny and small presets have attention only in the mid
 # block, one layer at the lowest resolution: too little to carry an adapter).
@@ -47,6 +53,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "pixel-unet-no-attention": RESNET,  # UNet2DModel without attention levels (presets tiny, small)
     "sd-unet": ATTENTION,  # Stable Diffusion's UNet2DConditionModel (attn1 and attn2 in every transformer block)
     "pixel-dit": ATTENTION,  # DiTTransformer2DModel (attn1 of every block)
+    "sd3-transformer": SD3_ATTENTION,  # SD3Transformer2DModel: both streams of every joint block (attn, attn2)
 }
 # The attribute of each model class that holds its diffusers network (where the adapter goes), by architecture.
 NETWORK: dict[str, str] = {
@@ -54,20 +61,21 @@ NETWORK: dict[str, str] = {
     "pixel-unet-no-attention": "unet",
     "sd-unet": "unet",
     "pixel-dit": "transformer",
+    "sd3-transformer": "transformer",
 }
 
 
 def architecture(config: Any) -> str:
     """The ``DEFAULT_TARGETS`` entry of a run config (``RunConfig`` or ``LatentRunConfig``), from the config alone."""
     if isinstance(config, LatentRunConfig):
-        return "sd-unet"
+        return "sd3-transformer" if folder_kind(config.model.pretrained) == "sd3" else "sd-unet"
     if config.model.arch == "dit":
         return "pixel-dit"
     return "pixel-unet" if any(PRESETS[config.model.preset].attention) else "pixel-unet-no-attention"
 
 
 def base_path(config: Any) -> str | None:
-    """Where a run's base weights come from: ``--init-from``, else (latent runs) the pretrained folder's U-Net."""
+    """Where a run's base weights come from: ``--init-from``, else (latent runs) the pretrained folder's network."""
     if config.train.init_from is not None:
         return config.train.init_from
     return config.model.pretrained if isinstance(config, LatentRunConfig) else None
@@ -148,10 +156,13 @@ def network(model: nn.Module) -> nn.Module:
 def _module_architecture(model: nn.Module) -> str:
     from perceptual_diffusion.core.networks import DiffusionUNet
     from perceptual_diffusion.models.dit import DiffusionDiT
+    from perceptual_diffusion.models.sd3 import TextConditionedSD3
 
     model = unwrap(model)
     if isinstance(model, DiffusionDiT):
         return "pixel-dit"
+    if isinstance(model, TextConditionedSD3):
+        return "sd3-transformer"
     if isinstance(model, DiffusionUNet):
         has_attention = any(PRESETS[model.model_config.preset].attention)
         return "pixel-unet" if has_attention else "pixel-unet-no-attention"
@@ -358,7 +369,7 @@ def read_adapter_file(folder: Path, prefix: str = "unet") -> dict[str, Tensor]:
     """The adapter weights of an exported adapter folder, in our keys (``prefix``: the network's attribute)."""
     from safetensors.torch import load_file
 
-    if (folder / DIFFUSERS_LORA_WEIGHTS).is_file():  # diffusers' keys: "unet." + PEFT's
+    if (folder / DIFFUSERS_LORA_WEIGHTS).is_file():  # diffusers' keys: "unet." (SD3: "transformer.") + PEFT's
         state = load_file(str(folder / DIFFUSERS_LORA_WEIGHTS))
-        return from_peft_keys({k.removeprefix("unet."): v for k, v in state.items()})
+        return from_peft_keys({k.removeprefix(prefix + "."): v for k, v in state.items()}, prefix)
     return from_peft_keys(load_file(str(folder / PEFT_WEIGHTS)), prefix)

@@ -160,11 +160,13 @@ def sha256_file(path: Path) -> str:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 of a weights file or folder; of a Stable Diffusion folder, of its ``unet/`` only: the teacher is the
-    U-Net, and hashing the VAE and text encoder too would read gigabytes at every start."""
+    """sha256 of a weights file or folder; of a Stable Diffusion (or SD3) folder, of its ``unet/`` (``transformer/``)
+    only: the teacher is that network, and hashing the VAE and text encoders too would read gigabytes at every start."""
     path = Path(path)
-    if path.is_dir() and (path / "unet").is_dir() and (path / "text_encoder").is_dir():
-        return sha256_file(path / "unet")
+    if path.is_dir() and (path / "text_encoder").is_dir():
+        for network in (UNET_DIR, TRANSFORMER_DIR):
+            if (path / network).is_dir():
+                return sha256_file(path / network)
     return sha256_file(path)
 
 

@@ -19,23 +19,22 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from perceptual_diffusion.config import LatentRunConfig
-from perceptual_diffusion.core.networks import encoder_taps, frozen_copy
+from perceptual_diffusion.core.networks import frozen_copy
 from perceptual_diffusion.data.caption_formats import load_captions
 from perceptual_diffusion.data.captions import CaptionData
 from perceptual_diffusion.data.grid import save_grid
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.models.latent import (
-    FrozenParts,
-    TextConditionedUNet,
     build_model,
     check_pretrained,
+    latent_architecture,
     load_frozen_parts,
     read_unet_weights,
     sample_latent,
-    unet_config,
     vae_downsample,
 )
 from perceptual_diffusion.models.latent_perceptual import LatentPerceptualLoss
+from perceptual_diffusion.models.pretrained import LatentParts
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import distributed, ownership
 from perceptual_diffusion.runtime.progress import progress as progress_iter
@@ -71,7 +70,7 @@ def claim_cache_dir(cache_dir: str | Path | None) -> Path:
     )
 
 
-def _cache_key(fingerprint: str, parts: FrozenParts, resolution: int) -> str:
+def _cache_key(fingerprint: str, parts: LatentParts, resolution: int) -> str:
     h = hashlib.sha256()
     for piece in (fingerprint, ckpt.sha256_file(parts.folder / "vae"), str(resolution)):
         h.update(piece.encode() + b"\0")
@@ -116,12 +115,12 @@ class LatentCache:
         self,
         chunks: Sequence[int],
         data: CaptionData,
-        parts: FrozenParts,
+        parts: LatentParts,
         resolution: int,
         batch_size: int = 16,
         progress: bool = True,
     ) -> None:
-        """Encode and write the given chunks (the VAE posterior mean times the scaling factor)."""
+        """Encode and write the given chunks ((the VAE posterior mean - shift_factor) * scaling_factor)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for c in progress_iter(chunks, desc="encoding latents", unit="chunk", enabled=progress):
@@ -150,7 +149,7 @@ class LatentCache:
 
 def latent_cache(
     data: CaptionData,
-    parts: FrozenParts,
+    parts: LatentParts,
     resolution: int,
     cache_dir: str | Path | None = None,
     fingerprint: str | None = None,
@@ -178,7 +177,7 @@ class LatentSource:
     """Caption data as the loop's batch source: condition ids are caption indices, -1 the empty prompt."""
 
     data: CaptionData
-    parts: FrozenParts
+    parts: LatentParts
     resolution: int
     tokens: Tensor  # (N, L) token ids of every caption
     null_tokens: Tensor  # (1, L) of the empty prompt
@@ -213,24 +212,14 @@ class LatentTask:
     def __init__(self, config: LatentRunConfig) -> None:
         self.config = config
         self.data: CaptionData | None = None
-        self._parts: FrozenParts | None = None
+        self._parts: LatentParts | None = None
         self._fingerprint: str | None = None
 
     def load(self) -> None:
         mc = self.config.model
         check_pretrained(mc.pretrained)
+        latent_architecture(mc.pretrained).check(self.config)  # taps, resolution, schedule: before a run directory
         down = vae_downsample(mc.pretrained)
-        unet = unet_config(mc.pretrained)
-        levels = 2 ** (len(unet.get("block_out_channels", [0])) - 1)
-        taps = [*encoder_taps(len(unet.get("down_block_types", []))), "all"]
-        layer = self.config.loss.feature_layer
-        if self.config.loss.kind == "self-perceptual" and layer not in taps:  # before a run directory is written
-            raise UserError(f"--feature-layer {layer} is not in {mc.pretrained}'s U-Net; choose from {', '.join(taps)}")
-        if mc.resolution % (down * levels):
-            raise UserError(
-                f"--resolution {mc.resolution} does not fit {mc.pretrained}: it must be a multiple of {down * levels} "
-                f"(the VAE downsamples by {down}, the U-Net halves the latent {levels.bit_length() - 1} times)"
-            )
         lc = self.config.loss
         if lc.kind == "latent-perceptual" and lc.lpl_up_blocks is not None and lc.lpl_up_blocks > down.bit_length():
             raise UserError(
@@ -241,7 +230,7 @@ class LatentTask:
             claim_cache_dir(dc.cache_dir)
         self.data = load_captions(dc.path, dc.format, dc.on_bad_image)
 
-    def parts(self, device: torch.device) -> FrozenParts:
+    def parts(self, device: torch.device) -> LatentParts:
         if self._parts is None:
             self._parts = load_frozen_parts(self.config.model.pretrained, device)
         return self._parts
@@ -262,18 +251,18 @@ class LatentTask:
         tokens = parts.tokenize(self.data.captions).to(device)
         return LatentSource(self.data, parts, self.config.model.resolution, tokens, parts.tokenize([""]), latents)
 
-    def _model(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet:
+    def _model(self, config: LatentRunConfig, device: torch.device) -> torch.nn.Module:
         return build_model(config, self.parts(device).encode_text([""])).to(device)
 
-    def build_model(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet:
-        """The pretrained U-Net's weights, or those of ``--init-from`` (a latent run or a diffusers folder)."""
+    def build_model(self, config: LatentRunConfig, device: torch.device) -> torch.nn.Module:
+        """The pretrained network's weights, or those of ``--init-from`` (a latent run or a diffusers folder)."""
         model = self._model(config, device)
         source = config.train.init_from or config.model.pretrained
         state, where = read_unet_weights(source)
         ckpt.load_state_dict_checked(model, state, where)
         return model
 
-    def build_teacher(self, config: LatentRunConfig, device: torch.device) -> TextConditionedUNet | None:
+    def build_teacher(self, config: LatentRunConfig, device: torch.device) -> torch.nn.Module | None:
         if config.loss.kind != "self-perceptual":
             return None
         teacher = self._model(config, device)
@@ -285,7 +274,7 @@ class LatentTask:
         """The latent perceptual loss with this run's frozen VAE (held by the loss, never by the optimiser)."""
         return LatentPerceptualLoss(config.loss, schedule, self.parts(device).vae)
 
-    def sample_grid(self, ema: TextConditionedUNet, config: LatentRunConfig, path: Path, device: torch.device) -> None:
+    def sample_grid(self, ema: torch.nn.Module, config: LatentRunConfig, path: Path, device: torch.device) -> None:
         prompts = [
             self.data.captions[i % len(self.data)] for i in range(GRID_PROMPTS) for _ in range(GRID_SEEDS_PER_PROMPT)
         ]
