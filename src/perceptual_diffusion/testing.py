@@ -49,7 +49,8 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
     that downsamples 2x. Its images are noise until trained; it exists to run the latent path end to end offline."""
     from diffusers import DDIMScheduler
 
-    from perceptual_diffusion.models.export import publish_folder, scheduler_config
+    from perceptual_diffusion.models.publish import publish_folder
+    from perceptual_diffusion.models.schedulers import scheduler_config
 
     vocab = _char_vocab()
 
@@ -89,7 +90,7 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, force: bool = Fal
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from perceptual_diffusion.models.export import publish_folder
+    from perceptual_diffusion.models.publish import publish_folder
 
     vocab = _char_vocab()
 

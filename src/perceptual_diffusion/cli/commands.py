@@ -292,8 +292,9 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from perceptual_diffusion.models.export import check_export_target, export_diffusers
+    from perceptual_diffusion.models.export import export_diffusers
     from perceptual_diffusion.models.loading import weights_config
+    from perceptual_diffusion.models.publish import check_export_target
 
     check_export_target(Path(args.out), args.force, [args.model])  # before reading anything: a refusal costs nothing
     is_lora = weights_config(args.model)[0].lora is not None

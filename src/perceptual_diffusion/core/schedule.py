@@ -3,7 +3,7 @@ network predicts and (x0, eps), the training-time distribution of t, and the sam
 
 Every family is a ``NoiseSchedule``: x_t = alpha_t x0 + sigma_t eps, with ``t`` what the network is given as its
 timestep. The rest of the code uses only this interface, so a new family is one subclass here, one line in
-``FAMILIES`` and its name in ``config.ScheduleFamily``, plus its diffusers scheduler in ``models/export.py``
+``FAMILIES`` and its name in ``config.ScheduleFamily``, plus its diffusers scheduler in ``models/schedulers.py``
 ``SCHEDULERS`` (docs/architecture.md).
 
 - ``DDPMSchedule``, the paper's (arXiv 2401.00110, Sec. 3-4): discrete t in {0..T-1}, alpha_t = sqrt(alpha_bar_t),

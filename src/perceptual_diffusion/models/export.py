@@ -22,19 +22,13 @@ that call. So for a class-conditional model ``unet/`` holds the model with its n
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
-import secrets
-import shutil
-import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -45,144 +39,20 @@ from perceptual_diffusion.config import (
     ModelConfig,
     RunConfig,
     SampleConfig,
-    ScheduleConfig,
 )
 from perceptual_diffusion.core.networks import DiffusionUNet, build_unet
-from perceptual_diffusion.core.schedule import FlowSchedule
 from perceptual_diffusion.errors import UserError
 from perceptual_diffusion.models import lora
 from perceptual_diffusion.models.architectures import build_model
 from perceptual_diffusion.models.dit import DiffusionDiT, dit_config_from_transformer
+from perceptual_diffusion.models.publish import CONFIG_FILE, check_export_target, publish_folder
+from perceptual_diffusion.models.schedulers import SCHEDULERS, read_scheduler
 from perceptual_diffusion.runtime import checkpoint as ckpt
-from perceptual_diffusion.runtime import ownership
-from perceptual_diffusion.runtime.checkpoint import TRANSFORMER_DIR, UNET_DIR, is_diffusers_folder
+from perceptual_diffusion.runtime.checkpoint import TRANSFORMER_DIR, UNET_DIR
 
-CONFIG_FILE = "perceptual_diffusion_config.json"
-EXPORT_KIND = "export"  # the ownership kind of `export` and `latent export` folders (runtime/ownership.py)
 CONDITIONAL_UNET_DIR = "unet_conditional"
 SCHEDULER_DIR = "scheduler"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-# Our schedule names -> diffusers' DDIMScheduler names: the one place this mapping lives (the formulas behind both
-# sides are the same; tests compare alphas_cumprod of the two implementations).
-BETA_SCHEDULE_TO_DIFFUSERS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
-PREDICTION_TYPE_TO_DIFFUSERS = {"v": "v_prediction", "eps": "epsilon", "x0": "sample"}
-_BETA_SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in BETA_SCHEDULE_TO_DIFFUSERS.items()}
-_PREDICTION_TYPE_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TYPE_TO_DIFFUSERS.items()}
-# DDIMScheduler settings our sampler has no counterpart for, with the only values it matches.
-_FIXED_SCHEDULER_FIELDS = {
-    "set_alpha_to_one": True,  # our t_prev = -1 is the clean end, alpha_bar = 1
-    "steps_offset": 0,
-    "clip_sample_range": 1.0,  # clip_x0 clamps x0_hat to the data range [-1, 1]
-    "thresholding": False,
-    "trained_betas": None,
-}
-
-
-def scheduler_config(schedule: ScheduleConfig, sample: SampleConfig) -> dict[str, Any]:
-    """The DDIMScheduler arguments that reproduce our training schedule and DDIM sampler (eta is a call argument)."""
-    return {
-        "num_train_timesteps": schedule.num_train_timesteps,
-        "beta_schedule": BETA_SCHEDULE_TO_DIFFUSERS[schedule.beta_schedule],
-        "beta_start": schedule.beta_start,
-        "beta_end": schedule.beta_end,
-        "rescale_betas_zero_snr": schedule.zero_terminal_snr,
-        "prediction_type": PREDICTION_TYPE_TO_DIFFUSERS[schedule.prediction_type],
-        "timestep_spacing": sample.spacing,
-        "clip_sample": sample.clip_x0,
-        **_FIXED_SCHEDULER_FIELDS,
-    }
-
-
-def schedule_from_scheduler(config: dict[str, Any], source: str) -> tuple[ScheduleConfig, SampleConfig]:
-    """The inverse of :func:`scheduler_config` for any diffusers scheduler config; unsupported values are errors."""
-    # Missing keys take DDIMScheduler's defaults; read from its signature, as building it fails on unknown schedules.
-    defaults = inspect.signature(DDIMScheduler.__init__).parameters
-    cfg = {k: p.default for k, p in defaults.items() if p.default is not inspect.Parameter.empty} | config
-    if cfg["trained_betas"] is not None or cfg["beta_schedule"] not in _BETA_SCHEDULE_FROM_DIFFUSERS:
-        raise UserError(
-            f"{source} uses beta_schedule {cfg['beta_schedule']!r}"
-            f"{' with trained_betas' if cfg['trained_betas'] is not None else ''}; perceptual-diffusion supports "
-            f"{', '.join(_BETA_SCHEDULE_FROM_DIFFUSERS)}"
-        )
-    if cfg["prediction_type"] not in _PREDICTION_TYPE_FROM_DIFFUSERS:
-        raise UserError(f"{source} has prediction_type {cfg['prediction_type']!r}, which is not supported")
-    other = {k: cfg[k] for k, v in _FIXED_SCHEDULER_FIELDS.items() if cfg[k] != v}
-    if other:  # sampling-only settings: training is unaffected, our sampler just ignores them
-        warnings.warn(f"{source}: scheduler settings {other} are ignored (no counterpart here)", stacklevel=2)
-    try:
-        schedule = ScheduleConfig(
-            num_train_timesteps=cfg["num_train_timesteps"],
-            beta_schedule=_BETA_SCHEDULE_FROM_DIFFUSERS[cfg["beta_schedule"]],
-            beta_start=float(cfg["beta_start"]),
-            beta_end=float(cfg["beta_end"]),
-            zero_terminal_snr=cfg["rescale_betas_zero_snr"],
-            prediction_type=_PREDICTION_TYPE_FROM_DIFFUSERS[cfg["prediction_type"]],
-        )
-        sample = SampleConfig(
-            steps=min(SampleConfig.steps, schedule.num_train_timesteps),
-            spacing=cfg["timestep_spacing"],
-            clip_x0=cfg["clip_sample"],
-        )
-    except UserError as exc:
-        raise UserError(f"{source} has a scheduler perceptual-diffusion cannot use: {exc}") from None
-    return schedule, sample
-
-
-# FlowMatchEulerDiscreteScheduler settings our flow sampler has no counterpart for, with the only values it matches.
-_FIXED_FLOW_FIELDS = {
-    "use_dynamic_shifting": False,
-    "invert_sigmas": False,
-    "shift_terminal": None,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "stochastic_sampling": False,
-}
-
-
-def flow_schedule_from_scheduler(config: dict[str, Any], source: str) -> tuple[ScheduleConfig, SampleConfig]:
-    """The flow ScheduleConfig of a FlowMatchEulerDiscreteScheduler config; settings with no counterpart are errors
-    (unlike DDIM's sampling-only ones, they change the time grid the model was exported for)."""
-    defaults = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
-    cfg = {k: p.default for k, p in defaults.items() if p.default is not inspect.Parameter.empty} | config
-    other = {k: cfg[k] for k, v in _FIXED_FLOW_FIELDS.items() if cfg.get(k) != v}
-    if other:
-        raise UserError(
-            f"{source}: FlowMatchEulerDiscreteScheduler settings {other} have no counterpart in perceptual-diffusion "
-            "(its flow sampler is Euler on the default time grid with a fixed shift)"
-        )
-    try:
-        schedule = ScheduleConfig(
-            family="flow", num_train_timesteps=cfg["num_train_timesteps"], shift=float(cfg["shift"])
-        )
-        sample = SampleConfig(steps=min(SampleConfig.steps, schedule.num_train_timesteps), clip_x0=False)
-    except UserError as exc:
-        raise UserError(f"{source} has a scheduler perceptual-diffusion cannot use: {exc}") from None
-    return schedule, sample
-
-
-def read_scheduler(config: dict[str, Any], source: str) -> tuple[ScheduleConfig, SampleConfig]:
-    """(schedule, sampler) of any diffusers scheduler config: the family is the scheduler's class."""
-    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
-        return flow_schedule_from_scheduler(config, source)
-    return schedule_from_scheduler(config, source)
-
-
-def _ddim(schedule: ScheduleConfig, sample: SampleConfig) -> DDIMScheduler:
-    return DDIMScheduler(**scheduler_config(schedule, sample))
-
-
-def _flow(schedule: ScheduleConfig, sample: SampleConfig) -> FlowMatchEulerDiscreteScheduler:
-    return FlowSchedule(schedule).diffusers_scheduler()
-
-
-# Per schedule family: the diffusers pipeline an export declares and the scheduler whose step loop samples as
-# core.sampling does. A new family adds one line here (and its class in core/schedule.py).
-SCHEDULERS: dict[str, tuple[type, Callable[[ScheduleConfig, SampleConfig], Any]]] = {
-    "ddpm": (DDIMPipeline, _ddim),
-    "flow": (DDPMPipeline, _flow),
-}
 
 
 def null_label_unet(model: DiffusionUNet) -> UNet2DModel:
@@ -338,28 +208,6 @@ def _dit_readme(name: str, source: str | Path, step: int, config: RunConfig) -> 
     )
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under ``folder`` to disk, so that the rename publishes complete data."""
-    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:  # not supported for folders on some filesystems: the rename is still atomic
-            pass
-        finally:
-            os.close(fd)
-
-
-def _sibling(folder: Path, tag: str) -> Path:
-    """A new, empty hidden folder beside ``folder`` (same filesystem, so renames between them are atomic)."""
-    path = folder.parent / f".{folder.name}.{tag}.{secrets.token_hex(4)}{ckpt.TMP_SUFFIX}"
-    path.mkdir()  # unlike mkdtemp's 0700, the usual permissions under the umask
-    return path
-
-
 def export_diffusers(
     weights_or_run_dir: str | Path,
     out_dir: str | Path,
@@ -433,108 +281,6 @@ def export_diffusers(
         (tmp / "README.md").write_text(readme, errors="backslashreplace")
 
     return publish_folder(out_dir, write, force, checked=True)
-
-
-def _input_folder(source: str | Path) -> Path:
-    """The folder an export must never replace, enclose or write into for this input: the input itself, or for a
-    weights file inside a run directory that whole run (replacing it would take the checkpoints and log along)."""
-    path = Path(source).resolve()
-    if path.is_file() and ((path.parent / ckpt.CONFIG_NAME).is_file() or (path.parent / ckpt.STATE_DIR).is_dir()):
-        return path.parent
-    return path
-
-
-def check_export_target(
-    out_dir: Path, force: bool, sources: Sequence[str | Path] = (), kind: str = EXPORT_KIND, command: str = "export"
-) -> None:
-    """Refuse, before any work, every target whose replacement could lose something.
-
-    - a file, a path under a file, or (without --force) a folder that holds anything;
-    - with or without --force, any target that is one of ``sources`` (the run or folders the export reads), holds
-      one, or lies inside one: ``--out RUN --force`` would otherwise replace the run with the export;
-    - with --force, a folder that ``command`` did not write (its ownership marker is of another ``kind``, or it has
-      none and is not an export of this project): --force is for replacing one's own export, never a run directory,
-      a folder of runs, a comparison or a downloaded pipeline.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; give a folder to export into")
-    ancestor = out_dir.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"--out {out_dir} cannot be written: {ancestor} is a file, not a folder")
-    target = out_dir.resolve()
-    for source in sources:
-        protected = _input_folder(source)
-        is_run = (protected / ckpt.CONFIG_NAME).is_file() or (protected / ckpt.STATE_DIR).is_dir()
-        what = f"the run directory {protected}" if is_run else f"the input {source}"
-        if target == protected:
-            where = "is"
-        elif protected in target.parents:
-            where = "lies inside"
-        elif target in protected.parents:
-            where = "holds"
-        else:
-            continue
-        raise UserError(f"--out {out_dir} {where} {what}, which this export reads: export to a folder outside it")
-    ownership.check_not_inside(out_dir)  # another run's checkpoints/, another export, a listed folder
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not force:
-            raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
-        marker = ownership.read_marker(out_dir)
-        if marker is not None and marker.kind != kind:
-            raise UserError(
-                f"{out_dir} was made by `perceptual-diffusion {marker.command}`, not by `{command}`: --force replaces "
-                f"only what `{command}` wrote; choose another folder"
-            )
-        if not is_diffusers_folder(out_dir):
-            raise UserError(
-                f"{out_dir} is not an earlier export (it has no model_index.json or unet/): --force replaces only a "
-                "diffusers folder; choose another folder, or move this one away yourself"
-            )
-        legacy = kind == EXPORT_KIND and (out_dir / CONFIG_FILE).is_file()  # exported before markers existed
-        if marker is None and not legacy:
-            raise UserError(
-                f"{out_dir} is a diffusers folder that `perceptual-diffusion {command}` did not write (it has no "
-                f"{ownership.MARKER}): --force replaces only its own output, never a downloaded or another tool's "
-                "pipeline; choose another folder, or move this one away yourself"
-            )
-
-
-def publish_folder(
-    out_dir: Path,
-    write: Callable[[Path], None],
-    force: bool = False,
-    checked: bool = False,
-    kind: str = EXPORT_KIND,
-    command: str = "export",
-) -> Path:
-    """Write a folder atomically: ``write(tmp)`` fills a hidden sibling, which gets the ownership marker of
-    ``command`` (listing every entry, so no other command writes into it and only ``command --force`` replaces it),
-    is fsynced and renamed over ``out_dir``; an old folder (``force``) is moved aside first and deleted only after
-    the rename."""
-    if not checked:
-        check_export_target(out_dir, force, kind=kind, command=command)
-    tmp = old = None
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _sibling(out_dir, "new")
-        write(tmp)
-        entries = sorted(p.name for p in tmp.iterdir())
-        marker = {"kind": kind, "command": command, "files": entries}
-        (tmp / ownership.MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        _fsync_tree(tmp)
-        if out_dir.is_dir() and any(out_dir.iterdir()):  # --force: move the old folder aside, delete it after
-            old = _sibling(out_dir, "old")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)  # also replaces an empty folder (POSIX rename)
-    except OSError as exc:
-        raise UserError(f"cannot write {out_dir} ({exc.strerror or exc})") from None
-    finally:
-        for leftover in (tmp, old):  # tmp is gone after a successful rename
-            if leftover is not None:
-                shutil.rmtree(leftover, ignore_errors=True)
-    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def export_latent(run: str | Path, out_dir: str | Path, force: bool = False, mer
     setting, or a ``StableDiffusion3Pipeline`` with its FlowMatchEulerDiscreteScheduler), with the pretrained folder's
     frozen parts. Of a LoRA run, the adapter where diffusers' ``load_lora_weights`` finds it
     (:func:`export_latent_adapter`), or with ``merge_lora`` the pipeline with the adapter merged through PEFT."""
-    from perceptual_diffusion.models.export import CONFIG_FILE, check_export_target, publish_folder
+    from perceptual_diffusion.models.publish import CONFIG_FILE, check_export_target, publish_folder
 
     out_dir = Path(out_dir)
     # The pretrained folder is an input too (its VAE and text encoder are copied): never replace it with the export.
@@ -244,7 +244,7 @@ def export_latent_adapter(run: str | Path, out_dir: str | Path, force: bool = Fa
     config as its adapter metadata (so an alpha other than the rank loads at its scale), written by the pipeline's
     own ``save_lora_weights``, beside our record (the run config: the base's path and sha256).
     ``pipe.load_lora_weights(out_dir)`` on the base pipeline gives this project's model."""
-    from perceptual_diffusion.models.export import CONFIG_FILE, check_export_target, publish_folder
+    from perceptual_diffusion.models.publish import CONFIG_FILE, check_export_target, publish_folder
 
     out_dir = Path(out_dir)
     check_export_target(out_dir, force, [run], command="latent export")

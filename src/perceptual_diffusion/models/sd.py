@@ -218,7 +218,7 @@ class StableDiffusion:
     def write_pipeline(self, tmp: Path, model: nn.Module, parts: Any, config: LatentRunConfig) -> None:
         from diffusers import DDIMScheduler
 
-        from perceptual_diffusion.models.export import scheduler_config
+        from perceptual_diffusion.models.schedulers import scheduler_config
 
         scheduler = DDIMScheduler(**scheduler_config(config.schedule, config.sample))
         pipe = sd_pipeline(

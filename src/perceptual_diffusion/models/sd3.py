@@ -243,7 +243,7 @@ class SD3:
 
     def schedule_defaults(self, folder: Path) -> dict[str, Any]:
         """The folder's FlowMatchEulerDiscreteScheduler as ScheduleConfig fields (its shift: SD3 uses 3.0)."""
-        from perceptual_diffusion.models.export import flow_schedule_from_scheduler
+        from perceptual_diffusion.models.schedulers import flow_schedule_from_scheduler
 
         config = self.scheduler_config(folder)
         schedule, _ = flow_schedule_from_scheduler(config, str(folder / "scheduler"))
@@ -263,7 +263,7 @@ class SD3:
                 f"{folder / 'scheduler'} is a {scheduler.get('_class_name')}, not the FlowMatchEulerDiscreteScheduler "
                 "of an SD3 folder"
             )
-        from perceptual_diffusion.models.export import flow_schedule_from_scheduler
+        from perceptual_diffusion.models.schedulers import flow_schedule_from_scheduler
 
         theirs, _ = flow_schedule_from_scheduler(scheduler, str(folder / "scheduler"))
         if theirs.num_train_timesteps != config.schedule.num_train_timesteps:
