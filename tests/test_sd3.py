@@ -1,15 +1,19 @@
-"""The SD3-style latent model (models/sd3.py) on a tiny random StableDiffusion3Pipeline folder made here, without T5.
+"""The SD3-style latent model (models/sd3.py) on tiny random StableDiffusion3Pipeline folders made here, without T5
+and with a tiny random T5 (``testing.make_tiny_sd3_pipeline(t5=True)``).
 
 Contracts (prompt embeddings as the pipeline builds them, the empty prompt, taps against hooks and the later blocks
 never run, the VAE's shift and scale), the sampler against diffusers' ``StableDiffusion3Pipeline``, and end to end:
 MSE and self-perceptual runs with their cache and a bit-identical resume, export loaded by diffusers, a LoRA run whose
-adapter ``load_lora_weights`` reads, and bad input as one error line.
+adapter ``load_lora_weights`` reads, and bad input as one error line. With T5: the prompt embeddings (empty, longer
+than CLIP's and than T5's 256 tokens) and the sampler against the pipeline, a run that resumes, and its export loaded
+by a plain ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +47,11 @@ def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_sd3_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return testing.make_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3-t5") / "tiny-sd3-t5", t5=True)
+
+
+@pytest.fixture(scope="module")
 def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return testing.write_shapes_captions(tmp_path_factory.mktemp("data") / "shapes", every=80)  # 20 images
 
@@ -70,11 +79,14 @@ def perturbed_model(tiny_sd3: Path, parts: sd3.SD3Parts, seed: int = 0) -> sd3.T
     return model.eval()
 
 
-def sd3_pipeline(folder: Path, transformer: torch.nn.Module | None = None, parts: sd3.SD3Parts | None = None):
+def sd3_pipeline(folder: Path, transformer: torch.nn.Module | None = None, t5: bool = False):
+    """The folder's StableDiffusion3Pipeline: ``t5`` a plain ``from_pretrained(folder)``, else with the T5 parts None
+    (as a folder without T5 needs)."""
     from diffusers import StableDiffusion3Pipeline
 
+    none = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
     with latent.quiet_libraries():
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), **none)
     if transformer is not None:
         pipe.transformer = transformer
     pipe.set_progress_bar_config(disable=True)
@@ -304,6 +316,112 @@ def test_latent_tiny_kind_sd3_prints_the_next_command(tmp_path: Path, capsys: py
     assert cli.main(["latent", "tiny", "--kind", "sd3", "--out", str(tmp_path / "sd3")]) == 0
     assert "--schedule flow" in capsys.readouterr().out
     assert all((tmp_path / "sd3" / part).is_dir() for part in sd3.CLIP_PARTS)
+    assert cli.main(["latent", "tiny", "--kind", "sd3", "--with-t5", "--out", str(tmp_path / "t5")]) == 0
+    assert "with a tiny random T5" in capsys.readouterr().out and sd3.has_t5(tmp_path / "t5")
+    assert cli.main(["latent", "tiny", "--with-t5", "--out", str(tmp_path / "sd")]) == 2  # T5 is SD3's
+    assert "--kind sd3" in capsys.readouterr().err and not (tmp_path / "sd").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With T5: a tiny random T5EncoderModel (width 96, the joint width) and a character-level T5 tokenizer.
+
+# The empty prompt; one longer than CLIP's 32 tokens (truncated there, whole in T5); one beyond T5's 256 tokens.
+T5_PROMPTS = ["a red disc", "", "a yellow cross above a blue square on grey", "a green triangle, " * 16]
+
+
+def test_t5_folder_loads_plainly_and_prompt_embeddings_are_the_pipelines(
+    tiny_sd3: Path, tiny_sd3_t5: Path, parts: sd3.SD3Parts
+) -> None:
+    index = json.loads((tiny_sd3_t5 / "model_index.json").read_text())
+    assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"] and index["tokenizer_3"][0] == "transformers"
+    assert sd3.has_t5(tiny_sd3_t5) and "text_encoder_3=None" not in latent.export_load_hint(tiny_sd3_t5)
+    t5_parts = latent.load_frozen_parts(tiny_sd3_t5)
+    assert t5_parts.t5 is not None and t5_parts.t5.config.d_model == 96
+    pipe = sd3_pipeline(tiny_sd3_t5, t5=True)  # no None arguments
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    with torch.no_grad(), latent.quiet_libraries():  # the pipeline warns of the truncated prompts
+        pe, ne, pp, npp = pipe.encode_prompt(T5_PROMPTS, None, None, do_classifier_free_guidance=True)
+    ids = t5_parts.tokenize(T5_PROMPTS)
+    assert ids.shape == (4, 2 * 32 + sd3.T5_LENGTH)
+    assert (ids[2, 64:] != 0).sum() > 32 and (ids[3, 64:] != 0).all()  # longer than CLIP's; truncated at 256
+    ours, pooled = t5_parts.embeddings(ids)
+    null, null_pooled = t5_parts.embeddings(t5_parts.tokenize([""] * 4))
+    assert ours.shape == (4, 32 + sd3.T5_LENGTH, 96) and pooled.shape == (4, 64)
+    for a, b in ((ours, pe), (pooled, pp), (null, ne), (null_pooled, npp)):
+        assert torch.equal(a, b)
+    assert torch.equal(ours[1], null[0])
+    # T5 takes part: its 256 tokens are not zeros and tell prompts apart; the CLIP part is the folder without T5's.
+    assert ours[:, 32:].abs().amin() > 0 and not torch.allclose(ours[0, 32:], ours[2, 32:])
+    plain, plain_pooled = parts.embeddings(parts.tokenize(T5_PROMPTS))
+    assert torch.equal(ours[:, :32], plain[:, :32]) and torch.equal(pooled, plain_pooled)
+    assert not plain[:, 32:].any()
+
+
+def test_t5_sampler_matches_stable_diffusion3_pipeline_on_its_own_prompt_encoding(tiny_sd3_t5: Path) -> None:
+    t5_parts = latent.load_frozen_parts(tiny_sd3_t5)
+    model = perturbed_model(tiny_sd3_t5, t5_parts)
+    seeds, prompts = [5, 11], T5_PROMPTS[2:]
+    config = SampleConfig(steps=3, cfg_scale=4.0, clip_x0=False)
+    ours = latent.sample_latent(model, t5_parts, prompts, seeds, config, decode=False)
+    pipe = sd3_pipeline(tiny_sd3_t5, model.transformer, t5=True)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad(), latent.quiet_libraries():
+        theirs = pipe(prompts, latents=noise, num_inference_steps=3, guidance_scale=4.0, height=16, width=16,
+                      output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert ours.abs().max() > 0.1
+    # Without T5 (its tokens zeros) the same transformer samples something else: T5 reaches the samples.
+    no_t5 = replace(t5_parts, t5=None, t5_tokenizer=None)
+    other = latent.sample_latent(model, no_t5, prompts, seeds, config, decode=False)
+    assert not torch.allclose(ours, other, atol=1e-3)
+
+
+def test_t5_run_resumes_and_its_export_loads_plainly_and_samples(
+    tiny_sd3_t5: Path, captions: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = run_config(tiny_sd3_t5, captions, tmp_path, steps=2, checkpoint_every=1, sample_every=2)
+    config = replace(config, loss=LossConfig(kind="self-perceptual", teacher=str(tiny_sd3_t5)))
+    assert latent_training.train_latent(config, tmp_path / "a").step == 2
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["perceptual"] > 0 for r in log)
+    latent_training.train_latent(replace(config, train=replace(config.train, steps=1)), tmp_path / "b")
+    assert latent_training.train_latent(config, tmp_path / "b").step == 2  # resumed from step 1
+    a, _, _ = loading.read_weights(tmp_path / "a", kind="latent")
+    b, _, _ = loading.read_weights(tmp_path / "b", kind="latent")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    grid = tmp_path / "grid.png"
+    assert cli.main(["latent", "sample", str(tmp_path / "a"), "--prompt", T5_PROMPTS[2], "-n", "1", "--steps", "2",
+                     "--out", str(grid), "--device", "cpu"]) == 0  # fmt: skip
+    assert grid.is_file()
+    assert cli.main(["latent", "export", str(tmp_path / "a"), "--out", str(tmp_path / "export")]) == 0
+    assert "text_encoder_3=None" not in capsys.readouterr().out
+    out = tmp_path / "export"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"] and sd3.has_t5(out)
+    pipe = sd3_pipeline(out, t5=True)  # plain from_pretrained(folder)
+    model, parts, run, _ = latent.load_latent_model(tmp_path / "a")
+    assert parts.t5 is not None
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=2.0, output_type="latent", latents=noise).images
+    sample = replace(run.sample, cfg_scale=2.0)
+    ours = latent.sample_latent(model, parts, PROMPTS, [0, 1], sample, decode=False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_t5_of_another_width_is_one_error_line(
+    tiny_sd3_t5: Path, captions: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "wide-t5"
+    shutil.copytree(tiny_sd3_t5, folder)
+    t5_config = folder / "text_encoder_3" / "config.json"
+    t5_config.write_text(json.dumps(json.loads(t5_config.read_text()) | {"d_model": 128}))
+    args = ["latent", "train", "--pretrained", str(folder), "--data-path", str(captions), "--device", "cpu"]
+    assert cli.main([*args, "--schedule", "flow", "--resolution", "16", "--run-dir", str(tmp_path / "run")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "128 wide" in err[0] and "must match" in err[0], err
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

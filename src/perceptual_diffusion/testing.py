@@ -75,20 +75,38 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False) 
 SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
 
 
-def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, force: bool = False, shift: float = 3.0) -> Path:
-    """Write a randomly initialised, tiny SD3-style folder in ``StableDiffusion3Pipeline`` layout without T5
-    (model_index.json names text_encoder_3 and tokenizer_3 null): a 4-block ``SD3Transformer2DModel`` (patch 2,
-    width 32, SD3.5's qk RMS norm and dual attention in its first block), a 2x VAE with SD3's scaling and shift
-    factors, two character-level CLIP text encoders with projections (widths 32 and 48, so their penultimate states,
-    80 channels, are zero-padded to the joint width 96 as SD3's 768 + 1280 are to 4096) and a
-    FlowMatchEulerDiscreteScheduler at ``shift``. Its images are noise until trained."""
+def _tiny_t5_tokenizer() -> Any:
+    """A character-level T5 tokenizer built offline: T5's special tokens (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), its
+    word-start piece and one Unigram piece per printable ASCII character (anything else is ``<unk>``); like T5's,
+    it appends ``</s>`` and pads with ``<pad>``. transformers' ``T5Tokenizer`` (``T5TokenizerFast`` is the same
+    class since transformers 5) is backed by the ``tokenizers`` library and saves ``tokenizer.json``."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # U+2581: SentencePiece's word start
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def make_tiny_sd3_pipeline(
+    out_dir: str | Path, seed: int = 0, force: bool = False, shift: float = 3.0, t5: bool = False
+) -> Path:
+    """Write a randomly initialised, tiny SD3-style folder in ``StableDiffusion3Pipeline`` layout: a 4-block
+    ``SD3Transformer2DModel`` (patch 2, width 32, SD3.5's qk RMS norm and dual attention in its first block), a 2x
+    VAE with SD3's scaling and shift factors, two character-level CLIP text encoders with projections (widths 32 and
+    48, so their penultimate states, 80 channels, are zero-padded to the joint width 96 as SD3's 768 + 1280 are to
+    4096) and a FlowMatchEulerDiscreteScheduler at ``shift``. Without ``t5`` model_index.json names text_encoder_3
+    and tokenizer_3 null; with it they are a 2-layer ``T5EncoderModel`` of width 96 (the joint width, as T5-XXL's
+    4096 is SD3's; gated-GELU as T5 v1.1) and a character-level T5 tokenizer (:func:`_tiny_t5_tokenizer`). The other
+    parts are the same with and without T5 (same seed: same weights). Its images are noise until trained."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from perceptual_diffusion.models.publish import publish_folder
 
@@ -143,6 +161,25 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, force: bool = Fal
                 use_quant_conv=False,
                 use_post_quant_conv=False,
             )
+            t5_tokenizer = _tiny_t5_tokenizer() if t5 else None
+            t5_encoder = None
+            if t5_tokenizer is not None:  # drawn last: the other parts are the folder without T5's
+                t5_config = T5Config(
+                    vocab_size=len(t5_tokenizer),
+                    d_model=96,  # the transformer's joint_attention_dim
+                    d_kv=16,
+                    d_ff=64,
+                    num_layers=2,
+                    num_heads=2,
+                    relative_attention_num_buckets=8,
+                    relative_attention_max_distance=32,
+                    feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False,
+                    pad_token_id=t5_tokenizer.pad_token_id,
+                    eos_token_id=t5_tokenizer.eos_token_id,
+                    decoder_start_token_id=t5_tokenizer.pad_token_id,
+                )
+                t5_encoder = T5EncoderModel(t5_config)
         pipe = StableDiffusion3Pipeline(
             transformer=transformer,
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
@@ -151,8 +188,8 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, force: bool = Fal
             tokenizer=tokenizer,
             text_encoder_2=encoders[1],
             tokenizer_2=tokenizer,
-            text_encoder_3=None,
-            tokenizer_3=None,
+            text_encoder_3=t5_encoder,
+            tokenizer_3=t5_tokenizer,
         )
         with quiet_libraries():
             pipe.save_pretrained(tmp, safe_serialization=True)

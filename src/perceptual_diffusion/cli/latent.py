@@ -69,10 +69,13 @@ def cmd_latent_tiny(args: argparse.Namespace) -> None:
 
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be >= 0 and at most 2**63 - 1, got {args.seed}")
+    if args.with_t5 and args.kind != "sd3":
+        raise UserError("--with-t5 goes with --kind sd3 (a Stable Diffusion folder has one CLIP and no T5)")
     if args.kind == "sd3":
-        out = make_tiny_sd3_pipeline(args.out, seed=args.seed, force=args.force)
+        out = make_tiny_sd3_pipeline(args.out, seed=args.seed, force=args.force, t5=args.with_t5)
+        t5 = "with a tiny random T5" if args.with_t5 else "without T5"
         print(
-            f"wrote {out} (a tiny random SD3-style folder without T5; its images are noise until trained); next: "
+            f"wrote {out} (a tiny random SD3-style folder {t5}; its images are noise until trained); next: "
             f"perceptual-diffusion latent train --pretrained {out} --schedule flow --resolution 16 --data-path DATA "
             "--run-dir RUN"
         )
@@ -234,7 +237,13 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
         choices=["sd", "sd3"],
         default="sd",
         help="sd: a StableDiffusionPipeline folder (U-Net, one CLIP; default); sd3: a StableDiffusion3Pipeline "
-        "folder (SD3Transformer2DModel, two CLIPs with projections, no T5, a VAE with a shift; --schedule flow)",
+        "folder (SD3Transformer2DModel, two CLIPs with projections, no T5 unless --with-t5, a VAE with a shift; "
+        "--schedule flow)",
+    )
+    p.add_argument(
+        "--with-t5",
+        action="store_true",
+        help="with --kind sd3: add a tiny random T5 text encoder and tokenizer (text_encoder_3/, tokenizer_3/)",
     )
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")

@@ -289,6 +289,13 @@ class SD3:
                 f"--resolution {mc.resolution} does not fit {folder}: it must be a multiple of {down * patch} (the VAE "
                 f"downsamples by {down}, the transformer's patches are {patch} latents wide)"
             )
+        if has_t5(folder):  # the pipeline appends T5's states to the CLIPs' padded ones: one width
+            width = read_config(folder / "text_encoder_3" / "config.json").get("d_model")
+            if width != tc.get("joint_attention_dim"):
+                raise UserError(
+                    f"{folder / 'text_encoder_3'} is {width} wide, {folder}'s transformer joins "
+                    f"{tc.get('joint_attention_dim')}-wide text states: they must match (a T5 of another model?)"
+                )
         most = tc.get("pos_embed_max_size")
         if most is not None and mc.resolution // down // patch > most:
             raise UserError(
@@ -304,7 +311,7 @@ class SD3:
         encoders = tuple(load_part(CLIPTextModelWithProjection, folder, p) for p in ("text_encoder", "text_encoder_2"))
         tokenizers = tuple(load_part(AutoTokenizer, folder, p) for p in ("tokenizer", "tokenizer_2"))
         t5 = t5_tokenizer = None
-        if has_t5(folder):  # not exercised offline: no T5 weights here (README "SD3")
+        if has_t5(folder):  # tested offline on a tiny random T5 (testing.make_tiny_sd3_pipeline(t5=True))
             from transformers import T5EncoderModel
 
             t5 = load_part(T5EncoderModel, folder, "text_encoder_3")
