@@ -7,7 +7,8 @@ average. Evaluation shards seeds over processes and gathers features in seed ord
 the number of processes.
 
 Measured on 2 CPU cores (10 steps, tiny preset): per-step losses agree to 2e-7 relative, weights to 3e-5 absolute;
-evaluation (64 samples, 4 DDIM steps, domain features) gave bit-identical numbers.
+evaluation (64 samples, 4 DDIM steps, domain features) gave bit-identical numbers. A self-perceptual LoRA run with
+the shared teacher (4 steps, lr 1e-2): losses to 2e-7 relative, adapter and its EMA to 1e-5 absolute.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from perceptual_diffusion import cli, testing
 from perceptual_diffusion.config import SampleConfig, TrainConfig
 from perceptual_diffusion.core.sampling import sample, sample_sharded
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.models import loading
+from perceptual_diffusion.models import loading, lora
 from perceptual_diffusion.runtime import checkpoint as ckpt
 from perceptual_diffusion.runtime import distributed
 from perceptual_diffusion.runtime.cache import CACHE_ENV
@@ -67,10 +68,16 @@ TRAIN = [
 EVALUATE = ["-n", "64", "--steps", "4", "--features", "domain", "--batch-size", "16", "--no-progress"]
 
 
-def _torchrun(args: list[str], env: dict[str, str]) -> None:
-    """Run the CLI in 2 CPU processes (one thread each) under torchrun."""
+PROBE = Path(__file__).with_name("_ddp_probe.py")  # the CLI, then each rank's trained state saved (rank<r>.pt)
+
+
+def _torchrun(
+    args: list[str], env: dict[str, str], program: tuple[str, ...] = ("-m", "perceptual_diffusion.cli")
+) -> None:
+    """Run the CLI (or ``program``: a script and its first arguments) in 2 CPU processes (one thread each) under
+    torchrun."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    command += ["-m", "perceptual_diffusion.cli", *args]
+    command += [*program, *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -183,3 +190,70 @@ def test_latent_self_perceptual_with_two_processes_follows_one_process(tmp_path:
     w_two, _, _ = loading.read_weights(tmp_path / "two", kind="latent")
     for key, value in w_one.items():
         torch.testing.assert_close(w_two[key], value, rtol=0, atol=WEIGHT_ATOL, msg=key)
+
+
+LORA_STEPS = ["--steps", "4", "--lr", "1e-2"]  # an lr at which 4 steps move the adapter well past WEIGHT_ATOL
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-perceptual LoRA run whose teacher is its base (the shared teacher: the online network with its adapter
+    off), on the base of a short MSE run, trained by 1 process with batch 8 and by 2 processes with batch 4 each
+    (through ``_ddp_probe.py``, which keeps each rank's final state)."""
+    root = tmp_path_factory.mktemp("ddp-lora")
+    at = TRAIN.index("--steps")
+    common = [*TRAIN[:at], *TRAIN[at + 2 :]]  # TRAIN without its --steps
+    assert cli.main(["train", "--run-dir", str(root / "mse"), *common, "--steps", "2"]) == 0
+    sp = [*common, *LORA_STEPS, "--loss", "self-perceptual", "--teacher", str(root / "mse"), "--lora-rank", "2"]
+    assert cli.main(["train", "--run-dir", str(root / "one"), *sp]) == 0
+    _torchrun(["train", "--run-dir", str(root / "two"), *sp], torch_threads_env(), (str(PROBE), str(root)))
+    return {"mse": root / "mse", "one": root / "one", "two": root / "two", "root": root}
+
+
+@slow
+@needs_gloo
+def test_shared_teacher_lora_with_two_processes_follows_one_process(lora_runs: dict[str, Path]) -> None:
+    """DDP over the adapter alone, the teacher pass through the unwrapped module with the adapter off: the same
+    losses and adapter (and its EMA) as one process with the same global batch."""
+    one, two = _log(lora_runs["one"]), _log(lora_runs["two"])
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for term in ("loss", "perceptual", "mse"):
+            assert b[term] == pytest.approx(a[term], rel=LOSS_RTOL), f"step {a['step']} {term}"
+    state_one = ckpt.load_state(ckpt.list_states(lora_runs["one"])[-1])
+    state_two = ckpt.load_state(ckpt.list_states(lora_runs["two"])[-1])
+    for part in ("model", "ema"):
+        assert state_two[part] and set(state_two[part]) == set(state_one[part]), f"{part}: no 'module.' prefixes"
+        assert all(lora.is_adapter_key(k) for k in state_two[part]), f"{part} holds the adapter alone"
+        for key, value in state_one[part].items():
+            torch.testing.assert_close(state_two[part][key], value, rtol=0, atol=WEIGHT_ATOL, msg=f"{part} {key}")
+    moved = max(float(v.abs().max()) for k, v in state_two["model"].items() if ".lora_B." in k)
+    assert moved > 20 * WEIGHT_ATOL, "B starts at zero: the adapter must have trained for the comparison to count"
+
+
+@slow
+@needs_gloo
+def test_shared_teacher_lora_under_ddp_buckets_the_adapter_alone_and_leaves_the_base(
+    lora_runs: dict[str, Path],
+) -> None:
+    """On both ranks after the last step: every base weight is the base file's, the adapters are the same (DDP
+    averaged their gradients), and DDP's reducer holds the adapter's tensors alone (no bucket for the frozen base)."""
+    config, _ = loading.weights_config(lora_runs["two"])  # read_weights would merge the adapter into the base
+    assert lora.shares_teacher(config), "the teacher is the base: the online network with its adapter off"
+    assert config.lora.base_sha256 == ckpt.weights_sha256(ckpt.resolve_weights(lora_runs["mse"]))
+    base, _, _ = loading.read_weights(lora_runs["mse"])
+    adapter = ckpt.load_state(ckpt.list_states(lora_runs["two"])[-1])["model"]
+    ranks = [torch.load(lora_runs["root"] / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for r, report in enumerate(ranks):
+        assert (report["code"], report["wrapper"]) == (0, "DistributedDataParallel"), f"rank {r}"
+        assert report["bucketed_tensors"] == len(adapter), f"rank {r}: DDP buckets the adapter alone"
+        assert report["bucketed_bytes"] == sum(v.numel() * v.element_size() for v in adapter.values())
+        state = report["state"]
+        own = {k.replace(".base_layer.", "."): v for k, v in state.items() if not lora.is_adapter_key(k)}
+        assert set(own) == set(base), f"rank {r}"
+        changed = [k for k, v in base.items() if not torch.equal(own[k], v)]
+        assert not changed, f"rank {r} changed base weights: {changed[:3]}"
+        for key, value in adapter.items():
+            assert torch.equal(state[key], value), f"rank {r} {key}: the ranks hold one adapter"
+    (group,) = ckpt.load_state(ckpt.list_states(lora_runs["two"])[-1])["optimizer"]["param_groups"]
+    assert len(group["params"]) == len(adapter), "AdamW (and its weight decay) holds the adapter's tensors alone"

@@ -179,7 +179,11 @@ def wrap_for_training(model: nn.Module, compile_: bool, device: torch.device) ->
     if world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # The constructor broadcasts rank 0's weights to every rank (the model has no buffers to keep in sync).
+        # The constructor broadcasts rank 0's weights to every rank, once (the model has no buffers to keep in sync).
+        # Its reducer buckets only parameters that require grad, as they are now: a LoRA run's adapter alone
+        # (lora.add_adapter runs before this), so the frozen base costs no gradient bucket and no all-reduce.
+        # No find_unused_parameters: every trained tensor is in the online forward's graph (a shared teacher's pass
+        # runs with the adapter off, on the unwrapped module, and reaches no trained tensor).
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
     return wrapped
