@@ -7,6 +7,10 @@
 # rounds (after every seed's sweep, so the learning rates are chosen) evaluate the guidance grids (each extension of
 # a grid needs every seed's numbers), train the arm and evaluate the rows. The last call gathers the report.
 # Rerunning any line resumes it. From the repository root, venv active.
+# Across sessions on fresh machines the unfinished folder travels through the repository: at the end of a session
+#   python results/carry_state.py pack runs/fmnist-fair-v2 results/fmnist-fair-v2/state   (then commit it)
+# and at the start of the next
+#   python results/carry_state.py unpack results/fmnist-fair-v2/state runs/fmnist-fair-v2 && bash results/fmnist-fair-v2/run.sh
 set -euo pipefail
 OUT=${OUT:-runs/fmnist-fair-v2}
 LOGS=${LOGS:-$OUT.logs}  # beside the comparison: its folder holds only what compare makes
