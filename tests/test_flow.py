@@ -398,3 +398,15 @@ def test_cli_schedule_flow_options_and_their_errors(tmp_path: Path, capsys) -> N
         assert not (tmp_path / "bad").exists()
     assert cli.main(["sample", str(run), "-n", "1", "--eta", "0.3", "--out", str(tmp_path / "x.png")]) == 2
     assert "--eta is DDIM's noise" in capsys.readouterr().err
+
+
+def test_the_ablation_of_a_flow_budget_varies_the_t_prime_distribution() -> None:
+    """Issue 18: uniform t' (the paper's, arXiv 2401.00110 Sec. 3) against the logit-normal that flow trains t with."""
+    from perceptual_diffusion.experiments.ablation import baseline_of, default_variants
+    from perceptual_diffusion.experiments.budgets import BUDGETS
+
+    flow = {v.name: v for v in default_variants(BUDGETS["cpu-fair-fmnist-flow"])}
+    variant = flow["sp-tprime-logit-normal"]
+    assert variant.loss.t_prime == "logit-normal" and flow["self-perceptual"].loss.t_prime == "uniform"
+    assert baseline_of(variant) == "mse-continued"
+    assert "sp-tprime-logit-normal" not in {v.name for v in default_variants(BUDGETS["cpu-fair-fmnist"])}

@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default=None,
         help="comma-separated subset of the variants (default all): mse-continued, self-perceptual, sp-lr/10, "
-        "sp-lr*5, sp-down0, sp-all, sp+mse, sp-true-eps, mse-continued/early, sp/early, mse-continued-4x-steps, "
-        "sp-4x-steps",
+        "sp-lr*5, the taps (a U-Net: sp-down0, sp-all; a DiT: sp-blockK, sp-all), sp+mse, sp-true-eps, "
+        "sp-channel-norm, sp-low-noise, (flow budgets) sp-tprime-logit-normal, mse-continued/early, sp/early, "
+        "mse-continued-4x-steps, sp-4x-steps",
     )
     p.set_defaults(func=commands.cmd_ablate)
     p = sub.add_parser(

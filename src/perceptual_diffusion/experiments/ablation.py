@@ -71,6 +71,17 @@ def tap_variants(budget: Budget | None) -> list[Variant]:
     ]
 
 
+def t_prime_variants(budget: Budget | None) -> list[Variant]:
+    """The t' distribution: the paper draws t' uniformly (arXiv 2401.00110, Sec. 3); a flow family trains t on the
+    logit-normal of SD3 (issue 18), which weights the middle noise levels, so for flow budgets the ablation also
+    draws t' from the budget's logit-normal (its mean and std)."""
+    if budget is None or budget.schedule.family != "flow":
+        return []
+    return [
+        Variant("sp-tprime-logit-normal", replace(SP, t_prime="logit-normal"), note="t' logit-normal (as flow's t)")
+    ]
+
+
 def default_variants(budget: Budget | None = None) -> list[Variant]:
     """The ablation grid: one change at a time from the paper's defaults (the taps by ``budget``'s architecture)."""
     return [
@@ -83,6 +94,7 @@ def default_variants(budget: Budget | None = None) -> list[Variant]:
         Variant("sp-true-eps", replace(SP, predicted_noise="true"), note="true eps in the predicted branch"),
         Variant("sp-channel-norm", replace(SP, feature_norm="channel"), note="features unit-normalised (LPIPS)"),
         Variant("sp-low-noise", replace(SP, t_prime_max=0.5), note="t' from the lower half of noise levels"),
+        *t_prime_variants(budget),
         Variant("mse-continued/early", MSE, teacher="early", note="baseline for the early teacher"),
         Variant("sp/early", SP, teacher="early", note="teacher = the first EMA snapshot of stage 1"),
         Variant("mse-continued-4x-steps", MSE, steps_factor=4.0, note="baseline for sp-4x-steps"),
