@@ -219,10 +219,10 @@ class DiTPreset:
     note: str
 
 
-# DiT sizes as plain data (models/dit.py builds one). The CPU sizes follow issue 19: on an earlier build of this
-# module, "small" (6 blocks, width 64, patch 4) took 0.19x the small U-Net's MSE step at 28 px (README
-# "Transformers", to be re-measured); patch 2 has 4x the tokens. "base" is DiT-S/2's size (arXiv 2212.09748,
-# Table 1), sized by FLOPs for one GPU.
+# DiT sizes as plain data (models/dit.py builds one). The CPU sizes follow issue 19, measured at 28 px, batch 64,
+# one thread (benchmarks/RESULTS.md, 2026-12-04): "small" (6 blocks, width 64, patch 4) 185 ms per MSE step, 0.57x
+# the tiny U-Net of the CPU budgets; "small-p2" (4x the tokens) 822 ms, 2.53x. "base" is DiT-S/2's size (arXiv
+# 2212.09748, Table 1), sized by FLOPs for one GPU.
 DIT_PRESETS: dict[str, DiTPreset] = {
     "tiny": DiTPreset(4, 32, 2, 2, "tests only: 4 blocks, width 32, patch 2, 0.12 M parameters"),
     "small": DiTPreset(6, 64, 4, 4, "CPU: 6 blocks, width 64, patch 4, 0.59 M parameters"),
