@@ -103,7 +103,7 @@ def test_train_mse_then_self_perceptual(latent_setup: dict[str, Path]) -> None:
     assert _log_steps(mse) == [2, 4]
     config = json.loads((sp / "config.json").read_text())
     assert config["loss"]["kind"] == "self-perceptual" and config["sample"]["clip_x0"] is False
-    assert config["model"] == {"pretrained": str(latent_setup["pretrained"]), "resolution": 16}
+    assert config["model"] == {"pretrained": str(latent_setup["pretrained"]), "resolution": 16, "t5": True}
     rows = [json.loads(line) for line in (sp / "log.jsonl").read_text().splitlines()]
     assert rows and all("perceptual" in row for row in rows)
     assert (sp / "model.safetensors").is_file()

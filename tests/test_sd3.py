@@ -6,7 +6,8 @@ never run, the VAE's shift and scale), the sampler against diffusers' ``StableDi
 MSE and self-perceptual runs with their cache and a bit-identical resume, export loaded by diffusers, a LoRA run whose
 adapter ``load_lora_weights`` reads, and bad input as one error line. With T5: the prompt embeddings (empty, longer
 than CLIP's and than T5's 256 tokens) and the sampler against the pipeline, a run that resumes, and its export loaded
-by a plain ``from_pretrained``.
+by a plain ``from_pretrained``. ``--no-t5`` on the T5 folder: the pipeline's ``text_encoder_3=None`` embeddings, T5
+never loaded, a run that resumes, samples and exports without T5, the shared latent cache, bad input.
 """
 
 from __future__ import annotations
@@ -425,6 +426,95 @@ def test_t5_of_another_width_is_one_error_line(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# --no-t5 on a folder with T5: T5 never loaded, its tokens zeros (the pipeline's text_encoder_3=None), recorded.
+
+
+def _refuse_t5(*_: object, **__: object) -> None:
+    raise AssertionError("T5 was loaded")
+
+
+def test_no_t5_prompt_embeddings_are_the_pipelines_without_t5_and_the_field_is_typed(
+    tiny_sd3_t5: Path, captions: Path, parts: sd3.SD3Parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import T5EncoderModel
+
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", _refuse_t5)
+    no_t5 = latent.load_frozen_parts(tiny_sd3_t5, t5=False)
+    assert no_t5.t5 is None and no_t5.t5_tokenizer is None
+    ids = no_t5.tokenize(T5_PROMPTS)
+    assert torch.equal(ids, parts.tokenize(T5_PROMPTS))  # CLIP ids alone
+    ours, pooled = no_t5.embeddings(ids)
+    plain, plain_pooled = parts.embeddings(ids)  # the folder without T5 (the same CLIPs by construction)
+    null, null_pooled = no_t5.embeddings(no_t5.tokenize([""] * 4))
+    pipe = sd3_pipeline(tiny_sd3_t5)  # from_pretrained(T5 folder, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_3 is None
+    with torch.no_grad(), latent.quiet_libraries():
+        pe, ne, pp, npp = pipe.encode_prompt(T5_PROMPTS, None, None, do_classifier_free_guidance=True)
+    for a, b in ((ours, plain), (pooled, plain_pooled), (ours, pe), (pooled, pp), (null, ne), (null_pooled, npp)):
+        assert torch.equal(a, b)
+    assert ours.shape == (4, 32 + sd3.T5_LENGTH, 96) and not ours[:, 32:].any()
+    # A typed field of the run config; a config written before it reads as T5 on (what those runs did).
+    data = run_config(tiny_sd3_t5, captions, tmp_path).to_dict()
+    assert data["model"]["t5"] is True
+    del data["model"]["t5"]
+    assert LatentRunConfig.from_dict(data).model.t5 is True
+    with pytest.raises(UserError, match="--no-t5"):
+        LatentRunConfig.from_dict(data | {"model": data["model"] | {"t5": "no"}})
+
+
+def test_no_t5_run_trains_resumes_samples_and_exports_without_t5(
+    tiny_sd3_t5: Path,
+    captions: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import T5EncoderModel
+
+    cache = tmp_path / "cache"
+    common = ["--pretrained", str(tiny_sd3_t5), "--data-path", str(captions), "--resolution", "16"]
+    common += ["--cache-dir", str(cache), "--device", "cpu"]
+    # The cache holds the VAE's latents alone: one made with T5 loaded is the one a --no-t5 run reads, unchanged.
+    assert cli.main(["latent", "cache", *common]) == 0
+    (chunk,) = cache.glob("latents-*/chunk-*.safetensors")
+    stamp = chunk.stat().st_mtime_ns
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", _refuse_t5)  # from here on T5 is never loaded
+    run = tmp_path / "run"
+    train = ["latent", "train", "--run-dir", str(run), *common, "--schedule", "flow", "--batch-size", "4"]
+    train += ["--sample-every", "2", "--sample-steps", "2", "--no-progress", "--warmup-images", "0"]
+    train += ["--checkpoint-every", "1"]
+    assert cli.main([*train, "--no-t5", "--steps", "1"]) == 0
+    assert cli.main([*train, "--no-t5", "--steps", "2"]) == 0  # resumed from step 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["model"]["t5"] is False
+    assert chunk.stat().st_mtime_ns == stamp and len(list(cache.glob("latents-*"))) == 1
+    capsys.readouterr()
+    assert cli.main([*train, "--steps", "3"]) == 2  # resuming with T5 is another configuration
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "model.t5" in err[0] and "another configuration" in err[0], err
+
+    grid = tmp_path / "grid.png"
+    assert cli.main(["latent", "sample", str(run), "--prompt", "a red disc", "-n", "1", "--steps", "2",
+                     "--out", str(grid), "--device", "cpu"]) == 0  # fmt: skip
+    assert grid.is_file()
+    model, parts, config, _ = latent.load_latent_model(run)
+    assert parts.t5 is None and not config.model.t5
+    out = tmp_path / "export"
+    capsys.readouterr()
+    assert cli.main(["latent", "export", str(run), "--out", str(out)]) == 0
+    assert "text_encoder_3=None, tokenizer_3=None" in capsys.readouterr().out
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None] and not sd3.has_t5(out) and not (out / "text_encoder_3").exists()
+    pipe = sd3_pipeline(out)  # text_encoder_3=None, tokenizer_3=None
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=2.0, output_type="latent", latents=noise).images
+    ours = latent.sample_latent(model, parts, PROMPTS, [0, 1], replace(config.sample, cfg_scale=2.0), decode=False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input: one error line each.
 
 
@@ -438,6 +528,7 @@ def test_bad_input_is_one_error_line(
         (["--schedule", "flow", "--resolution", "16", "--feature-layer", "down0"], "--feature-blocks"),
         (["--schedule", "flow", "--resolution", "16", "--feature-blocks", "5"], "has 4 blocks"),
         (["--schedule", "flow", "--resolution", "256"], "position embedding"),
+        (["--schedule", "flow", "--resolution", "16", "--no-t5"], "has no T5"),  # nothing to leave out
     ]
     for i, (extra, needle) in enumerate(cases):
         assert cli.main([*base, "--run-dir", str(tmp_path / f"r{i}"), *extra]) == 2, extra
@@ -450,6 +541,22 @@ def test_bad_input_is_one_error_line(
     with pytest.raises(UserError, match="text_encoder_2/"):
         latent.check_pretrained(broken)
     sd = testing.make_tiny_pipeline(tmp_path / "tiny-sd")
+    sd_args = [
+        "--pretrained",
+        str(sd),
+        "--data-path",
+        str(captions),
+        "--resolution",
+        "16",
+        "--device",
+        "cpu",
+        "--no-t5",
+    ]
+    for command in (["train", "--run-dir", str(tmp_path / "sd-run")], ["cache", "--cache-dir", str(tmp_path / "c")]):
+        assert cli.main(["latent", *command, *sd_args]) == 2, command
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "Stable Diffusion folder" in err[0] and "--no-t5" in err[0], (command, err)
+    assert not (tmp_path / "sd-run" / "config.json").exists() and not (tmp_path / "c").exists()
     config = replace(
         run_config(sd, captions, tmp_path), schedule=ScheduleConfig(), loss=LossConfig(feature_blocks=(1,))
     )

@@ -70,6 +70,7 @@ _OPTION_OF = {
     "alpha": "--lora-alpha",
     "dropout": "--lora-dropout",
     "targets": "--lora-targets",
+    "t5": "--no-t5 (model.t5)",
 }
 
 
@@ -691,10 +692,16 @@ class LatentModelConfig:
     ``text_encoder/``, ``tokenizer/``) or SD3's (``transformer/``, two CLIP text encoders, optional T5; the folder's
     model_index.json says which, ``models/latent.py`` LATENT_ARCHITECTURES): the network is trained, the VAE and
     text encoders stay frozen. ``resolution`` is in pixels. Taps and resolution are checked against the folder when
-    the run starts (``LatentArchitecture.check``)."""
+    the run starts (``LatentArchitecture.check``).
+
+    ``t5``: use the folder's T5 text encoder if it has one (an SD3 folder's ``text_encoder_3/``). False
+    (``--no-t5``) never loads it: T5's tokens of every prompt are zeros, as ``StableDiffusion3Pipeline`` with
+    ``text_encoder_3=None``; only for an SD3 folder that has T5 (checked against the folder at the start). A config
+    written before this field reads as True, what those runs did."""
 
     pretrained: str = ""
     resolution: int = 512
+    t5: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -45,17 +45,23 @@ def _data_config(args: argparse.Namespace) -> CaptionDataConfig:
     )
 
 
+def _model_config(args: argparse.Namespace):
+    from perceptual_diffusion.config import LatentModelConfig
+
+    return LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution, t5=args.t5)
+
+
 def latent_run_config(args: argparse.Namespace):
     """The LatentRunConfig of parsed ``latent train`` options. Under --schedule flow, an SD3 folder's own scheduler
     gives the shift unless --shift does (``latent.native_schedule``)."""
-    from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig
+    from perceptual_diffusion.config import LatentRunConfig
     from perceptual_diffusion.models.latent import native_schedule
 
     given = {"shift"} if getattr(args, "shift", None) is not None else set()
     schedule = native_schedule(args.pretrained, schedule_config(args), given)
     return LatentRunConfig(
         schedule=schedule,
-        model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
+        model=_model_config(args),
         data=_data_config(args),
         loss=loss_config(args),
         train=train_config(args),
@@ -110,16 +116,17 @@ def cmd_latent_train(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_cache(args: argparse.Namespace) -> None:
-    from perceptual_diffusion.config import LatentModelConfig, LatentRunConfig, ScheduleConfig, TrainConfig
+    from perceptual_diffusion.config import LatentRunConfig, ScheduleConfig, TrainConfig
     from perceptual_diffusion.models.latent import latent_architecture, native_schedule
     from perceptual_diffusion.runtime.distributed import launched_rank
     from perceptual_diffusion.training.latent import precompute_latents
 
-    # The cache depends on the VAE alone; the schedule is the folder's own (an SD3 folder is a flow model).
+    # The cache depends on the VAE alone (--no-t5 only spares loading T5: one cache for runs with and without it);
+    # the schedule is the folder's own (an SD3 folder is a flow model).
     family = "flow" if latent_architecture(args.pretrained).name == "sd3" else "ddpm"
     config = LatentRunConfig(
         schedule=native_schedule(args.pretrained, ScheduleConfig(family=family)),
-        model=LatentModelConfig(pretrained=args.pretrained, resolution=args.resolution),
+        model=_model_config(args),
         data=_data_config(args),
         train=TrainConfig(device=args.device),
     )
@@ -170,13 +177,16 @@ def cmd_latent_sample(args: argparse.Namespace) -> None:
 
 def cmd_latent_export(args: argparse.Namespace) -> None:
     from perceptual_diffusion.models.latent import export_latent, export_load_hint
-    from perceptual_diffusion.runtime.checkpoint import ADAPTER_FILES
+    from perceptual_diffusion.runtime import checkpoint as ckpt
 
     out = export_latent(args.model, args.out, force=args.force, merge_lora=args.merge_lora)
-    if (out / ADAPTER_FILES[2]).is_file():
+    if (out / ckpt.ADAPTER_FILES[2]).is_file():
+        # The base pipeline as the run conditioned: a --no-t5 run's without T5, though its base folder has one.
+        t5 = ckpt.config_of(ckpt.resolve_weights(args.model), "latent")[0].model.t5
+        base = "the base pipeline" if t5 else "the base pipeline loaded with text_encoder_3=None, tokenizer_3=None"
         print(
-            f"wrote {out / ADAPTER_FILES[2]} (a LoRA adapter: load it with pipe.load_lora_weights({str(out)!r}) on "
-            "the base pipeline; --merge-lora writes the merged pipeline instead)"
+            f"wrote {out / ckpt.ADAPTER_FILES[2]} (a LoRA adapter: load it with pipe.load_lora_weights({str(out)!r}) "
+            f"on {base}{'' if t5 else ', as the run used --no-t5'}; --merge-lora writes the merged pipeline instead)"
         )
         return
     print(f"wrote {out} ({export_load_hint(out)})")
@@ -209,6 +219,14 @@ def _add_model_and_data_options(p: argparse.ArgumentParser, cache_flag: bool = T
         )
     g.add_argument(
         "--cache-dir", default=None, help="latent cache folder (default ~/.cache/perceptual-diffusion/latents)"
+    )
+    g.add_argument(
+        "--no-t5",
+        dest="t5",
+        action="store_false",
+        help="an SD3 folder with T5 (text_encoder_3/): never load T5 (T5-XXL is 4.7 B parameters); its 256 tokens of "
+        "every prompt are zeros, as StableDiffusion3Pipeline with text_encoder_3=None. Recorded in the run: sample, "
+        "resume and export follow it (the export has no T5)",
     )
     add_on_bad_image_option(g, CaptionDataConfig, "unreadable images")
 
@@ -309,7 +327,8 @@ def add_latent_parser(sub: argparse._SubParsersAction) -> None:
         description="Write a folder that diffusers loads: of a Stable Diffusion run a StableDiffusionPipeline (the "
         "trained U-Net's EMA weights, the pretrained folder's VAE, text encoder and tokenizer, a DDIMScheduler set to "
         "the training schedule); of an SD3 run a StableDiffusion3Pipeline (the EMA transformer, the frozen parts, the "
-        "run's FlowMatchEulerDiscreteScheduler; without T5, load it with text_encoder_3=None, tokenizer_3=None).",
+        "run's FlowMatchEulerDiscreteScheduler; without T5, as of a folder without it or a --no-t5 run, load it with "
+        "text_encoder_3=None, tokenizer_3=None).",
     )
     p.add_argument("model", help="a latent run directory or its model.safetensors")
     p.add_argument("--out", required=True, help="folder to write (written atomically: complete or not at all)")

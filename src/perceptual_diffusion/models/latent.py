@@ -76,7 +76,7 @@ class LatentArchitecture(Protocol):
     def check_folder(self, folder: Path) -> Path: ...
     def check(self, config: LatentRunConfig) -> None: ...
     def schedule_defaults(self, folder: Path) -> dict[str, Any]: ...
-    def load_parts(self, folder: Path, device: torch.device | str) -> LatentParts: ...
+    def load_parts(self, folder: Path, device: torch.device | str, t5: bool = True) -> LatentParts: ...
     def build(self, config: LatentRunConfig, null_condition: Tensor) -> nn.Module: ...
     def read_network(self, folder: Path) -> dict[str, Tensor]: ...
     def check_export(self, run: str | Path, config: LatentRunConfig) -> None: ...
@@ -108,11 +108,12 @@ def native_schedule(folder: str | Path, schedule: ScheduleConfig, given: Collect
     return replace(schedule, **{k: v for k, v in defaults.items() if k not in given})
 
 
-def load_frozen_parts(folder: str | Path, device: torch.device | str = "cpu") -> LatentParts:
+def load_frozen_parts(folder: str | Path, device: torch.device | str = "cpu", t5: bool = True) -> LatentParts:
     """The frozen parts (VAE, text encoders, tokenizers) of a pretrained folder of any latent architecture, in eval
-    mode without gradients, on ``device``."""
+    mode without gradients, on ``device``; ``t5`` False (``LatentModelConfig.t5``, ``--no-t5``): an SD3 folder's T5
+    is not loaded and its tokens are zeros."""
     path = check_pretrained(folder)
-    return latent_architecture(path).load_parts(path, device)
+    return latent_architecture(path).load_parts(path, device, t5=t5)
 
 
 def build_model(config: LatentRunConfig, null_embedding: Tensor) -> nn.Module:
@@ -171,7 +172,7 @@ def load_latent_model(
     """A trained latent model (EMA weights) from a run directory or weights file, with its frozen parts, in eval; of
     a LoRA run, its base with the adapter on top (as trained, not merged)."""
     state, config, step = read_raw_latent_weights(path)
-    parts = load_frozen_parts(config.model.pretrained, device)
+    parts = load_frozen_parts(config.model.pretrained, device, t5=config.model.t5)  # as the run trained
     if config.lora is not None:
         model = latent_lora_model(state, config, parts.encode_text([""]), str(path))
     else:

@@ -153,6 +153,11 @@ class StableDiffusion:
 
     def check(self, config: LatentRunConfig) -> None:
         mc, lc = config.model, config.loss
+        if not mc.t5:
+            raise UserError(
+                f"--no-t5 leaves out an SD3 folder's T5 text encoder; {mc.pretrained} is a Stable Diffusion folder "
+                "(one CLIP text encoder, no T5): drop --no-t5"
+            )
         down = vae_downsample(mc.pretrained)
         unet = unet_config(mc.pretrained)
         levels = 2 ** (len(unet.get("block_out_channels", [0])) - 1)
@@ -175,7 +180,9 @@ class StableDiffusion:
     def schedule_defaults(self, folder: Path) -> dict[str, Any]:
         return {}  # the run's schedule is the project's (the paper's zero-SNR DDPM by default)
 
-    def load_parts(self, folder: Path, device: torch.device | str) -> FrozenParts:
+    def load_parts(self, folder: Path, device: torch.device | str, t5: bool = True) -> FrozenParts:
+        """The VAE, CLIP text encoder and tokenizer (``t5`` is SD3's: this folder has none, and check refuses
+        --no-t5)."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModel
 

@@ -8,10 +8,11 @@ A pretrained folder is in ``StableDiffusion3Pipeline`` layout: ``transformer/``,
 
 The condition is the pipeline's own (``StableDiffusion3Pipeline.encode_prompt``): both CLIPs' penultimate hidden
 states concatenated on the channel axis, zero-padded to the transformer's ``joint_attention_dim``, then T5's
-sequence appended (T5 absent: zeros of ``T5_LENGTH`` tokens, as the pipeline does without ``text_encoder_3``); the
-pooled vector is both CLIPs' projected pooled outputs concatenated. The losses, the sampler and guidance pass one
-tensor per image as the condition, so the two are packed into one row (:func:`pack_condition`): the sequence
-flattened, then the pooled vector. The null condition is the empty prompt through every encoder (CFG, dropout).
+sequence appended (T5 absent, or left out by ``--no-t5``, ``LatentModelConfig.t5``: never loaded, zeros of
+``T5_LENGTH`` tokens, as the pipeline does without ``text_encoder_3``); the pooled vector is both CLIPs' projected
+pooled outputs concatenated. The losses, the sampler and guidance pass one tensor per image as the condition, so the
+two are packed into one row (:func:`pack_condition`): the sequence flattened, then the pooled vector. The null
+condition is the empty prompt through every encoder (CFG, dropout).
 
 Taps (arXiv 2401.00110, Sec. 3: the mid-block; on a transformer the middle block, as for the pixel DiT in
 ``models/dit.py``): ``blockK`` is the image stream's hidden states after the first K joint blocks, default K = n // 2.
@@ -289,7 +290,12 @@ class SD3:
                 f"--resolution {mc.resolution} does not fit {folder}: it must be a multiple of {down * patch} (the VAE "
                 f"downsamples by {down}, the transformer's patches are {patch} latents wide)"
             )
-        if has_t5(folder):  # the pipeline appends T5's states to the CLIPs' padded ones: one width
+        if not mc.t5 and not has_t5(folder):
+            raise UserError(
+                f"--no-t5: {folder} has no T5 (text_encoder_3/ and tokenizer_3/, named in model_index.json), so its "
+                "T5 tokens are zeros already: drop --no-t5"
+            )
+        if mc.t5 and has_t5(folder):  # the pipeline appends T5's states to the CLIPs' padded ones: one width
             width = read_config(folder / "text_encoder_3" / "config.json").get("d_model")
             if width != tc.get("joint_attention_dim"):
                 raise UserError(
@@ -303,24 +309,26 @@ class SD3:
                 f"{most * patch * down} px)"
             )
 
-    def load_parts(self, folder: Path, device: torch.device | str) -> SD3Parts:
+    def load_parts(self, folder: Path, device: torch.device | str, t5: bool = True) -> SD3Parts:
+        """The frozen parts; T5 only if ``t5`` and the folder has it (else never loaded: its tokens are zeros, as
+        the pipeline's ``text_encoder_3=None``)."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         vae = load_part(AutoencoderKL, folder, "vae")
         encoders = tuple(load_part(CLIPTextModelWithProjection, folder, p) for p in ("text_encoder", "text_encoder_2"))
         tokenizers = tuple(load_part(AutoTokenizer, folder, p) for p in ("tokenizer", "tokenizer_2"))
-        t5 = t5_tokenizer = None
-        if has_t5(folder):  # tested offline on a tiny random T5 (testing.make_tiny_sd3_pipeline(t5=True))
+        t5_encoder = t5_tokenizer = None
+        if t5 and has_t5(folder):  # tested offline on a tiny random T5 (testing.make_tiny_sd3_pipeline(t5=True))
             from transformers import T5EncoderModel
 
-            t5 = load_part(T5EncoderModel, folder, "text_encoder_3")
+            t5_encoder = load_part(T5EncoderModel, folder, "text_encoder_3")
             t5_tokenizer = load_part(AutoTokenizer, folder, "tokenizer_3")
-        for m in (vae, *encoders, t5):
+        for m in (vae, *encoders, t5_encoder):
             if m is not None:
                 m.to(device).eval().requires_grad_(False)
         joint_dim = transformer_config(folder)["joint_attention_dim"]
-        return SD3Parts(vae, encoders, tokenizers, t5, t5_tokenizer, joint_dim, folder)
+        return SD3Parts(vae, encoders, tokenizers, t5_encoder, t5_tokenizer, joint_dim, folder)
 
     def build(self, config: LatentRunConfig, null_condition: Tensor) -> TextConditionedSD3:
         """Its ``sample_size`` (the latent side the pipeline defaults to) is the run's resolution's."""
@@ -348,7 +356,9 @@ class SD3:
 
     def write_pipeline(self, tmp: Path, model: nn.Module, parts: SD3Parts, config: LatentRunConfig) -> None:
         """A ``StableDiffusion3Pipeline`` folder: the EMA transformer, the run's FlowMatchEulerDiscreteScheduler
-        (its shift), the frozen parts; T5 as in the pretrained folder (absent: null in model_index.json)."""
+        (its shift), the frozen parts; T5 as the run used it: the pretrained folder's, or absent (the folder has none,
+        or a --no-t5 run: null in model_index.json, so it loads with text_encoder_3=None, tokenizer_3=None and
+        conditions as the run trained, never on a T5 it did not see)."""
         with quiet_libraries():
             from diffusers import StableDiffusion3Pipeline
 

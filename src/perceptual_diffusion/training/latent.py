@@ -71,6 +71,9 @@ def claim_cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _cache_key(fingerprint: str, parts: LatentParts, resolution: int) -> str:
+    """The key of what a cache holds, the VAE's latents of the data at the resolution: the data, the VAE's files and
+    the resolution. The text encoders are no part of it (captions are encoded every step, never cached), so a run
+    with or without T5 (``--no-t5``) reads the same, correct cache."""
     h = hashlib.sha256()
     for piece in (fingerprint, ckpt.sha256_file(parts.folder / "vae"), str(resolution)):
         h.update(piece.encode() + b"\0")
@@ -232,7 +235,8 @@ class LatentTask:
 
     def parts(self, device: torch.device) -> LatentParts:
         if self._parts is None:
-            self._parts = load_frozen_parts(self.config.model.pretrained, device)
+            mc = self.config.model
+            self._parts = load_frozen_parts(mc.pretrained, device, t5=mc.t5)  # --no-t5: T5 never loaded
         return self._parts
 
     def fingerprint(self) -> str:
