@@ -83,6 +83,16 @@ def load_part(cls: Any, folder: Path, subfolder: str) -> Any:
         raise UserError(f"cannot load {folder / subfolder} ({first}); the pretrained folder is damaged") from None
 
 
+def network_weights(cls: Any, folder: Path, subfolder: str, wrong_kind: str) -> dict[str, Any]:
+    """The trained network of a pretrained or exported folder (``subfolder``, a ``cls``) in our wrapper's key names
+    (``subfolder.*``); a folder holding another class is one line: ``{folder/subfolder} is a KIND, {wrong_kind}``."""
+    kind = read_config(folder / subfolder / "config.json").get("_class_name")
+    if kind != cls.__name__:
+        raise UserError(f"{folder / subfolder} is a {kind}, {wrong_kind}")
+    network = load_part(cls, folder, subfolder)
+    return {f"{subfolder}.{k}": v for k, v in network.state_dict().items()}
+
+
 def vae_downsample(folder: str | Path) -> int:
     """Pixels per latent side of a pretrained folder's VAE (it halves the resolution at every block but the last)."""
     return 2 ** (len(read_config(Path(folder) / "vae" / "config.json").get("block_out_channels", [0])) - 1)

@@ -25,7 +25,14 @@ from perceptual_diffusion.config import LatentRunConfig, ScheduleConfig
 from perceptual_diffusion.core.networks import encoder_features, encoder_taps
 from perceptual_diffusion.core.schedule import build_schedule
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.models.pretrained import FrozenVAE, load_part, quiet_libraries, read_config, vae_downsample
+from perceptual_diffusion.models.pretrained import (
+    FrozenVAE,
+    load_part,
+    network_weights,
+    quiet_libraries,
+    read_config,
+    vae_downsample,
+)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 
@@ -204,14 +211,13 @@ class StableDiffusion:
     def read_network(self, folder: Path) -> dict[str, Tensor]:
         from diffusers import UNet2DConditionModel
 
-        kind = read_config(folder / "unet" / "config.json").get("_class_name")
-        if kind != "UNet2DConditionModel":
-            raise UserError(
-                f"{folder / 'unet'} is a {kind}, not a text-conditioned UNet2DConditionModel: a pixel-model folder "
-                "goes with the pixel commands (train, sample)"
-            )
-        unet = load_part(UNet2DConditionModel, folder, "unet")
-        return {f"unet.{k}": v for k, v in unet.state_dict().items()}
+        return network_weights(
+            UNet2DConditionModel,
+            folder,
+            "unet",
+            "not a text-conditioned UNet2DConditionModel: a pixel-model folder goes with the pixel commands "
+            "(train, sample)",
+        )
 
     def check_export(self, run: str | Path, config: LatentRunConfig) -> None:
         if config.schedule.family != "ddpm":

@@ -34,7 +34,14 @@ from perceptual_diffusion.config import LatentRunConfig, ScheduleConfig
 from perceptual_diffusion.core.networks import block_taps
 from perceptual_diffusion.core.schedule import FlowSchedule, build_schedule
 from perceptual_diffusion.errors import UserError
-from perceptual_diffusion.models.pretrained import FrozenVAE, load_part, quiet_libraries, read_config, vae_downsample
+from perceptual_diffusion.models.pretrained import (
+    FrozenVAE,
+    load_part,
+    network_weights,
+    quiet_libraries,
+    read_config,
+    vae_downsample,
+)
 
 CLIP_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
@@ -342,14 +349,12 @@ class SD3:
     def read_network(self, folder: Path) -> dict[str, Tensor]:
         from diffusers import SD3Transformer2DModel
 
-        kind = read_config(folder / "transformer" / "config.json").get("_class_name")
-        if kind != "SD3Transformer2DModel":
-            raise UserError(
-                f"{folder / 'transformer'} is a {kind}, not an SD3Transformer2DModel: a pixel DiT's folder goes with "
-                "the pixel commands (train, sample)"
-            )
-        transformer = load_part(SD3Transformer2DModel, folder, "transformer")
-        return {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
+        return network_weights(
+            SD3Transformer2DModel,
+            folder,
+            "transformer",
+            "not an SD3Transformer2DModel: a pixel DiT's folder goes with the pixel commands (train, sample)",
+        )
 
     def check_export(self, run: str | Path, config: LatentRunConfig) -> None:
         return None  # every SD3 run is a flow run (check), which StableDiffusion3Pipeline samples
