@@ -15,6 +15,7 @@ from perceptual_diffusion.evaluation.stats import (
     mean_of,
     paired_bootstrap,
     precision_against,
+    resampled_values,
     summary,
 )
 
@@ -93,6 +94,36 @@ def test_fid_and_kid_statistics_agree_with_metrics() -> None:
     fid_stat = fid_against(mu.numpy(), cov.numpy())
     copied = fid(torch.from_numpy(fake[idx]).double(), torch.from_numpy(ref).double())
     assert fid_stat.prepare({"features": fake})(counts)[0] == pytest.approx(copied, rel=1e-6)
+
+
+def test_resampled_values_equal_the_statistic_of_each_copied_resample() -> None:
+    """The counts path (FID's precomputation once) and the copied rows (the statistic R times) agree, for a
+    ``ResampledStatistic`` and for a plain function; repeated indices count with their multiplicity."""
+    ref, fake = _features(300, 16, seed=0), _features(120, 16, seed=1, shift=0.3)
+    mu, cov = mean_cov(torch.from_numpy(ref))
+    stat = fid_against(mu, cov)
+    idx = np.random.default_rng(3).integers(0, 120, size=(5, 120))
+    copied = [stat({"features": fake[row]}) for row in idx]
+    assert resampled_values(stat, {"features": fake}, idx) == pytest.approx(copied, rel=1e-9)
+    mean_x = lambda a: float(np.mean(a["x"]))  # noqa: E731 (not a ResampledStatistic: rows are copied)
+    x = np.arange(120.0)
+    assert resampled_values(mean_x, {"x": x}, idx) == pytest.approx(x[idx].mean(1))
+
+
+def test_the_fid_criterion_standard_error_is_the_std_of_100_bootstrap_fids() -> None:
+    from types import SimpleNamespace
+
+    from perceptual_diffusion.evaluation.scoring import Criterion
+
+    ref, fake = _features(300, 16, seed=0), _features(150, 16, seed=2, shift=0.2)
+    mu, cov = mean_cov(torch.from_numpy(ref))
+    stat = fid_against(mu, cov)
+    draws = [stat({"features": fake[row]}) for row in np.random.default_rng(0).integers(0, 150, size=(100, 150))]
+    criterion = Criterion("fid", higher_is_better=False)
+    result = {"metrics": {"fid": stat({"features": fake})}, "n_samples": 150}
+    se = criterion.standard_error(result, {"features": fake}, SimpleNamespace(mu=mu, cov=cov))
+    assert se == pytest.approx(float(np.std(draws, ddof=1)), rel=1e-9)
+    assert se > 0
 
 
 def test_precision_and_coverage_statistics_agree_with_prdc() -> None:

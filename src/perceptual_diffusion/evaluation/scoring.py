@@ -50,8 +50,7 @@ class Criterion:
         from perceptual_diffusion.evaluation import stats
 
         fid = stats.fid_against(reference.mu, reference.cov)
-        rng = np.random.default_rng(0)
-        draws = [fid({k: v[idx] for k, v in per_sample.items()}) for idx in rng.integers(0, n, size=(100, n))]
+        draws = stats.resampled_values(fid, per_sample, np.random.default_rng(0).integers(0, n, size=(100, n)))
         return float(np.std(draws, ddof=1))
 
     def better(self, a: float, b: float) -> float:

@@ -266,6 +266,21 @@ def _prepared(statistic: Callable[[Arrays], float], arrays: Arrays) -> Callable[
     return slow
 
 
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """Row ``r`` of the result counts how often each of the ``n`` samples appears in ``idx[r]``."""
+    offsets = (idx + n * np.arange(len(idx))[:, None]).ravel()
+    return np.bincount(offsets, minlength=len(idx) * n).reshape(len(idx), n).astype(np.float64)
+
+
+def resampled_values(statistic: Callable[[Arrays], float], arrays: Arrays, idx: np.ndarray) -> np.ndarray:
+    """The statistic on each resample ``arrays[idx[r]]`` (``idx``: (R, N) row indices): by row counts, without
+    copying rows, for a ``ResampledStatistic`` (FID's precomputation then runs once, not R times)."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    idx = np.asarray(idx)
+    with _one_thread():
+        return _prepared(statistic, arrays)(idx, _counts(idx, _rows(arrays)))
+
+
 def paired_bootstrap(
     a: Sequence[Arrays],
     b: Sequence[Arrays],
@@ -330,9 +345,8 @@ def _bootstrap(
         per_seed.append(float(fa(everything, ones)[0] - fb(everything, ones)[0]))
         where = np.nonzero(drawn == s)
         idx = rng.integers(0, n, size=(len(where[0]), n))  # one index draw per drawn copy, shared by a and b
-        offsets = (idx + n * np.arange(len(idx))[:, None]).ravel()
-        counts = np.bincount(offsets, minlength=idx.size).reshape(idx.shape).astype(np.float64)
         if len(idx):
+            counts = _counts(idx, n)
             diffs[where] = fa(idx, counts) - fb(idx, counts)
         del fa, fb
     replicates = diffs.mean(1)
