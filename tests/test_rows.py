@@ -47,6 +47,41 @@ def test_a_rows_fingerprint_changes_with_any_setting() -> None:
     assert base != replace(row, guidance_rescale=0.0).fingerprint(sample={"steps": 25}, seeds=[0, 2000])
 
 
+def test_an_evaluations_key_does_not_depend_on_where_the_folder_is(tmp_path, monkeypatch) -> None:
+    """A row's cache key names its model relative to the experiment's folder: the same for a relative and an
+    absolute ``--out`` and for a folder moved elsewhere; a folder keyed by an older version (the model path as
+    ``--out`` was spelled, or absolute) is still accepted in place, and other settings are still refused."""
+    from perceptual_diffusion.errors import UserError
+    from perceptual_diffusion.evaluation import scoring
+    from perceptual_diffusion.experiments.compare import row_fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    row, sample, seeds = Row("mse-continued", "cfg", 1.2), {"steps": 25}, list(range(100, 150))
+
+    def keys(out: Path) -> list[str]:
+        return row_fingerprints(out, row, sample, seeds, out / "seed1" / "m", out / "seed1" / "g", "x")
+
+    here, there = keys(Path("runs/a")), keys(tmp_path / "runs" / "a")
+    assert here[0] == there[0] == keys(tmp_path / "moved")[0]
+    assert here[1] != there[1] and here[2] == there[1] == there[2]  # the old keys: the path as spelled / absolute
+    assert len(set(here)) == 3
+    other = row_fingerprints(Path("runs/a"), replace(row, cfg_scale=1.3), sample, seeds, Path("runs/a/m"), None, "x")
+
+    cache = tmp_path / "runs" / "a" / "eval" / "row"
+    cache.parent.mkdir(parents=True)
+    cache.with_suffix(".npz").write_bytes(b"")
+    for stored in here[1:]:  # written by an older version: reused, never re-evaluated
+        cache.with_suffix(".json").write_text(json.dumps({"fingerprint": stored, "metrics": {"fid": 2.0}}))
+        again = scoring.evaluate_cached(
+            cache, None, None, None, None, seeds, None, fingerprint=here[0], legacy_fingerprints=tuple(here[1:])
+        )
+        assert again["metrics"] == {"fid": 2.0}
+    with pytest.raises(UserError, match="made with other settings"):
+        scoring.evaluate_cached(
+            cache, None, None, None, None, seeds, None, fingerprint=other[0], legacy_fingerprints=tuple(other[1:])
+        )
+
+
 def test_pairs_have_roles_and_each_selected_guidance_method_gets_its_own_pair() -> None:
     rows = [Row(m) for m in ("stage1-mse", "mse-continued", "self-perceptual")]
     rows += [Row("mse-continued", "cfg", 1.2, 0.7), Row("mse-continued", "apg", 2.0)]

@@ -115,12 +115,14 @@ def evaluate_cached(
     use_labels: bool = True,
     reference_split: str = "train",
     fingerprint: str | None = None,
+    legacy_fingerprints: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """``evaluate_model`` once per cache path: metrics to ``cache.json``, per-sample arrays to ``cache.npz``.
 
     ``model`` and ``guide`` may be callables that load the network, so that a cached row never loads it.
     ``fingerprint`` (a hash of every setting that changes the numbers) is stored with the result; a cached result
-    with another fingerprint is refused instead of silently reused (one written before fingerprints is reused).
+    with another fingerprint is refused instead of silently reused (one written before fingerprints is reused, and
+    one whose fingerprint is among ``legacy_fingerprints``, the same settings keyed as an older version did).
     """
     from perceptual_diffusion.evaluation.evaluate import evaluate_model
 
@@ -128,7 +130,7 @@ def evaluate_cached(
     if is_cached(cache):
         cached = json.loads(json_path.read_text())
         stored = cached.get("fingerprint")
-        if fingerprint is not None and stored is not None and stored != fingerprint:
+        if fingerprint is not None and stored is not None and stored not in (fingerprint, *legacy_fingerprints):
             raise UserError(
                 f"the cached evaluation {json_path} was made with other settings (fingerprint {stored}, now "
                 f"{fingerprint}); the folder mixes two configurations: use a new --out, or delete {cache.parent}"

@@ -109,6 +109,29 @@ def _guide_of(ctx: Context, seed: int, row: Row) -> Path | None:
     return path
 
 
+def row_fingerprints(
+    out: Path, row: Row, sample: dict[str, Any], seeds: list[int], model: Path, guide: Path | None, extractor: str
+) -> list[str]:
+    """The cache key of one row's evaluation, then the keys folders made before it may hold. The model and guide are
+    named relative to the experiment's folder ``out``, so that a folder moved (``results/carry_state.py``) or named
+    another way (a relative or an absolute ``--out``) keeps its evaluations; the older keys named them as the
+    ``--out`` of the run that wrote them was spelled, or absolute, and match only where the folder has not moved."""
+
+    def key(name: Callable[[Path], str]) -> str:
+        return row.fingerprint(
+            sample=sample,
+            seeds=[seeds[0], len(seeds)],
+            model=name(model),
+            guide=str(None) if guide is None else name(guide),
+            extractor=extractor,
+        )
+
+    def inside(path: Path) -> str:
+        return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path.absolute())
+
+    return [key(inside), key(str), key(lambda path: str(path.absolute()))]
+
+
 def evaluate_row(ctx: Context, seed: int, row: Row, chosen: dict[str, float], seeds: list[int], name: str) -> dict:
     """One row of one training seed on ``seeds`` (cached as ``name``, keyed by everything that changes it)."""
     path = model_dir(ctx, seed, row.model, chosen)
@@ -117,13 +140,7 @@ def evaluate_row(ctx: Context, seed: int, row: Row, chosen: dict[str, float], se
     sample_fields = asdict(cfg)
     if cfg.guidance != "cfg-zero-star":  # changes nothing then (and folders from before the field keep their hash)
         del sample_fields["zero_init_steps"]
-    fingerprint = row.fingerprint(
-        sample=sample_fields,
-        seeds=[seeds[0], len(seeds)],
-        model=str(path),
-        guide=str(guide),
-        extractor=ctx.extractor.key,
-    )
+    fingerprint, *legacy = row_fingerprints(ctx.out, row, sample_fields, seeds, path, guide, ctx.extractor.key)
     return ctx.evaluate(
         name,
         seed,
@@ -133,6 +150,7 @@ def evaluate_row(ctx: Context, seed: int, row: Row, chosen: dict[str, float], se
         guide=_load(guide, ctx) if guide else None,
         use_labels=row.use_labels,
         fingerprint=fingerprint,
+        legacy_fingerprints=tuple(legacy),
     )
 
 

@@ -68,6 +68,7 @@ class Context:
         guide: Any = None,
         use_labels: bool = True,
         fingerprint: str | None = None,
+        legacy_fingerprints: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         return evaluate_cached(
             self.cache(name, seed),
@@ -81,6 +82,7 @@ class Context:
             use_labels=use_labels,
             reference_split=self.reference_split,
             fingerprint=fingerprint,
+            legacy_fingerprints=legacy_fingerprints,
         )
 
     def selection_point(self, name: str, seed: int, weights: Path) -> tuple[float, float, dict[str, Any]]:
