@@ -108,15 +108,16 @@ class PixelModel(DiffusionModel, Protocol):
         ...
 
 
-class DiffusionUNet(nn.Module):
-    """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss (a ``PixelModel``)."""
+class PixelDenoiser(nn.Module):
+    """What every pixel architecture shares (``DiffusionUNet``, ``models.dit.DiffusionDiT``): its config, its
+    schedule, its classes and the null label K = ``num_classes`` (row K of a class embedding of K + 1 rows, the 'no
+    condition' of condition dropout and CFG's unconditional branch), and the shape of the images it makes."""
 
     def __init__(self, model_config: ModelConfig, schedule_config: ScheduleConfig) -> None:
         super().__init__()
         self.model_config = model_config
         self.schedule_config = schedule_config
         self.schedule = build_schedule(schedule_config)
-        self.unet = build_unet(model_config)
 
     @property
     def num_classes(self) -> int:
@@ -124,8 +125,24 @@ class DiffusionUNet(nn.Module):
 
     @property
     def null_label(self) -> int:
-        """The label that means 'no condition' (used by condition dropout and CFG's unconditional branch)."""
         return self.model_config.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        mc = self.model_config
+        return (mc.channels, mc.image_size, mc.image_size)
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """The 'no condition' input matching a batch of conditions (CFG's unconditional branch)."""
+        return torch.full_like(cond, self.null_label)
+
+
+class DiffusionUNet(PixelDenoiser):
+    """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss (a ``PixelModel``)."""
+
+    def __init__(self, model_config: ModelConfig, schedule_config: ScheduleConfig) -> None:
+        super().__init__(model_config, schedule_config)
+        self.unet = build_unet(model_config)
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -137,21 +154,12 @@ class DiffusionUNet(nn.Module):
         return "mid"  # arXiv 2401.00110, Sec. 3: the mid-block output
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        mc = self.model_config
-        return (mc.channels, mc.image_size, mc.image_size)
-
-    @property
     def strides(self) -> tuple[int, ...]:
         """The down-sampling strides 2, 4, ..., 2^(L-1) pixels of a U-Net with L resolution levels."""
         return tuple(2**k for k in range(1, min_image_multiple(self.model_config.preset).bit_length()))
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
-
-    def null_condition(self, cond: Tensor) -> Tensor:
-        """The 'no condition' input matching a batch of conditions (CFG's unconditional branch)."""
-        return torch.full_like(cond, self.null_label)
 
     def _labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
         if self.num_classes == 0:

@@ -29,8 +29,7 @@ from diffusers import DiTTransformer2DModel
 from torch import Tensor, nn
 
 from perceptual_diffusion.config import DIT_PRESETS, ModelConfig, ScheduleConfig, default_feature_block
-from perceptual_diffusion.core.networks import block_taps
-from perceptual_diffusion.core.schedule import build_schedule
+from perceptual_diffusion.core.networks import PixelDenoiser, block_taps
 
 
 def build_transformer(model: ModelConfig) -> DiTTransformer2DModel:
@@ -75,7 +74,7 @@ def disable_label_dropout(transformer: DiTTransformer2DModel) -> None:
         embedder.dropout_prob = 0.0
 
 
-class DiffusionDiT(nn.Module):
+class DiffusionDiT(PixelDenoiser):
     """``model(x_t, t, cond) -> prediction``, plus ``features`` for the perceptual loss (a ``networks.PixelModel``).
 
     ``t`` is the schedule's time as the network sees it: DDPM's integer step, or flow's continuous t = 1000 s; both go
@@ -83,20 +82,8 @@ class DiffusionDiT(nn.Module):
     """
 
     def __init__(self, model_config: ModelConfig, schedule_config: ScheduleConfig) -> None:
-        super().__init__()
-        self.model_config = model_config
-        self.schedule_config = schedule_config
-        self.schedule = build_schedule(schedule_config)
-        self.transformer = build_transformer(model_config)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model_config.num_classes
-
-    @property
-    def null_label(self) -> int:
-        """The label that means 'no condition': diffusers' null class, row K of the label embedding."""
-        return self.model_config.num_classes
+        super().__init__(model_config, schedule_config)
+        self.transformer = build_transformer(model_config)  # null label K: diffusers' null class (module doc)
 
     @property
     def num_blocks(self) -> int:
@@ -111,20 +98,12 @@ class DiffusionDiT(nn.Module):
         return f"block{default_feature_block(self.model_config.preset)}"
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        mc = self.model_config
-        return (mc.channels, mc.image_size, mc.image_size)
-
-    @property
     def strides(self) -> tuple[int, ...]:
         """The patch size: a transformer on patches can print a grid of that period (spectrum.py)."""
         return (DIT_PRESETS[self.model_config.preset].patch_size,)
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
-
-    def null_condition(self, cond: Tensor) -> Tensor:
-        return torch.full_like(cond, self.null_label)
 
     def _inputs(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         """(timesteps, labels), one per image: diffusers' DiT takes a 1-D time and always a label (the null one for
