@@ -32,6 +32,17 @@ def read_config(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path} ({exc}); the pretrained folder is damaged") from None
 
 
+def require_parts(folder: Path, parts: Sequence[str], layout: str) -> Path:
+    """``folder`` if it has every part folder, else one error line naming the missing ones and the ``layout``
+    expected (a ``LatentArchitecture.check_folder``)."""
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise UserError(
+            f"--pretrained {folder} has no {', '.join(f'{m}/' for m in missing)}; give a diffusers folder in {layout}"
+        )
+    return folder
+
+
 def folder_kind(folder: str | Path) -> str:
     """The latent architecture of a diffusers folder: "sd3" for a ``StableDiffusion3Pipeline`` folder (its
     model_index.json, or a ``transformer/`` of class SD3Transformer2DModel), else "sd" (whose checks then say what a

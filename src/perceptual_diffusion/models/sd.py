@@ -31,6 +31,7 @@ from perceptual_diffusion.models.pretrained import (
     network_weights,
     quiet_libraries,
     read_config,
+    require_parts,
     vae_downsample,
 )
 
@@ -149,14 +150,12 @@ class StableDiffusion:
     pipeline = "StableDiffusionPipeline"
 
     def check_folder(self, folder: Path) -> Path:
-        missing = [p for p in PARTS if not (folder / p).is_dir()]
-        if missing:
-            raise UserError(
-                f"--pretrained {folder} has no {', '.join(f'{m}/' for m in missing)}; give a diffusers folder in "
-                "StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/) or StableDiffusion3Pipeline "
-                "layout (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)"
-            )
-        return folder
+        return require_parts(
+            folder,
+            PARTS,
+            "StableDiffusionPipeline layout (unet/, vae/, text_encoder/, tokenizer/) or StableDiffusion3Pipeline "
+            "layout (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)",
+        )
 
     def check(self, config: LatentRunConfig) -> None:
         mc, lc = config.model, config.loss

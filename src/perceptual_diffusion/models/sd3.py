@@ -40,6 +40,7 @@ from perceptual_diffusion.models.pretrained import (
     network_weights,
     quiet_libraries,
     read_config,
+    require_parts,
     vae_downsample,
 )
 
@@ -237,14 +238,12 @@ class SD3:
     pipeline = "StableDiffusion3Pipeline"
 
     def check_folder(self, folder: Path) -> Path:
-        missing = [p for p in CLIP_PARTS if not (folder / p).is_dir()]
-        if missing:
-            raise UserError(
-                f"--pretrained {folder} has no {', '.join(f'{m}/' for m in missing)}; give a diffusers folder in "
-                "StableDiffusion3Pipeline layout (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                "tokenizer_2/, scheduler/; text_encoder_3/ and tokenizer_3/ optional)"
-            )
-        return folder
+        return require_parts(
+            folder,
+            CLIP_PARTS,
+            "StableDiffusion3Pipeline layout (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
+            "tokenizer_2/, scheduler/; text_encoder_3/ and tokenizer_3/ optional)",
+        )
 
     def scheduler_config(self, folder: Path) -> dict[str, Any]:
         return read_config(folder / "scheduler" / "scheduler_config.json")
