@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_cost.py beside this file: its teacher pieces
-from step_cost import teacher_pieces, vm_hwm_kib  # noqa: E402
+from step_cost import saving, teacher_pieces, vm_hwm_kib  # noqa: E402
 
 from perceptual_diffusion.config import LoraConfig, LossConfig, ModelConfig, ScheduleConfig  # noqa: E402
 from perceptual_diffusion.core.losses import MSELoss, SelfPerceptualLoss  # noqa: E402
@@ -213,18 +213,7 @@ class Bench:
     def step(self, method: str, step: int, saved: dict[int, int] | None = None) -> float:
         """One full training step; with ``saved``, record the storages autograd keeps for backward. Returns the loss."""
         x0, cond, gen = self.batch(step)
-        if saved is None:
-            loss = self.losses[method](x0, cond, gen).mean()
-        else:
-
-            def pack(tensor: Tensor) -> Tensor:
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self.param_storages:
-                    saved[storage.data_ptr()] = storage.nbytes()
-                return tensor
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                loss = self.losses[method](x0, cond, gen).mean()
+        loss = saving(lambda: self.losses[method](x0, cond, gen).mean(), self.param_storages, saved)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if method != "teacher":  # the teacher's pieces reach the input alone: no adapter gradient to apply

@@ -193,22 +193,27 @@ class Bench:
     def step(self, method: str, step: int, saved: dict[int, int] | None = None) -> None:
         """One full training step; with ``saved``, record the storages autograd keeps for backward."""
         x0, cond, gen = self.batch(step)
-        if saved is None:
-            loss = self.losses[method](x0, cond, gen).mean()
-        else:
-
-            def pack(tensor: Tensor) -> Tensor:
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self.param_storages:
-                    saved[storage.data_ptr()] = storage.nbytes()
-                return tensor
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                loss = self.losses[method](x0, cond, gen).mean()
+        loss = saving(lambda: self.losses[method](x0, cond, gen).mean(), self.param_storages, saved)
         self.optimizer.zero_grad(set_to_none=True)
         self.naive_teacher.zero_grad(set_to_none=True)  # its gradients are computed, and thrown away
         loss.backward()
         self.optimizer.step()
+
+
+def saving(compute: Callable[[], Tensor], params: set[int], saved: dict[int, int] | None) -> Tensor:
+    """``compute()``; with ``saved``, record (storage -> bytes) what autograd keeps for backward, parameters
+    (storages in ``params``) left out: the activation memory of a step."""
+    if saved is None:
+        return compute()
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        return compute()
 
 
 def tap_ratios(median: dict[str, float], taps: tuple[str, ...]) -> list[tuple[str, float, float]]:
