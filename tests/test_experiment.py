@@ -234,7 +234,7 @@ def test_a_comparison_folder_refuses_other_settings_naming_each_and_never_mixes(
 
 
 @pytest.mark.slow
-def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tmp_path, monkeypatch) -> None:
+def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tmp_path, monkeypatch, capsys) -> None:
     from perceptual_diffusion.evaluation import features
 
     # The standard-features rows without the fid-helper wheel (CI has none): a second extractor under that name.
@@ -267,6 +267,11 @@ def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tm
     assert [r["key"] for r in guided] == [s["best"]["key"] for s in selection.values()]
     evals = {p.name for p in (tmp_path / "g" / "eval" / "seed0").iterdir()}
     assert any(name.startswith("select-mse-continued__apg") for name in evals)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "guidance grid point" in line]
+    assert len(printed) == len([n for n in evals if n.startswith("select-") and n.endswith(".json")]) > 8
+    assert "seed 0: guidance grid point mse-continued, CFG w=1.5 φ=0: structure_precision " in printed[0], (
+        "one line per point"
+    )
     roles = [(p["role"], p["method"]) for p in results["pairs"]]
     assert roles[0] == ("headline", None) and ("vs-guidance", "autoguidance") in roles
     report = (tmp_path / "g" / "report.md").read_text()

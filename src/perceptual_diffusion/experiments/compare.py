@@ -180,10 +180,15 @@ def _select(
     n = ctx.budget.selection_samples or ctx.budget.curve_samples
     seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + n))
 
-    def evaluate(row: Row, seed: int) -> float:
-        return ctx.criterion.value(evaluate_row(ctx, seed, row, chosen, seeds, f"select-{row.slug}"))
-
     done = lambda row, seed: is_cached(ctx.cache(f"select-{row.slug}", seed))  # noqa: E731
+
+    def evaluate(row: Row, seed: int) -> float:
+        fresh = not done(row, seed)
+        value = ctx.criterion.value(evaluate_row(ctx, seed, row, chosen, seeds, f"select-{row.slug}"))
+        if fresh:  # a grid takes tens of minutes: one line per point evaluated, none for a cached one
+            log(f"seed {seed}: guidance grid point {row.label}: {ctx.criterion.key} {value:.4g} ({n} held-out samples)")
+        return value
+
     return select_guidance(ctx, my_seeds, all_seeds, evaluate, done, model)
 
 
