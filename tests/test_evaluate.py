@@ -191,6 +191,52 @@ def test_reference_statistics_of_the_data_against_itself() -> None:
     torch.testing.assert_close(ref.class_probs, torch.full((4,), 0.25, dtype=torch.float64))
 
 
+def _hold_and_compute(path: str, ready, data: DataConfig, n: int) -> None:
+    """In another process: hold the cache entry's lock, signal, then make the entry (as a parallel seed would)."""
+    import time
+
+    from perceptual_diffusion.runtime.cache import exclusive
+
+    with exclusive(Path(path)):
+        ready.set()
+        time.sleep(0.5)  # the other process is, by now, waiting on the lock
+        ds, _ = reference.dataset_and_hash(data, "train")
+        reference._compute(ds, domain_extractor("shapes", 16), n, reference.MAX_FEATURES, 256, False, Path(path))
+
+
+def test_parallel_processes_compute_a_reference_once(_cache: Path) -> None:
+    """While another process makes the reference statistics, this one waits on the entry's lock and then reads
+    them: it never runs its extractor (the v2 run's three seeds would each have computed the Inception reference)."""
+    import multiprocessing
+
+    data, n = DataConfig(source="shapes", image_size=16), 64
+    extractor = domain_extractor("shapes", 16)
+    first = reference.reference_stats(data, extractor, reference_n=n)  # where the entry lives
+    path = Path(first.path)
+    path.unlink()
+    reference._REFERENCES.clear()
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_hold_and_compute, args=(str(path), ready, data, n))
+    child.start()
+    assert ready.wait(60)
+    waited = reference.reference_stats(data, _Never(extractor), reference_n=n)
+    child.join(60)
+    assert child.exitcode == 0 and waited.path == str(path)
+    torch.testing.assert_close(waited.mu, first.mu)
+
+
+class _Never:
+    """An extractor with another's identity (so the same cache entry) that fails if it is ever run."""
+
+    def __init__(self, extractor) -> None:
+        self.key, self.name, self.feature_dim = extractor.key, extractor.name, extractor.feature_dim
+        self.num_logits = extractor.num_logits
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        raise AssertionError("computed again instead of waiting for the other process")
+
+
 def test_evaluate_rejects_bad_requests() -> None:
     model, data = _tiny16(), DataConfig(source="shapes", image_size=16)
     extractor = domain_extractor("shapes", 16)

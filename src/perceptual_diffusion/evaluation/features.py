@@ -19,8 +19,7 @@ import hashlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from perceptual_diffusion.config import DataConfig
 from perceptual_diffusion.errors import UserError
+from perceptual_diffusion.runtime.cache import exclusive
 from perceptual_diffusion.runtime.checkpoint import sha256_file
 
 INCEPTION_URL = (
@@ -383,29 +383,12 @@ def trained_domain_extractor(data: DataConfig, out: str | Path, device: torch.de
     # The file name hashes the data's pixels and labels (and the recipe), so changed data trains a new classifier,
     # whose new weights change the extractor's key and with it every cached reference statistic.
     path = Path(out) / f"classifier-{_key('classifier', FOLDER_CLASSIFIER_VERSION, data_hash)}.safetensors"
-    with _exclusive(path):
+    with exclusive(path):
         # Another process (a second rank, a parallel run on the same --out) may have trained it while this one
         # waited; training twice would waste minutes and could leave ranks with different weights.
         if not path.is_file():
             train_classifier(data, path, dataset=ds, device=device)
     return _domain_from_file(data.source, data.image_size, path, device, data, data_hash)
-
-
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a sibling lock file (POSIX); elsewhere, no lock (atomic writes still hold)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; the atomic write keeps the file whole, at worst trained twice
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def make_extractor(

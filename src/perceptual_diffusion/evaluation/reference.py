@@ -26,7 +26,7 @@ from perceptual_diffusion.evaluation.features import Extractor
 from perceptual_diffusion.evaluation.metrics import FeatureStats, InceptionScoreStats
 from perceptual_diffusion.evaluation.realism import NearestTrainDistance, nearest_rms
 from perceptual_diffusion.evaluation.spectrum import power_spectrum
-from perceptual_diffusion.runtime.cache import CACHE_ENV, cache_dir
+from perceptual_diffusion.runtime.cache import CACHE_ENV, cache_dir, exclusive
 from perceptual_diffusion.runtime.checkpoint import atomic_write
 
 MAX_FEATURES = 10_000  # reference (and sample) feature rows kept for KID and precision/recall
@@ -57,7 +57,7 @@ def _write_cache(path: Path, saved: dict[str, Any]) -> bool:
         warnings.warn(
             f"cannot cache the reference statistics in {path.parent} ({reason}); evaluating without the cache (set "
             f"${CACHE_ENV} to a writable folder to keep them)",
-            stacklevel=3,
+            stacklevel=4,
         )
         return False
     return True
@@ -126,15 +126,26 @@ def reference_stats(
     path = cache_dir() / f"ref-{name}-{extractor.name}-{key[:16]}.pt"
     if key in _REFERENCES:
         return _REFERENCES[key]
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            ref = Reference(**{**saved, "path": str(path)})
-        except Exception:  # a corrupt or old cache file is recomputed, never trusted
-            ref = None
-        if ref is not None:
-            _REFERENCES[key] = ref
-            return ref
+    with exclusive(path):  # parallel processes (seeds side by side, DDP ranks) compute it once; the others read it
+        ref = _read_cache(path) or _compute(ds, extractor, n, max_features, batch_size, progress, path)
+    _REFERENCES[key] = ref
+    return ref
+
+
+def _read_cache(path: Path) -> Reference | None:
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return Reference(**{**saved, "path": str(path)})
+    except Exception:  # a corrupt or old cache file is recomputed, never trusted
+        return None
+
+
+def _compute(
+    ds: Any, extractor: Extractor, n: int, max_features: int, batch_size: int, progress: bool, path: Path
+) -> Reference:
+    """The statistics of ``n`` images of ``ds``, written to the cache at ``path`` where it can take them."""
     # A seeded permutation: with reference_n < len(ds) the subset is random, and its first max_features rows too.
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
     stats = FeatureStats(extractor.feature_dim)
@@ -158,7 +169,6 @@ def reference_stats(
     saved = {k: v for k, v in asdict(ref).items() if k != "path"}
     if not _write_cache(path, saved):
         ref.path = "not cached"
-    _REFERENCES[key] = ref
     return ref
 
 
