@@ -27,7 +27,9 @@ run_seed() {  # until the seed's own work is done: "this process's seeds are don
   return 1
 }
 for s in 0 1 2; do run_seed "$s" & done
-for s in 0 1 2; do wait -n || { echo "error: a seed's compare failed: see $LOGS/seed*.log" >&2; exit 1; }; done
+for s in 0 1 2; do
+  wait -n || { echo "error: a seed's compare failed, or its work was not done after 40 calls: see $LOGS/seed*.log" >&2; exit 1; }
+done
 OMP_NUM_THREADS=2 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist 2>&1 | tee "$LOGS/gather.log"
 mkdir -p results/fmnist-fair-v2
 cp "$OUT"/{report.md,results.json,budget.json,*.png} results/fmnist-fair-v2/
