@@ -110,6 +110,29 @@ def test_resampled_values_equal_the_statistic_of_each_copied_resample() -> None:
     assert resampled_values(mean_x, {"x": x}, idx) == pytest.approx(x[idx].mean(1))
 
 
+def test_fid_with_fewer_samples_than_features_takes_the_gram_path_and_gives_the_same_values() -> None:
+    """1,000 samples in Inception's 2,048 features: the trace comes from the resample's N x N Gram matrix, which
+    must equal the D x D covariance path and the statistic of the copied rows, repeated rows and all."""
+    ref, fake = _features(400, 48, seed=0), _features(30, 48, seed=1, shift=0.2)
+    mu, cov = mean_cov(torch.from_numpy(ref))
+    stat = fid_against(mu, cov)
+    idx = np.random.default_rng(5).integers(0, 30, size=(6, 30))
+    counts = np.vstack([np.ones(30), np.stack([np.bincount(row, minlength=30) for row in idx])]).astype(float)
+    fast = stat.prepare({"features": fake})(counts)  # 30 rows < 48 features: the Gram path
+    g = (torch.from_numpy(fake).double() - torch.from_numpy(fake).double().mean(0)) @ stat.sqrt_ref
+    w = torch.from_numpy(counts)
+    m, mean_c = (
+        w.sum(1),
+        (w @ (torch.from_numpy(fake).double() - torch.from_numpy(fake).double().mean(0))) / w.sum(1)[:, None],
+    )
+    primal = stat._primal(g)(w, m, mean_c)
+    # rel 1e-7, not 1e-9: the D x D path takes the square root of its D - N round-off eigenvalues (~1e-8 each)
+    assert stat._dual(g)(w, m, mean_c).numpy() == pytest.approx(primal.numpy(), rel=1e-7)
+    copied = [fid(torch.from_numpy(fake[row]).double(), torch.from_numpy(ref).double()) for row in idx]
+    assert fast[1:] == pytest.approx(copied, rel=1e-6)
+    assert fast[0] == pytest.approx(fid(torch.from_numpy(fake).double(), torch.from_numpy(ref).double()), rel=1e-6)
+
+
 def test_the_fid_criterion_standard_error_is_the_std_of_100_bootstrap_fids() -> None:
     from types import SimpleNamespace
 

@@ -10,7 +10,9 @@ data): training seeds are resampled, and within each drawn seed the sample indic
 Statistics are callables on a mapping of per-sample arrays. The factories here also know how to evaluate themselves
 on a resample given only the count of each row (``prepare``), which is what makes 1,000 replicates of FID on 2,000
 rows take seconds: the covariance comes from weighted sums and the matrix square root from one symmetric eigenvalue
-problem. Any other callable works too, evaluated on the resampled rows. Pure numpy and torch; nothing is downloaded.
+problem (with fewer rows than features, as 1,000 samples in Inception's 2,048, that of the resample's Gram matrix:
+23 ms instead of seconds). Any other callable works too, evaluated on the resampled rows. Pure numpy and torch;
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -120,15 +122,30 @@ class _FIDAgainst(ResampledStatistic):
         fc = f - centre  # centred once: the weighted moments then lose no digits to cancellation
         g = fc @ self.sqrt_ref  # rows in the reference's square-root basis: A S A is their weighted covariance
         norms = (fc**2).sum(1)  # Tr S needs only the rows' squared norms
-        rows, cols = torch.tril_indices(d, d)
-        # The lower triangle of every row's outer product: each resample's second moment is then one matrix
-        # product with the counts, half the work of a full D x D product per resample. Skipped when too large.
-        products = g[:, rows] * g[:, cols] if n * len(rows) * 8 <= PRODUCTS_BYTES else None
+        # Fewer rows than features (1,000 samples in Inception's 2,048): the resample's covariance has rank below
+        # its row count, and the nonzero eigenvalues of A S A = G' W G' / (m - 1) are those of the small matrix
+        # W^1/2 G' G'^T W^1/2 / (m - 1) over the rows it holds. The same trace, exactly, at (N/D)^3 of the cost.
+        trace_sqrt = self._dual(g) if n < d else self._primal(g)
 
         def values(counts: np.ndarray) -> np.ndarray:
             w = torch.from_numpy(counts).to(torch.float64)
             m = w.sum(1)
             mean_c = (w @ fc) / m[:, None]
+            tr_cov = (w @ norms - m * (mean_c**2).sum(1)) / (m - 1)
+            d2 = ((mean_c + centre - self.mu) ** 2).sum(1) + tr_cov + self.trace - 2 * trace_sqrt(w, m, mean_c)
+            return d2.clamp(min=0).numpy()  # round-off of a distance that is really 0
+
+        return _batched(values)
+
+    def _primal(self, g: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """Tr (A S A)^(1/2) of each resample from its D x D weighted covariance."""
+        n, d = g.shape
+        rows, cols = torch.tril_indices(d, d)
+        # The lower triangle of every row's outer product: each resample's second moment is then one matrix
+        # product with the counts, half the work of a full D x D product per resample. Skipped when too large.
+        products = g[:, rows] * g[:, cols] if n * len(rows) * 8 <= PRODUCTS_BYTES else None
+
+        def trace_sqrt(w: Tensor, m: Tensor, mean_c: Tensor) -> Tensor:
             mean_g = mean_c @ self.sqrt_ref
             if products is not None:
                 second = torch.zeros(len(w), d, d, dtype=torch.float64)
@@ -136,12 +153,30 @@ class _FIDAgainst(ResampledStatistic):
             else:
                 second = (g.T[None] * w[:, None, :]) @ g
             inner = (second - m[:, None, None] * mean_g[:, :, None] * mean_g[:, None, :]) / (m - 1)[:, None, None]
-            tr_sqrt = torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum(1)
-            tr_cov = (w @ norms - m * (mean_c**2).sum(1)) / (m - 1)
-            d2 = ((mean_c + centre - self.mu) ** 2).sum(1) + tr_cov + self.trace - 2 * tr_sqrt
-            return d2.clamp(min=0).numpy()  # round-off of a distance that is really 0
+            return torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum(1)
 
-        return _batched(values)
+        return trace_sqrt
+
+    @staticmethod
+    def _dual(g: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """Tr (A S A)^(1/2) of each resample from the Gram matrix of the rows it holds (weights w, total m): with
+        k = K w / m and c = w.k / m, the weighted-centred Gram matrix is K - k 1' - 1 k' + c."""
+        gram = g @ g.T
+
+        def trace_sqrt(w: Tensor, m: Tensor, mean_c: Tensor) -> Tensor:
+            out = torch.empty(len(w), dtype=torch.float64)
+            for r in range(len(w)):
+                keep = torch.nonzero(w[r]).squeeze(1)
+                wr = w[r, keep]
+                k = gram[keep][:, keep]
+                kw = k @ wr / m[r]
+                centred = k - kw[:, None] - kw[None, :] + (wr @ kw) / m[r]
+                root = wr.sqrt()
+                inner = root[:, None] * centred * root[None, :] / (m[r] - 1)
+                out[r] = torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum()
+            return out
+
+        return trace_sqrt
 
 
 def fid_against(ref_mu: Tensor | np.ndarray, ref_cov: Tensor | np.ndarray) -> ResampledStatistic:
