@@ -287,3 +287,6 @@ def test_compare_chooses_each_guidance_methods_best_setting_on_held_out_seeds(tm
     assert (tmp_path / "g" / "eval-inception" / "seed0" / "self-perceptual__none-rep0.json").is_file()
     assert inc["pairs"][0]["role"] == "headline" and "fid" in inc["pairs"][0]["metrics"]
     assert "## The same rows in standard Inception features" in report
+    best = selection["cfg"]["best"]
+    tag = f"cfg{best['cfg_scale']:g}-phi{best['guidance_rescale']:g}"
+    assert f"grids/mse-continued-{tag}.png" in results["grids"], "the grids show CFG at its chosen setting"

@@ -309,7 +309,8 @@ def _gather(
     all_seeds = list(range(budget.training_seeds))
     all_chosen = {**chosen, **(lora_chosen or {})}
     log("writing sample grids")
-    grids = write_grids(ctx, chosen, ctx.dev)
+    cfg_best = selections.get("cfg").best if selections.get("cfg") else None
+    grids = write_grids(ctx, chosen, ctx.dev, cfg_best)
     models = [r.model for r in rows if r.guidance == "none"]
     results: dict[str, Any] = {
         "format": 2,
@@ -396,8 +397,11 @@ def standard_features(ctx: Context, rows: list[Row], pairs: list, chosen: dict, 
     }
 
 
-def write_grids(ctx: Context, chosen: dict[str, float], device: torch.device, n_per_class: int = 4) -> list[Path]:
-    """Side-by-side grids of training seed 0 under the same sampling seeds: one row per class."""
+def write_grids(
+    ctx: Context, chosen: dict[str, float], device: torch.device, cfg_row: Row | None = None, n_per_class: int = 4
+) -> list[Path]:
+    """Side-by-side grids of training seed 0 under the same sampling seeds: one row per class, without guidance
+    and with CFG at ``cfg_row``'s setting (the CFG grid's best; without a grid, the middle fixed scale)."""
     paths = []
     models = {
         m: load_model(model_dir(ctx, 0, m, chosen), device)[0]
@@ -406,12 +410,14 @@ def write_grids(ctx: Context, chosen: dict[str, float], device: torch.device, n_
     k = max(models["stage1-mse"].num_classes, 1)
     seeds = list(range(10_000, 10_000 + k * n_per_class))
     labels = torch.arange(k).repeat_interleave(n_per_class) if models["stage1-mse"].num_classes else None
-    mid_scale = ctx.budget.cfg_scales[len(ctx.budget.cfg_scales) // 2]
-    phi = max(ctx.budget.guidance_rescales)
+    if cfg_row is not None:
+        cfg_scale, phi = cfg_row.cfg_scale, cfg_row.guidance_rescale
+    else:
+        cfg_scale, phi = ctx.budget.cfg_scales[len(ctx.budget.cfg_scales) // 2], max(ctx.budget.guidance_rescales)
     for name, model in models.items():
         settings: list[tuple[str, float, Any]] = [("no-guidance", 1.0, labels)]
         if labels is not None:
-            settings.append((f"cfg{mid_scale:g}-phi{phi:g}", mid_scale, labels))
+            settings.append((f"cfg{cfg_scale:g}-phi{phi:g}", cfg_scale, labels))
         for tag, scale, lab in settings:
             cfg = default_sampler(
                 ctx.budget.schedule,
