@@ -99,6 +99,16 @@ def test_pairs_have_roles_and_each_selected_guidance_method_gets_its_own_pair() 
     assert [p.b.cfg_scale for p in v1 if p.role == "vs-guidance"] == [1.5] and not v1[3].selected
 
 
+def test_the_external_perceptual_control_is_paired_with_mse_continued_and_with_self_perceptual() -> None:
+    rows = [Row(m) for m in ("stage1-mse", "mse-continued", "self-perceptual", "external-perceptual")]
+    pairs = plan_pairs(rows, ("external-perceptual",), selected=True)
+    by_role = {p.role: p for p in pairs if p.role in ("variant", "premise")}
+    assert (by_role["variant"].a, by_role["variant"].b) == (Row("external-perceptual"), Row("mse-continued"))
+    assert (by_role["premise"].a, by_role["premise"].b) == (Row("external-perceptual"), Row("self-perceptual"))
+    assert "premise" in by_role["premise"].title
+    assert not [p for p in plan_pairs(rows, ("sp-channel-norm",), selected=True) if p.role == "premise"]
+
+
 def test_a_grid_is_extended_past_the_end_where_its_best_scale_sits() -> None:
     assert extension([1.1, 1.5, 3.0], 3.0) == 4.5
     assert extension([1.1, 1.5, 3.0], 1.1) == 1.05

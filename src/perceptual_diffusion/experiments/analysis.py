@@ -89,6 +89,7 @@ def plan_pairs(
     pairs += guidance_pairs(rows, sp, mse.model, "vs-guidance", selected)
     pairs.append(Pair("unconditional", Row("uncond/self-perceptual"), Row("uncond/mse-continued")))
     pairs += [Pair("variant", Row(v), mse) for v in variants]
+    pairs += [Pair("premise", Row(v), sp) for v in variants if v == "external-perceptual"]
     if arm is not None:
         lora_sp, lora_mse = Row(arm.sp), Row(arm.mse)
         pairs += [Pair("lora-headline", lora_sp, lora_mse), Pair("lora-vs-full", lora_sp, sp)]

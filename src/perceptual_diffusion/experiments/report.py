@@ -126,8 +126,59 @@ def verdict(results: dict[str, Any]) -> list[str]:
         _teacher_sentence(results, teachers),
         *_residual_sentence(results, crit, teachers),
         *_baseline_sentences(results, crit),
+        *_premise_sentences(results, crit),
         *_inception_sentences(results),
+        *_lr_sentences(results),
         *_extractor_sentence(results),
+    ]
+
+
+def _premise_sentences(results: dict[str, Any], crit: str) -> list[str]:
+    """The external-perceptual control: the same fine-tuning with a loss network trained for perception (a frozen
+    classifier that is not the metric's), against MSE continued and against self-perceptual, where the budget ran it."""
+    label, higher = LABELS.get(crit, (crit, True))
+    premise = next(((p, m) for p, m in pairs_of(results) if p.role == "premise" and crit in m), None)
+    if premise is None:
+        return []
+    pair, metrics = premise
+    variant = (pair_by_role_and_a(results, "variant", pair.a.model) or {}).get(crit)
+    c = metrics[crit]
+    rel = "better" if (c["estimate"] > 0) == higher else "worse"
+    sig = "" if significant(c) else ", not significant"
+    text = f"The control for the paper's premise, {pair.a.model} (the same fine-tuning, its loss measured by a "
+    text += "separately trained frozen classifier that is not the metric's), "
+    if variant is not None:
+        vrel = "better" if (variant["estimate"] > 0) == higher else "worse"
+        vsig = "" if significant(variant) else ", not significant"
+        text += f"is {vrel} than MSE continued on {label} ({fmt_diff(variant)}{vsig}) and "
+    text += f"{rel} than self-perceptual ({fmt_diff(c)}{sig})"
+    inc = results.get("inception") or {}
+    inc_c = next((p["metrics"].get("fid") for p in inc.get("pairs", []) if p["role"] == "premise"), None)
+    if inc_c:
+        inc_rel = "better" if inc_c["estimate"] < 0 else "worse"
+        inc_sig = "" if significant(inc_c) else ", not significant"
+        text += f"; in Inception features it is {inc_rel} than self-perceptual on FID ({fmt_diff(inc_c)}{inc_sig})"
+    return [text + "."]
+
+
+def pair_by_role_and_a(results: dict[str, Any], role: str, model: str) -> dict[str, dict[str, Any]] | None:
+    """The paired differences of the pair with ``role`` whose row A is ``model`` without guidance."""
+    return next((m for p, m in pairs_of(results) if p.role == role and p.a == Row(model)), None)
+
+
+def _lr_sentences(results: dict[str, Any]) -> list[str]:
+    """Where each branch's chosen learning rate sits in its sweep: at an end, a rate beyond it was not tried."""
+    ends = []
+    for branch, by_lr in results.get("sweep", {}).items():
+        grid = sorted(float(lr) for lr in by_lr)
+        chosen = results["chosen_lrs"].get(branch)
+        if len(grid) > 1 and chosen in (grid[0], grid[-1]):
+            ends.append(f"{branch} {chosen:g} ({'the highest' if chosen == grid[-1] else 'the lowest'} of {len(grid)})")
+    if not ends:
+        return []
+    return [
+        f"Learning rates at an end of their sweep: {', '.join(ends)}; a rate beyond the end was not tried, so that "
+        "branch may not be at its best setting."
     ]
 
 
@@ -338,15 +389,40 @@ def _limits(results: dict[str, Any]) -> list[str]:
         "## What this does not show",
         "",
         "The paper fine-tunes a converged 865 M-parameter latent text-to-image model on LAION for many thousands of "
-        f"steps; this is a `{budget['preset']}` pixel-space U-Net on {results['data']['source']} at "
-        f"{results['data']['image_size']} px, whose mid-block features are a small perceptual space. A result here "
+        f"steps; this is a `{budget['preset']}` pixel-space {_arch_name(budget)} on {results['data']['source']} at "
+        f"{results['data']['image_size']} px, whose tapped features are a small perceptual space. A result here "
         "says what the objective does at this scale, on this data, with these metrics; not what it does for large "
-        "latent models. Nothing here was measured with the standard Inception network unless the extractor line "
-        "above says so.",
+        f"latent models. {_standard_limit(results)}",
         "",
         f"Wall time of the call that wrote this report: {results['seconds'] / 60:.1f} minutes (finished stages and "
         "cached evaluations are not redone; see results/README.md for the times of the full runs).",
     ]
+
+
+def _arch_name(budget: dict[str, Any]) -> str:
+    return {"unet": "U-Net", "dit": "DiT"}.get(budget.get("arch", "unet"), str(budget.get("arch")))
+
+
+def _plateau_rule(s1: dict[str, Any]) -> str:
+    if s1.get("rule") == "paired":
+        return (
+            "the 95% paired-bootstrap interval of one chunk's gain (both snapshots sampled from the same seeds) "
+            "does not lie beyond 0"
+        )
+    return f"the gain of one chunk is within {s1['noise_multiple']:g} combined standard errors"
+
+
+def _standard_limit(results: dict[str, Any]) -> str:
+    inc = results.get("inception")
+    if not inc:
+        return "Nothing here was measured with the standard Inception network unless the extractor line says so."
+    guided = [Row.from_dict(r).label for r in inc["rows"] if r["guidance"] != "none"]
+    return (
+        f"The Inception rows are {inc['n_samples']} samples each (FID at that N is biased upwards and compares only "
+        "at equal N), and among the guided rows only "
+        + (", ".join(guided) if guided else "none")
+        + " was measured in them."
+    )
 
 
 def _protocol_section(results: dict[str, Any]) -> list[str]:
@@ -355,10 +431,10 @@ def _protocol_section(results: dict[str, Any]) -> list[str]:
     lines = [
         "## Protocol",
         "",
-        f"- **Stage 1** (`{budget['preset']}` U-Net, batch {budget['batch_size']}): MSE with condition dropout 0.1, "
-        f"reduce-on-plateau in phases of constant learning rate {', '.join(f'{lr:g}' for lr in s1['lrs'])}, each "
-        f"evaluated every {s1['chunk_steps']} steps on {budget['curve_samples']} held-out sampling seeds; a phase "
-        f"ends when the gain of one chunk is within {s1['noise_multiple']:g} combined standard errors, or after "
+        f"- **Stage 1** (`{budget['preset']}` {_arch_name(budget)}, batch {budget['batch_size']}): MSE with "
+        f"condition dropout 0.1, reduce-on-plateau in phases of constant learning rate "
+        f"{', '.join(f'{lr:g}' for lr in s1['lrs'])}, each evaluated every {s1['chunk_steps']} steps on "
+        f"{budget['curve_samples']} held-out sampling seeds; a phase ends when {_plateau_rule(s1)}, or after "
         f"{s1['max_chunks'] * s1['chunk_steps']} steps.",
     ]
     for name, t in results["teachers"].items():

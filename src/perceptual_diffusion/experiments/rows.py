@@ -21,8 +21,11 @@ from perceptual_diffusion.config import SampleConfig, ScheduleConfig, default_sa
 # interval (arXiv 2404.07724); "apg": adaptive projected guidance (arXiv 2410.02416); "autoguidance": a weaker
 # model of the same task as the guide (arXiv 2406.02507); "cfg-zero-star": CFG-Zero* for flow models (arXiv 2503.18886).
 GuidanceKind = Literal["none", "null-label", "cfg", "apg", "autoguidance", "cfg-zero-star"]
-# "lora-*": the pairs of a LoRA arm (compare --lora-rank): its two branches without guidance, each against the full
-# fine-tune of the same branch, and its self-perceptual branch against its MSE branch with each guidance method.
+# "premise": the external-perceptual control against self-perceptual, the same fine-tuning with the loss network
+# trained for perception instead of the frozen MSE model (arXiv 2401.00110, Sec. 3: the diffusion model is itself a
+# perceptual network). "lora-*": the pairs of a LoRA arm (compare --lora-rank): its two branches without guidance,
+# each against the full fine-tune of the same branch, and its self-perceptual branch against its MSE branch with
+# each guidance method.
 PairRole = Literal[
     "headline",
     "vs-teacher",
@@ -30,6 +33,7 @@ PairRole = Literal[
     "vs-guidance",
     "unconditional",
     "variant",
+    "premise",
     "lora-headline",
     "lora-vs-full",
     "lora-vs-guidance",
@@ -159,6 +163,8 @@ class Pair:
             return f"self-perceptual (no guidance) vs MSE + {self.b.method_label}{best}"
         if self.role == "unconditional":
             return "unconditional: self-perceptual vs MSE continued"
+        if self.role == "premise":
+            return f"{self.a.model} vs self-perceptual (the paper's premise: its own teacher as the perceptual network)"
         if self.role == "lora-headline":
             return f"LoRA: {self.a.model} vs {self.b.model}, no guidance"
         if self.role == "lora-vs-full":
