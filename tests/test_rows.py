@@ -181,3 +181,25 @@ def test_the_committed_v1_results_convert_without_changing_a_key_or_title() -> N
     for folder in ("demo", "shapes-fair", "fmnist-fair"):
         committed = json.loads((ROOT / "results" / folder / "results.json").read_text())
         assert committed["format"] == 2 and all(Row.from_dict(r).slug == r["key"] for r in committed["rows"])
+
+
+def test_the_committed_v2_report_is_what_its_results_render_and_its_verdict_follows_from_them(tmp_path) -> None:
+    """results/fmnist-fair-v2: report.md re-rendered from results.json alone is the committed one (bar its timing
+    line), and each verdict sentence quotes the pair it names, in the direction of that pair's numbers."""
+    from perceptual_diffusion.experiments.report import pair_by_role, write_report
+
+    folder = ROOT / "results" / "fmnist-fair-v2"
+    results = json.loads((folder / "results.json").read_text())
+    write_report(tmp_path, results)
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("Wall time")]  # noqa: E731
+    assert strip((tmp_path / "report.md").read_text()) == strip((folder / "report.md").read_text())
+    verdict = (folder / "report.md").read_text().split("## Verdict")[1].split("**How to read this.**")[0]
+    head = pair_by_role(results, "headline")["fid"]
+    assert head["ci_low"] > 0, "self-perceptual's FID is higher than MSE continued's in every bootstrap bound"
+    assert "MSE continued beats self-perceptual on FID" in verdict and f"{head['estimate']:+.4f}" in verdict
+    premise = pair_by_role(results, "premise")["fid"]
+    assert f"worse than self-perceptual ({premise['estimate']:+.4f}" in verdict
+    for method in ("cfg", "apg", "interval", "autoguidance"):
+        d = pair_by_role(results, "vs-guidance", method)["fid"]
+        assert d["ci_low"] > 0 and f"{d['estimate']:+.4f}" in verdict
+    assert "mse-continued 0.0002 (the highest of 2), self-perceptual 5e-05 (the lowest of 2)" in verdict
