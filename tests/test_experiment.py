@@ -67,6 +67,40 @@ def test_each_branch_gets_the_learning_rate_with_its_best_mean_criterion() -> No
     assert stages.choose_lrs(Criterion("fid", False), points)["mse-continued"] == 3e-5
 
 
+def test_a_learning_rate_at_an_end_of_the_sweep_is_extended_by_the_sweeps_own_step() -> None:
+    grid = {"mse-continued": (2e-4, 5e-5), "self-perceptual": (2e-4, 5e-5)}
+    assert stages.extend_lrs(grid, {"mse-continued": 2e-4, "self-perceptual": 5e-5}) == {
+        "mse-continued": 8e-4,
+        "self-perceptual": 1.25e-5,
+    }
+    three = {"mse-continued": (2e-4, 5e-5, 8e-4)}
+    assert stages.extend_lrs(three, {"mse-continued": 8e-4}) == {"mse-continued": 3.2e-3}, "the step stays x4"
+    assert stages.extend_lrs(three, {"mse-continued": 2e-4}) == {}, "an inside optimum is bracketed"
+    assert stages.extend_lrs({"mse-continued": (1e-4,)}, {"mse-continued": 1e-4}) == {}, "one rate: no sweep"
+    with pytest.raises(UserError, match="learning-rate extensions"):
+        replace(TINY, lr_extensions=-1)
+
+
+@pytest.mark.slow
+def test_parallel_seeds_extend_the_learning_rate_sweep_alike_and_a_rerun_replays_it(tmp_path, monkeypatch) -> None:
+    """With two rates the best is always at an end: each branch gets one more rate, decided only once every seed's
+    first sweep is evaluated, trained by each seed's own process, and chosen among all three."""
+    budget = replace(TINY, lr_extensions=1, variants=(), unconditional=False, training_seeds=2)
+    out = tmp_path / "x"
+    assert experiment.run_compare(out, budget, device="cpu", seeds=[0], evaluate=False) == {"rows": []}
+    assert not list((out / "seed0").glob("*-lr2.5e-05")) and not list((out / "seed0").glob("*-lr0.0003*"))
+    # Seed 1 finds seed 0's first sweep done: it decides the extension and trains its own extra runs.
+    assert experiment.run_compare(out, budget, device="cpu", seeds=[1], evaluate=False) == {"rows": []}
+    extra = {p.name for p in (out / "seed1").iterdir() if p.name.endswith(("-lr0.0003333", "-lr9e-06"))}
+    assert len(extra) == 2, sorted(p.name for p in (out / "seed1").iterdir())
+    results = experiment.run_compare(out, budget, device="cpu")
+    for branch, by_lr in results["sweep"].items():
+        assert len(by_lr) == 3 and all(len(v) == 2 for v in by_lr.values()), (branch, by_lr)
+        assert results["chosen_lrs"][branch] in {float(lr) for lr in by_lr}
+    monkeypatch.setattr(stages, "train", lambda *a, **k: pytest.fail("a finished stage-2 run was trained again"))
+    assert experiment.run_compare(out, budget, device="cpu")["chosen_lrs"] == results["chosen_lrs"]
+
+
 def test_rows_hold_the_papers_baselines_and_the_extras() -> None:
     keys = [r.slug for r in experiment.plan_rows(replace(TINY, extras=True, cfg_scales=(1.5, 3.0)))]
     assert keys[:3] == ["stage1-mse/none", "mse-continued/none", "self-perceptual/none"]

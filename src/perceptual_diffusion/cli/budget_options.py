@@ -72,6 +72,10 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     for name, value in {**overrides, "steps": 1 if args.steps is None else args.steps}.items():
         if value < 1:  # the budget checks these too; here the message can name the option as typed
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "lr_extensions", None) is not None:
+        if args.lr_extensions < 0:
+            raise UserError(f"--lr-extensions must be >= 0, got {args.lr_extensions}")
+        overrides["lr_extensions"] = args.lr_extensions
     if args.extras is not None:
         overrides["extras"] = args.extras
     if getattr(args, "inception", None) is not None:
@@ -199,6 +203,13 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-repeats", type=int, default=None, help="override the number of sampling-seed repeats")
     p.add_argument("--training-seeds", type=int, default=None, help="override the number of training seeds")
     p.add_argument("--bootstrap", type=int, default=None, help="override the bootstrap replicates (default 1000)")
+    p.add_argument(
+        "--lr-extensions",
+        type=int,
+        default=None,
+        help="extend a stage-2 branch's learning-rate sweep past the end where its best rate sits, up to N times "
+        "(default: the budget's)",
+    )
     p.add_argument("--seeds", default=None, help="only these training seeds, e.g. 0 or 0,1 (to run seeds in parallel)")
     p.add_argument(
         "--teacher-from",

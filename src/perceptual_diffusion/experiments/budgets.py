@@ -133,6 +133,10 @@ class Budget:
     # rate about 10x the full fine-tune's (these two bracket that for the CPU budgets' 2e-4 / 5e-5); swept, each
     # LoRA branch at its best on held-out seeds, like ``finetune_lrs``.
     lora_lrs: tuple[float, ...] = (1e-3, 3e-4)
+    # How many times a branch's learning-rate sweep is extended past the end where its best rate sits, by the
+    # sweep's own geometric step (x4 for 2e-4 / 5e-5), so that each branch's chosen rate is bracketed (0: the v1 and
+    # v2 runs' fixed two-value sweeps). Applies to the full fine-tune's and a LoRA arm's sweep alike.
+    lr_extensions: int = 0
 
     def __post_init__(self) -> None:
         # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is
@@ -162,6 +166,8 @@ class Budget:
             raise UserError("--teacher-from must name a run directory or a weights file")
         if not (isinstance(self.grid_extensions, int) and self.grid_extensions >= 0):
             raise UserError(f"grid extensions must be an integer >= 0, got {self.grid_extensions}")
+        if not (isinstance(self.lr_extensions, int) and self.lr_extensions >= 0):
+            raise UserError(f"learning-rate extensions must be an integer >= 0, got {self.lr_extensions}")
         if not (
             isinstance(self.inception_samples, int) and (self.inception_samples == 0 or self.inception_samples >= 10)
         ):
@@ -325,12 +331,13 @@ BUDGETS["cpu-fair-fmnist-flow"] = replace(
     name="cpu-fair-fmnist-flow",
     schedule=ScheduleConfig(family="flow"),
     guidance_grids=(*GRIDS_V2, GuidanceGrid("cfg-zero-star", scales=(1.1, 1.2, 1.3, 1.5, 2.0, 3.0))),
+    lr_extensions=2,  # the v2 Fashion-MNIST run chose both branches' rates at an end of their sweep
 )
 # The fair comparison for the pixel DiT (issue 19, item 5): cpu-fair-fmnist with the 6-block DiT at patch 4 in the
 # paper's zero-SNR DDPM family, so that its verdict differs from the U-Net's in the architecture alone. Prepared, not
 # run: its stage-1 learning rates wait for results/stage1-lr-sweep (ARCH=dit PRESET=small).
 BUDGETS["cpu-fair-fmnist-dit"] = replace(
-    BUDGETS["cpu-fair-fmnist"], name="cpu-fair-fmnist-dit", arch="dit", preset="small"
+    BUDGETS["cpu-fair-fmnist"], name="cpu-fair-fmnist-dit", arch="dit", preset="small", lr_extensions=2
 )
 
 # One line each for --help.

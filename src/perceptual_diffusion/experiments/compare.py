@@ -47,9 +47,10 @@ from perceptual_diffusion.experiments.rows import Row
 from perceptual_diffusion.experiments.stages import (
     check_teachers,
     choose_lrs,
+    extend_lrs,
     sweep_done,
+    sweep_grid,
     sweep_points,
-    swept,
     teacher_for,
     train_branches,
 )
@@ -256,19 +257,30 @@ def _sweep(
     """Stage 2 at every learning rate of the sweep for this process's seeds (the full fine-tune's, or ``arm``'s
     LoRA branches at ``Budget.lora_lrs``); the chosen rates once every seed's sweep is done (None while other
     processes still have sweeps to finish)."""
-    branches, lrs = swept(ctx.budget, arm)
-    sweep = {b: lrs for b in branches}
-    for seed in my_seeds:
-        train_branches(ctx, seed, sweep, arm=arm)
-    if len(lrs) > 1:
+    grid = sweep_grid(ctx.budget, arm)
+    several = any(len(lrs) > 1 for lrs in grid.values())
+    for extensions in range(ctx.budget.lr_extensions + 1):
+        # Every process replays the same rounds from the cached points, so all agree on each extension.
         for seed in my_seeds:
-            sweep_points(ctx, [seed], arm)
-    waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s, arm)]
-    if waiting:
-        log(f"seeds {waiting} have not finished their sweep: rerun without --seeds (or with theirs) to continue")
-        return {}, None
-    points = sweep_points(ctx, all_seeds, arm) if len(lrs) > 1 else {}
-    chosen = choose_lrs(ctx.criterion, points) if points else {b: lrs[0] for b in sweep}
+            train_branches(ctx, seed, grid, arm=arm)
+        if several:
+            for seed in my_seeds:
+                sweep_points(ctx, [seed], arm, grid)
+        waiting = [s for s in all_seeds if s not in my_seeds and not sweep_done(ctx, s, arm, grid)]
+        if waiting:
+            log(f"seeds {waiting} have not finished their sweep: rerun without --seeds (or with theirs) to continue")
+            return {}, None
+        points = sweep_points(ctx, all_seeds, arm, grid) if several else {}
+        chosen = choose_lrs(ctx.criterion, points) if points else {b: lrs[0] for b, lrs in grid.items()}
+        wider = extend_lrs(grid, chosen) if extensions < ctx.budget.lr_extensions else {}
+        if not wider:
+            break
+        for branch, lr in wider.items():
+            log(
+                f"stage-2 learning rate of {branch}: best {chosen[branch]:g} at an end of the sweep, "
+                f"extending to {lr:g}"
+            )
+        grid = {b: (*lrs, wider[b]) if b in wider else lrs for b, lrs in grid.items()}
     log(f"stage-2 {'LoRA ' if arm is not None else ''}learning rates: {chosen}")
     return points, chosen
 

@@ -204,11 +204,40 @@ def train_branches(
                 train(cfg, run_dir)
 
 
-def sweep_points(ctx: Context, seeds: list[int], arm: LoraArm | None = None) -> dict[str, dict[float, list[float]]]:
-    """Criterion of every (branch, lr) per seed on the selection seeds (evaluating what is missing)."""
+LrGrid = dict[str, tuple[float, ...]]  # branch -> the learning rates its sweep tries
+
+
+def sweep_grid(budget: Budget, arm: LoraArm | None = None) -> LrGrid:
+    """Every branch of the sweep at the budget's learning rates, before any extension."""
+    branches, lrs = swept(budget, arm)
+    return {b: tuple(lrs) for b in branches}
+
+
+def extend_lrs(grid: LrGrid, chosen: dict[str, float]) -> dict[str, float]:
+    """The rate to add to each branch whose chosen rate sits at an end of its sweep: one geometric step of the
+    budget's sweep past that end (x4 above 2e-4 for (2e-4, 5e-5), /4 below 5e-5), at 4 significant digits."""
+    out = {}
+    for branch, lrs in grid.items():
+        lo, hi = min(lrs), max(lrs)
+        if lo == hi:
+            continue
+        step = (hi / lo) ** (1 / (len(set(lrs)) - 1))  # the sweep's geometric step; extensions keep it
+        best = chosen[branch]
+        if best == hi:
+            out[branch] = float(f"{hi * step:.4g}")
+        elif best == lo:
+            out[branch] = float(f"{lo / step:.4g}")
+    return out
+
+
+def sweep_points(
+    ctx: Context, seeds: list[int], arm: LoraArm | None = None, grid: LrGrid | None = None
+) -> dict[str, dict[float, list[float]]]:
+    """Criterion of every (branch, lr) of ``grid`` (default: the budget's sweep) per seed on the selection seeds
+    (evaluating what is missing)."""
     points: dict[str, dict[float, list[float]]] = {}
-    branches, lrs = swept(ctx.budget, arm)
-    for branch in branches:
+    grid = grid if grid is not None else sweep_grid(ctx.budget, arm)
+    for branch, lrs in grid.items():
         for lr in lrs:
             for seed in seeds:
                 run_dir = branch_dir(ctx.root(seed), branch, lr)
@@ -223,10 +252,13 @@ def choose_lrs(criterion: Criterion, points: dict[str, dict[float, list[float]]]
     return {b: max(by_lr, key=lambda lr: sign * float(np.mean(by_lr[lr]))) for b, by_lr in points.items()}
 
 
-def sweep_done(ctx: Context, seed: int, arm: LoraArm | None = None) -> bool:
-    """Every stage-2 run of the sweep of this seed is trained (and, with several learning rates, evaluated)."""
-    branches, lrs = swept(ctx.budget, arm)
-    if len(lrs) == 1:
-        return all(is_finished(branch_dir(ctx.root(seed), b, lrs[0]), ctx.budget.finetune_steps) for b in branches)
-    names = [f"sweep-{b}-lr{lr:g}" for b in branches for lr in lrs]
+def sweep_done(ctx: Context, seed: int, arm: LoraArm | None = None, grid: LrGrid | None = None) -> bool:
+    """Every stage-2 run of this seed's sweep (``grid``, default the budget's) is trained (and, with several
+    learning rates, evaluated)."""
+    grid = grid if grid is not None else sweep_grid(ctx.budget, arm)
+    if all(len(lrs) == 1 for lrs in grid.values()):
+        return all(
+            is_finished(branch_dir(ctx.root(seed), b, lrs[0]), ctx.budget.finetune_steps) for b, lrs in grid.items()
+        )
+    names = [f"sweep-{b}-lr{lr:g}" for b, lrs in grid.items() for lr in lrs]
     return all(is_cached(ctx.cache(n, seed)) for n in names)
