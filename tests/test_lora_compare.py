@@ -131,6 +131,9 @@ def test_compare_lora_rank_runs_both_branches_as_adapters_on_the_shared_teachers
         "lora2-self-perceptual",
     }
     assert 0 < lora["adapter_parameters"] < lora["base_parameters"]
+    # Two rates put the best at an end: the arm's own sweep is extended (Budget.lora_lr_extensions, default 2).
+    assert all(len(by_lr) > len(TINY.lora_lrs) for by_lr in lora["sweep"].values()), lora["sweep"]
+    assert json.loads((out / "lora2.json").read_text())["lora_lr_extensions"] == 2
     assert set(results["chosen_lrs"]) == {"mse-continued", "self-perceptual"}, "the full fine-tune's choice apart"
     roles = [(p["role"], p["a"]["model"]) for p in results["pairs"]]
     assert ("lora-headline", "lora2-self-perceptual") in roles and (

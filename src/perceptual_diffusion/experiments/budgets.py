@@ -137,6 +137,9 @@ class Budget:
     # sweep's own geometric step (x4 for 2e-4 / 5e-5), so that each branch's chosen rate is bracketed (0: the v1 and
     # v2 runs' fixed two-value sweeps). Applies to the full fine-tune's and a LoRA arm's sweep alike.
     lr_extensions: int = 0
+    # The same for a LoRA arm's sweep of ``lora_lrs`` (guarded by the arm's own settings file, so that an arm joins a
+    # finished folder with it): on by default, as no committed arm predates it.
+    lora_lr_extensions: int = 2
 
     def __post_init__(self) -> None:
         # Every budget, named or built from options (compare, ablate, demo), is checked here: an impossible count is
@@ -166,8 +169,10 @@ class Budget:
             raise UserError("--teacher-from must name a run directory or a weights file")
         if not (isinstance(self.grid_extensions, int) and self.grid_extensions >= 0):
             raise UserError(f"grid extensions must be an integer >= 0, got {self.grid_extensions}")
-        if not (isinstance(self.lr_extensions, int) and self.lr_extensions >= 0):
-            raise UserError(f"learning-rate extensions must be an integer >= 0, got {self.lr_extensions}")
+        for name in ("lr_extensions", "lora_lr_extensions"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise UserError(f"learning-rate extensions must be an integer >= 0, got {name} {value}")
         if not (
             isinstance(self.inception_samples, int) and (self.inception_samples == 0 or self.inception_samples >= 10)
         ):

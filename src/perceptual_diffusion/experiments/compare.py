@@ -259,7 +259,8 @@ def _sweep(
     processes still have sweeps to finish)."""
     grid = sweep_grid(ctx.budget, arm)
     several = any(len(lrs) > 1 for lrs in grid.values())
-    for extensions in range(ctx.budget.lr_extensions + 1):
+    allowed = ctx.budget.lora_lr_extensions if arm is not None else ctx.budget.lr_extensions
+    for extensions in range(allowed + 1):
         # Every process replays the same rounds from the cached points, so all agree on each extension.
         for seed in my_seeds:
             train_branches(ctx, seed, grid, arm=arm)
@@ -272,13 +273,13 @@ def _sweep(
             return {}, None
         points = sweep_points(ctx, all_seeds, arm, grid) if several else {}
         chosen = choose_lrs(ctx.criterion, points) if points else {b: lrs[0] for b, lrs in grid.items()}
-        wider = extend_lrs(grid, chosen) if extensions < ctx.budget.lr_extensions else {}
+        wider = extend_lrs(grid, chosen) if extensions < allowed else {}
         if not wider:
             break
         for branch, lr in wider.items():
             log(
-                f"stage-2 learning rate of {branch}: best {chosen[branch]:g} at an end of the sweep, "
-                f"extending to {lr:g}"
+                f"stage-2 {'LoRA ' if arm is not None else ''}learning rate of {branch}: best {chosen[branch]:g} at "
+                f"an end of the sweep, extending to {lr:g}"
             )
         grid = {b: (*lrs, wider[b]) if b in wider else lrs for b, lrs in grid.items()}
     log(f"stage-2 {'LoRA ' if arm is not None else ''}learning rates: {chosen}")

@@ -69,7 +69,7 @@ class LoraArm:
 
 def arm_settings(arm: LoraArm, budget: Budget) -> dict[str, Any]:
     """What rank R's runs depend on beyond the folder's own settings: the adapter's options and the lr sweep."""
-    return {"lora": arm.lora, "lora_lrs": budget.lora_lrs}
+    return {"lora": arm.lora, "lora_lrs": budget.lora_lrs, "lora_lr_extensions": budget.lora_lr_extensions}
 
 
 def check_arm(out: Path, arm: LoraArm, budget: Budget) -> None:

@@ -136,7 +136,7 @@ def make_out_dir(out: Path, command: str = "compare") -> None:
 RECOMPUTED_FIELDS = ("name", "bootstrap", "loss_batch")
 # Budget fields of a LoRA arm alone (``compare --lora-rank``): its own settings file guards them (``lora_arm.py``),
 # so that a LoRA arm with its own learning rates can join a folder made without one.
-ARM_FIELDS = ("lora_lrs",)
+ARM_FIELDS = ("lora_lrs", "lora_lr_extensions")
 # What ``ablate`` shares with ``compare`` in one folder: the runs and the evaluations of the same rows.
 SHARED_FIELDS = (
     "data", "preset", "batch_size", "stage1", "finetune_steps", "finetune_lrs", "sample_steps", "eval_samples",
