@@ -12,23 +12,4 @@
 # and at the start of the next
 #   python results/carry_state.py unpack results/fmnist-fair-flow/state runs/fmnist-fair-flow && bash results/fmnist-fair-flow/run.sh
 set -euo pipefail
-OUT=${OUT:-runs/fmnist-fair-flow}
-LOGS=${LOGS:-$OUT.logs}  # beside the comparison: its folder holds only what compare makes
-mkdir -p "$LOGS"
-run_seed() {  # until the seed's own work is done: "this process's seeds are done" ends its log
-  for _ in $(seq 1 40); do
-    OMP_NUM_THREADS=1 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist-flow --seeds "$1" \
-      >> "$LOGS/seed$1.log" 2>&1 || return 1
-    tail -n 1 "$LOGS/seed$1.log" | grep -q "this process's seeds are done" && return 0
-    sleep "${WAIT:-240}"  # it waits on another seed's sweep or grid points
-  done
-  return 1
-}
-for s in 0 1 2; do run_seed "$s" & done
-for s in 0 1 2; do
-  wait -n || { echo "error: a seed's compare failed, or its work was not done after 40 calls: see $LOGS/seed*.log" >&2; exit 1; }
-done
-OMP_NUM_THREADS=2 perceptual-diffusion compare --out "$OUT" --budget cpu-fair-fmnist-flow 2>&1 | tee "$LOGS/gather.log"
-mkdir -p results/fmnist-fair-flow
-cp "$OUT"/{report.md,results.json,budget.json,*.png} results/fmnist-fair-flow/
-cp -r "$OUT/grids" results/fmnist-fair-flow/
+bash "$(dirname "$0")/../compare_seeds.sh" cpu-fair-fmnist-flow "${OUT:-runs/fmnist-fair-flow}" results/fmnist-fair-flow
