@@ -88,7 +88,9 @@ def test_parallel_seeds_extend_the_learning_rate_sweep_alike_and_a_rerun_replays
     budget = replace(TINY, lr_extensions=1, variants=(), unconditional=False, training_seeds=2)
     out = tmp_path / "x"
     assert experiment.run_compare(out, budget, device="cpu", seeds=[0], evaluate=False) == {"rows": []}
-    assert not list((out / "seed0").glob("*-lr2.5e-05")) and not list((out / "seed0").glob("*-lr0.0003*"))
+    assert not list((out / "seed0").glob("*-lr9e-06")) and not list((out / "seed0").glob("*-lr0.0003333")), (
+        "no extension before every seed's first sweep is evaluated"
+    )
     # Seed 1 finds seed 0's first sweep done: it decides the extension and trains its own extra runs.
     assert experiment.run_compare(out, budget, device="cpu", seeds=[1], evaluate=False) == {"rows": []}
     extra = {p.name for p in (out / "seed1").iterdir() if p.name.endswith(("-lr0.0003333", "-lr9e-06"))}

@@ -135,7 +135,7 @@ class Budget:
     lora_lrs: tuple[float, ...] = (1e-3, 3e-4)
     # How many times a branch's learning-rate sweep is extended past the end where its best rate sits, by the
     # sweep's own geometric step (x4 for 2e-4 / 5e-5), so that each branch's chosen rate is bracketed (0: the v1 and
-    # v2 runs' fixed two-value sweeps). Applies to the full fine-tune's and a LoRA arm's sweep alike.
+    # v2 runs' fixed two-value sweeps). The full fine-tune's sweep of ``finetune_lrs``.
     lr_extensions: int = 0
     # The same for a LoRA arm's sweep of ``lora_lrs`` (guarded by the arm's own settings file, so that an arm joins a
     # finished folder with it): on by default, as no committed arm predates it.

@@ -322,8 +322,8 @@ def _gather(
     all_seeds = list(range(budget.training_seeds))
     all_chosen = {**chosen, **(lora_chosen or {})}
     log("writing sample grids")
-    cfg_best = selections.get("cfg").best if selections.get("cfg") else None
-    grids = write_grids(ctx, chosen, ctx.dev, cfg_best)
+    cfg = selections.get("cfg")
+    grids = write_grids(ctx, chosen, ctx.dev, cfg.best if cfg else None)
     models = [r.model for r in rows if r.guidance == "none"]
     results: dict[str, Any] = {
         "format": 2,

@@ -57,9 +57,24 @@ def pairs_of(results: dict[str, Any]) -> list[tuple[Pair, dict[str, dict[str, An
     return [(Pair.from_dict(p), p["metrics"]) for p in results["pairs"]]
 
 
-def pair_by_role(results: dict[str, Any], role: str, method: str | None = None) -> dict[str, dict[str, Any]] | None:
-    """The paired differences of the pair with ``role`` (and guidance ``method``), or None when there is none."""
-    return next((m for p, m in pairs_of(results) if p.role == role and (method is None or p.method == method)), None)
+def pair_by_role(
+    results: dict[str, Any], role: str, method: str | None = None, a: Row | None = None
+) -> dict[str, dict[str, Any]] | None:
+    """The paired differences of the pair with ``role`` (and guidance ``method``, and row A ``a``), or None when
+    there is none."""
+    return next(
+        (
+            m
+            for p, m in pairs_of(results)
+            if p.role == role and (method is None or p.method == method) and (a is None or p.a == a)
+        ),
+        None,
+    )
+
+
+def _judged(d: dict[str, Any], higher: bool) -> tuple[str, str]:
+    """("better" or "worse" for row A, ", not significant" or "") of one paired difference."""
+    return ("better" if (d["estimate"] > 0) == higher else "worse"), ("" if significant(d) else ", not significant")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,45 +156,44 @@ def _premise_sentences(results: dict[str, Any], crit: str) -> list[str]:
     if premise is None:
         return []
     pair, metrics = premise
-    variant = (pair_by_role_and_a(results, "variant", pair.a.model) or {}).get(crit)
-    c = metrics[crit]
-    rel = "better" if (c["estimate"] > 0) == higher else "worse"
-    sig = "" if significant(c) else ", not significant"
+    variant = (pair_by_role(results, "variant", a=pair.a) or {}).get(crit)
+    rel, sig = _judged(metrics[crit], higher)
     text = f"The control for the paper's premise, {pair.a.model} (the same fine-tuning, its loss measured by a "
     text += "separately trained frozen classifier that is not the metric's), "
     if variant is not None:
-        vrel = "better" if (variant["estimate"] > 0) == higher else "worse"
-        vsig = "" if significant(variant) else ", not significant"
+        vrel, vsig = _judged(variant, higher)
         text += f"is {vrel} than MSE continued on {label} ({fmt_diff(variant)}{vsig}) and "
-    text += f"{rel} than self-perceptual ({fmt_diff(c)}{sig})"
+    text += f"{rel} than self-perceptual ({fmt_diff(metrics[crit])}{sig})"
     inc = results.get("inception") or {}
     inc_c = next((p["metrics"].get("fid") for p in inc.get("pairs", []) if p["role"] == "premise"), None)
     if inc_c:
-        inc_rel = "better" if inc_c["estimate"] < 0 else "worse"
-        inc_sig = "" if significant(inc_c) else ", not significant"
+        inc_rel, inc_sig = _judged(inc_c, LABELS["fid"][1])
         text += f"; in Inception features it is {inc_rel} than self-perceptual on FID ({fmt_diff(inc_c)}{inc_sig})"
     return [text + "."]
-
-
-def pair_by_role_and_a(results: dict[str, Any], role: str, model: str) -> dict[str, dict[str, Any]] | None:
-    """The paired differences of the pair with ``role`` whose row A is ``model`` without guidance."""
-    return next((m for p, m in pairs_of(results) if p.role == role and p.a == Row(model)), None)
 
 
 def _lr_sentences(results: dict[str, Any]) -> list[str]:
     """Where each branch's chosen learning rate sits in its sweep: at an end, a rate beyond it was not tried."""
     ends = []
     for branch, by_lr in results.get("sweep", {}).items():
-        grid = sorted(float(lr) for lr in by_lr)
         chosen = results["chosen_lrs"].get(branch)
-        if len(grid) > 1 and chosen in (grid[0], grid[-1]):
-            ends.append(f"{branch} {chosen:g} ({'the highest' if chosen == grid[-1] else 'the lowest'} of {len(grid)})")
+        end = _sweep_end(by_lr, chosen)
+        if end:
+            ends.append(f"{branch} {chosen:g} (the {end} of {len(by_lr)})")
     if not ends:
         return []
     return [
         f"Learning rates at an end of their sweep: {', '.join(ends)}; a rate beyond the end was not tried, so that "
         "branch may not be at its best setting."
     ]
+
+
+def _sweep_end(by_lr: dict[str, Any], chosen: float | None) -> str | None:
+    """ "highest" or "lowest" when ``chosen`` sits at that end of a sweep of several rates, else None."""
+    grid = sorted(float(lr) for lr in by_lr)
+    if len(grid) < 2 or chosen not in (grid[0], grid[-1]):
+        return None
+    return "highest" if chosen == grid[-1] else "lowest"
 
 
 def _inception_sentences(results: dict[str, Any]) -> list[str]:
@@ -290,8 +304,7 @@ def _baseline_sentences(results: dict[str, Any], crit: str) -> list[str]:
             out.append(f"{method}: {sel['note']}.")
     u = (pair_by_role(results, "unconditional") or {}).get(crit)
     if u:
-        rel = "better" if (u["estimate"] > 0) == higher else "worse"
-        sig = "" if significant(u) else ", not significant"
+        rel, sig = _judged(u, higher)
         out.append(f"Unconditionally, self-perceptual is {rel} than MSE continued on {label}: {fmt_diff(u)}{sig}.")
     return out
 
@@ -448,10 +461,9 @@ def _protocol_section(results: dict[str, Any]) -> list[str]:
     for branch, by_lr in results.get("sweep", {}).items():
         cells = ", ".join(f"lr {lr}: {np.mean(v):.4f}" for lr, v in by_lr.items())
         chosen = results["chosen_lrs"][branch]
-        grid = sorted(float(lr) for lr in by_lr)
         edge = (
             " (an end of the swept range: a learning rate beyond it might do better)"
-            if len(grid) > 1 and chosen in (grid[0], grid[-1])
+            if _sweep_end(by_lr, chosen)
             else ""
         )
         lines.append(f"  - {branch}: {cells} → **{chosen:g}**{edge}")
